@@ -1,0 +1,108 @@
+"""A centralized run from settings to checkpoint: the flow `mops train` follows.
+
+    load base -> data -> MoPs model -> start state (P1, prompts, gate) -> eval -> train -> eval -> save
+
+`build_model` and `prepare_start_state` are shared with the federated server, which prepares
+the same start state before round 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from . import atomic, checkpoint, report
+from .config import Settings
+from .data import PreparedData, pad_token_id, prepare
+from .evaluate import EvalResult, evaluate
+from .loading import load_base
+from .model import MoPsModel
+from .train import make_optimizer, pretrain_gate, pretrain_input_prompts, train_steps
+
+log = logging.getLogger(__name__)
+
+
+def sink_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    sink = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if sink is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to use as the attention sink")
+    return sink
+
+
+def build_model(settings: Settings, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> MoPsModel:
+    torch.manual_seed(settings.train.seed)
+    return MoPsModel(base, settings.mops, sink_token_id(tokenizer)).to(base.device)
+
+
+@dataclass
+class StartState:
+    input_prompt_loss: float
+    gate_train_accuracy: float | None
+
+
+def prepare_start_state(
+    model: MoPsModel, data: PreparedData, settings: Settings, *, pad_id: int, progress: bool = True
+) -> StartState:
+    """Input prompts (sampled, then tuned and frozen), prompts from them, gate pretrained."""
+    generator = torch.Generator().manual_seed(settings.train.seed)
+    model.init_input_prompts(generator)
+    stats = pretrain_input_prompts(model, data.train, settings.train, pad_id=pad_id, progress=progress)
+    accuracy = pretrain_gate(model, data.train, settings.train, pad_id=pad_id, progress=progress)
+    return StartState(stats.mean_loss, accuracy)
+
+
+def evaluate_test(model: MoPsModel, data: PreparedData, settings: Settings, *, pad_id: int, progress: bool, desc: str) -> EvalResult:
+    return evaluate(
+        model, data.test, data.tasks, pad_id=pad_id, batch_size=settings.train.eval_batch_size,
+        max_samples=settings.train.eval_samples, progress=progress, desc=desc,
+    )
+
+
+def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> dict:
+    """Train MoPs (or the baseline) centrally and write checkpoint, results and figures to `out_dir`."""
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    base, tokenizer = load_base(settings.model)
+    data = prepare(settings.data, tokenizer)
+    pad_id = pad_token_id(tokenizer)
+    log.info("data: %d train / %d test examples over %d tasks", len(data.train), len(data.test), len(data.tasks))
+    model = build_model(settings, base, tokenizer)
+    start = prepare_start_state(model, data, settings, pad_id=pad_id, progress=progress)
+    before = evaluate_test(model, data, settings, pad_id=pad_id, progress=progress, desc="eval (start)")
+
+    optimizer = make_optimizer(model.trainable_parameters(), settings.train.lr, settings.train.weight_decay)
+    train_started = time.perf_counter()
+    stats = train_steps(
+        model, data.train, settings.train.steps, optimizer, pad_id=pad_id, batch_size=settings.train.batch_size,
+        seed=settings.train.seed, desc=f"{settings.mops.method} training", progress=progress,
+    )
+    train_seconds = time.perf_counter() - train_started
+    after = evaluate_test(model, data, settings, pad_id=pad_id, progress=progress, desc="eval (end)")
+
+    results = {
+        "settings": settings.to_flat(),
+        "tasks": list(data.tasks),
+        "start": {"input_prompt_loss": start.input_prompt_loss, "gate_train_accuracy": start.gate_train_accuracy},
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "train": {"steps": stats.steps, "mean_loss": stats.mean_loss, "seconds": train_seconds, "losses": stats.losses},
+        "wall_seconds": time.perf_counter() - started,
+    }
+    checkpoint.save(
+        out_dir / "checkpoint", model, settings, list(data.tasks),
+        extra={"step": stats.steps, "metrics": {"perplexity": after.perplexity, "perplexity_start": before.perplexity}},
+    )
+    atomic.write_json(out_dir / "results.json", results)
+    report.plot_curve(
+        {"training loss": stats.losses}, out_dir / "loss.png", xlabel="step", ylabel="loss (response tokens)",
+        title=f"{settings.mops.method} on {settings.data.dataset}", smooth=min(20, max(1, stats.steps // 10)),
+    )
+    report.plot_gate_heatmap(after, out_dir / "gate_heatmap.png")
+    report.print_eval(after, title=f"{settings.mops.method}: test perplexity", before=before)
+    log.info("wrote %s", out_dir)
+    return results

@@ -1,0 +1,181 @@
+"""MoPs checkpoints: PEFT's adapter layout, validated on load.
+
+    CHECKPOINT/
+      adapter_config.json        what to rebuild: base identity, MoPs shape, tasks, settings
+      adapter_model.safetensors  input_prompts (K, d), prompts (E, K/E, d), gate.fc{1,2}.{weight,bias}
+
+Any safetensors reader can load the tensors; `adapter_config.json` is plain JSON (see the
+README's "Checkpoint layout"). Saves are atomic (a new directory replaces the old in one
+rename); loads check every tensor's name, shape and finiteness and the base's fingerprint,
+and refuse with a message that names the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import atomic
+from .config import Settings
+from .loading import base_fingerprint
+from .model import MoPsModel
+from .settings import SettingsError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT = "mops-fl-adapter"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def settings(self) -> Settings:
+        try:
+            return Settings.from_flat(self.config["settings"], context=f"checkpoint {self.path}")
+        except SettingsError as exc:
+            raise CheckpointError(f"{self.path / CONFIG_FILE}: {exc}") from exc
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.config.get("tasks", []))
+
+
+def describe(model: MoPsModel, settings: Settings, tasks: list[str], extra: dict[str, Any] | None = None) -> dict:
+    base = model.base.config
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "peft_type": "MOPS",
+        "base_model_name_or_path": settings.model.model,
+        "base_fingerprint": base_fingerprint(model.base),
+        "base_dims": {
+            "hidden_size": base.hidden_size,
+            "num_hidden_layers": base.num_hidden_layers,
+            "vocab_size": base.vocab_size,
+        },
+        "inject_layer": model.inject_layer,
+        "gating": model.gating,
+        "num_experts": model.experts,
+        "prompts_per_expert": model.prompts_per_expert,
+        "num_virtual_tokens": model.num_prompts,
+        "sink_token_id": model.sink_token_id,
+        "tasks": list(tasks),
+        "settings": settings.to_flat(),
+        **(extra or {}),
+    }
+
+
+def save(path: str | Path, model: MoPsModel, settings: Settings, tasks: list[str], extra: dict | None = None) -> Path:
+    path = Path(path)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.adapter_state_dict().items()}
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"refusing to save {path}: tensor '{name}' holds NaN or inf")
+    with atomic.directory(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        atomic.write_json(tmp / CONFIG_FILE, describe(model, settings, tasks, extra))
+    return path
+
+
+def read(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for needed in (config_path, weights_path):
+        if not needed.exists():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {needed.name} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path} is corrupt: {exc}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{config_path} is not a mops-fl adapter config")
+    if config.get("version") != VERSION:
+        raise CheckpointError(f"{config_path}: unsupported version {config.get('version')!r} (expected {VERSION})")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights_path} is corrupt: {exc}") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{weights_path}: tensor '{name}' holds NaN or inf")
+    return Checkpoint(path, config, tensors)
+
+
+def check_compatible(ckpt: Checkpoint, model: MoPsModel) -> None:
+    """Refuse a checkpoint tuned on another base or built with another MoPs shape."""
+    config = ckpt.config
+    base = model.base.config
+    dims = {"hidden_size": base.hidden_size, "num_hidden_layers": base.num_hidden_layers, "vocab_size": base.vocab_size}
+    if config.get("base_dims") != dims:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was tuned on a base with {config.get('base_dims')}, "
+            f"but the loaded base has {dims}"
+        )
+    fingerprint = base_fingerprint(model.base)
+    if config.get("base_fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was tuned on another base ({config.get('base_model_name_or_path')!r}, "
+            f"fingerprint {config.get('base_fingerprint')}); the loaded base has fingerprint {fingerprint}. "
+            "Load the same model with the same compression."
+        )
+    if config.get("inject_layer") != model.inject_layer:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} injects at layer {config.get('inject_layer')}, the model at {model.inject_layer}"
+        )
+
+
+def load_into(ckpt: Checkpoint, model: MoPsModel, *, check_base: bool = True) -> None:
+    """Copy a checkpoint's tensors into `model` after checking that they fit."""
+    if check_base:
+        check_compatible(ckpt, model)
+    load_adapter_tensors(model, ckpt.tensors, source=str(ckpt.path))
+
+
+def load_adapter_tensors(model: MoPsModel, tensors: dict[str, torch.Tensor], *, source: str, partial: bool = False) -> None:
+    """Validate names, shapes and values, then copy; nothing is copied if anything is wrong.
+
+    `partial=True` accepts a subset of the adapter's tensors (e.g. federated updates, which
+    carry experts and gate only).
+    """
+    expected = model.adapter_state_dict()
+    unknown = sorted(set(tensors) - set(expected))
+    missing = [] if partial else sorted(set(expected) - set(tensors))
+    if unknown or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if unknown:
+            parts.append(f"unexpected {', '.join(unknown)}")
+        raise CheckpointError(f"{source}: tensors do not match the model ({'; '.join(parts)})")
+    wrong = [
+        f"'{name}' has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
+        for name, tensor in sorted(tensors.items())
+        if tuple(tensor.shape) != tuple(expected[name].shape)
+    ]
+    if wrong:
+        raise CheckpointError(f"{source}: tensor {'; '.join(wrong)}")
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: tensor '{name}' holds NaN or inf")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+

@@ -1,0 +1,164 @@
+"""One settings dataclass per concern, validated on construction.
+
+The same names work in `pyproject.toml` (`[tool.flwr.app.config]`, kebab-case), on the
+command line (`--kebab-case`) and in a checkpoint's JSON. `Settings.from_flat` routes a flat
+mapping to the concern that owns each key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from .settings import build, check_unique_fields, field, setting_error, split_by_owner, to_flat_dict
+
+EMBEDDED_MODEL = "smollm2"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model: str = field(
+        EMBEDDED_MODEL,
+        "base LLaMA-family model: 'smollm2' (the embedded GGUF), a local HF directory, or a hub id",
+    )
+    dtype: Literal["float32", "bfloat16"] = field(
+        "float32", "dtype of the frozen base; trainable parameters are always float32"
+    )
+    model_cache_dir: str = field("", "where dequantised/compressed bases are cached ('' = ~/.cache/mops-fl)")
+
+    def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise setting_error("model", "must name a model")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoPsConfig:
+    method: Literal["mops", "prompt", "fedprompt"] = field(
+        "mops", "'mops' (gated experts) or the no-gating baseline: 'prompt' (centralized) / 'fedprompt'"
+    )
+    gating: Literal["attention", "hidden", "none"] = field(
+        "attention",
+        "how expert scores act: log-g on attention to the prompts ('attention'), the paper's literal "
+        "product on the prompts' hidden states ('hidden'), or not at all ('none')",
+    )
+    experts: int = field(7, "number of prompt experts E")
+    prompts_per_expert: int = field(10, "prompts per expert; K = experts x prompts-per-expert")
+    inject_layer: int = field(
+        -1, "0-based index of the first decoder layer that sees the trainable prompts (-1 = floor(0.31 L))"
+    )
+    gate_hidden: int = field(128, "width d_g of the gating MLP")
+    gate_input_norm: Literal["rms", "none"] = field(
+        "rms", "normalise the gate's input (the mean hidden state) to unit RMS, or feed it raw"
+    )
+
+    def __post_init__(self) -> None:
+        if self.experts < 1:
+            raise setting_error("experts", f"must be at least 1, got {self.experts}")
+        if self.prompts_per_expert < 0:
+            raise setting_error("prompts_per_expert", f"must be 0 or more, got {self.prompts_per_expert}")
+        if self.inject_layer < -1:
+            raise setting_error("inject_layer", f"must be -1 (auto) or a layer index, got {self.inject_layer}")
+        if self.gate_hidden < 1:
+            raise setting_error("gate_hidden", f"must be at least 1, got {self.gate_hidden}")
+
+    @property
+    def num_prompts(self) -> int:
+        return self.experts * self.prompts_per_expert
+
+    @property
+    def effective_gating(self) -> str:
+        """The baselines ('prompt', 'fedprompt') never gate, whatever `gating` says."""
+        return self.gating if self.method == "mops" else "none"
+
+    def resolve_inject_layer(self, num_layers: int) -> int:
+        """`inject_layer`, with the paper's ratio (10 of 32, 1-based) applied when it is -1."""
+        layer = math.floor(0.31 * num_layers) if self.inject_layer == -1 else self.inject_layer
+        if not 1 <= layer < num_layers:
+            raise setting_error(
+                "inject_layer", f"must be between 1 and {num_layers - 1} for a {num_layers}-layer model, got {layer}"
+            )
+        return layer
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["dolly", "sni"] = field("dolly", "Dolly 15k (7 categories) or Super-NaturalInstructions (7 tasks)")
+    data_dir: str = field(
+        "", "folder holding dolly/ and sni/ JSONL files ('' = $MOPS_DATA_DIR, ../shared/data, then the hub)"
+    )
+    samples: int = field(5000, "samples drawn evenly over the dataset's tasks before the split")
+    test_fraction: float = field(0.1, "share of each task held out for testing")
+    max_length: int = field(256, "maximum tokens of question + response (the sink and prompts come on top)")
+    data_seed: int = field(0, "seed of sampling and the train/test split")
+
+    def __post_init__(self) -> None:
+        if self.samples < 2:
+            raise setting_error("samples", f"must be at least 2, got {self.samples}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise setting_error("test_fraction", f"must be between 0 and 1, got {self.test_fraction}")
+        if self.max_length < 32:
+            raise setting_error("max_length", f"must be at least 32 tokens, got {self.max_length}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = field(300, "optimizer steps of MoPs (or baseline) training")
+    lr: float = field(1e-3, "learning rate of the injected prompts and the gate (AdamW)")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    batch_size: int = field(1, "samples per optimizer step")
+    input_prompt_steps: int = field(20, "steps of plain prompt tuning of the frozen input prompts P1 (paper: 20)")
+    input_prompt_lr: float = field(1e-3, "learning rate of input-prompt pretraining")
+    gate_pretrain_steps: int = field(200, "steps of gate pretraining on instructions with task labels (0 = skip)")
+    gate_pretrain_samples: int = field(512, "training instructions used for gate pretraining")
+    gate_pretrain_lr: float = field(1e-3, "learning rate of gate pretraining")
+    eval_batch_size: int = field(8, "samples per evaluation forward pass")
+    eval_samples: int = field(0, "test samples to evaluate (0 = the whole test split)")
+    seed: int = field(0, "seed of initialisation and sample order")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "input_prompt_steps", "gate_pretrain_steps", "eval_samples"):
+            if getattr(self, name) < 0:
+                raise setting_error(name, f"must be 0 or more, got {getattr(self, name)}")
+        for name in ("batch_size", "eval_batch_size", "gate_pretrain_samples"):
+            if getattr(self, name) < 1:
+                raise setting_error(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "input_prompt_lr", "gate_pretrain_lr"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise setting_error(name, f"must be a positive number, got {value}")
+        if self.weight_decay < 0:
+            raise setting_error("weight_decay", f"must be 0 or more, got {self.weight_decay}")
+
+
+CONCERNS: dict[str, type] = {
+    "model": ModelConfig,
+    "mops": MoPsConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+}
+check_unique_fields(CONCERNS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a centralized run needs, one validated dataclass per concern."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mops: MoPsConfig = dataclasses.field(default_factory=MoPsConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any], *, context: str = "") -> Settings:
+        routed = split_by_owner(values, CONCERNS, context=context)
+        return cls(**{name: build(CONCERNS[name], routed[name], context=context) for name in CONCERNS})
+
+    def to_flat(self) -> dict[str, Any]:
+        return to_flat_dict(self.model, self.mops, self.data, self.train)
+
+    def replace(self, **flat: Any) -> Settings:
+        merged = self.to_flat()
+        merged.update({k.replace("_", "-"): v for k, v in flat.items()})
+        return Settings.from_flat(merged)

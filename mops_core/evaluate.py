@@ -1,0 +1,106 @@
+"""Perplexity on response tokens, overall and per task, and what the gate does per task.
+
+Perplexity = exp(token-weighted mean NLL over response tokens), the paper's metric. The gate
+matrix holds the mean expert scores of each task's test samples (the paper's Fig. 4);
+routing accuracy is how often the top expert is the one pretrained for the sample's task.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Example, collate
+from .model import MoPsModel
+from .train import expert_targets
+
+
+@dataclass
+class TaskScore:
+    perplexity: float
+    tokens: int
+    samples: int
+
+
+@dataclass
+class EvalResult:
+    perplexity: float
+    loss: float  # token-weighted mean NLL
+    tokens: int
+    samples: int
+    tasks: list[str]
+    per_task: dict[str, TaskScore]
+    gate_matrix: list[list[float]] | None  # tasks x experts, mean score
+    gate_entropy: float | None  # mean per-sample entropy of g (nats)
+    routing_accuracy: float | None  # top expert == expert of the sample's task
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _perplexity(nll: float, tokens: int) -> float:
+    return math.exp(nll / tokens) if tokens else math.nan
+
+
+@torch.no_grad()
+def evaluate(
+    model: MoPsModel,
+    examples: Sequence[Example],
+    tasks: Sequence[str],
+    *,
+    pad_id: int,
+    batch_size: int = 8,
+    max_samples: int = 0,
+    inject: bool = True,
+    progress: bool = True,
+    desc: str = "eval",
+) -> EvalResult:
+    examples = list(examples[:max_samples] if max_samples else examples)
+    n_tasks = len(tasks)
+    nll = torch.zeros(n_tasks, dtype=torch.float64)
+    tokens = torch.zeros(n_tasks, dtype=torch.long)
+    samples = torch.zeros(n_tasks, dtype=torch.long)
+    gate_sum = torch.zeros(n_tasks, model.experts, dtype=torch.float64)
+    entropy_sum, routed_right, gated = 0.0, 0, 0
+
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
+    chunks = range(0, len(order), batch_size)
+    for start in tqdm(chunks, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        batch = {k: v.to(model.device) for k, v in collate(chunk, pad_id).items()}
+        out = model(**batch, inject=inject)
+        task_ids = batch["task_ids"].cpu()
+        nll.index_add_(0, task_ids, out.nll.double().cpu())
+        tokens.index_add_(0, task_ids, out.tokens.cpu())
+        samples.index_add_(0, task_ids, torch.ones_like(task_ids))
+        if out.gate is not None:
+            gate = out.gate.double().cpu()
+            gate_sum.index_add_(0, task_ids, gate)
+            entropy_sum += -(gate * gate.clamp_min(1e-12).log()).sum(-1).sum().item()
+            routed_right += (gate.argmax(-1) == expert_targets(task_ids, model.experts)).sum().item()
+            gated += len(chunk)
+
+    total_tokens = int(tokens.sum())
+    per_task = {
+        task: TaskScore(_perplexity(nll[i].item(), int(tokens[i])), int(tokens[i]), int(samples[i]))
+        for i, task in enumerate(tasks)
+        if samples[i] > 0
+    }
+    matrix = None
+    if gated:
+        matrix = (gate_sum / samples.clamp_min(1).unsqueeze(1).double()).tolist()
+    return EvalResult(
+        perplexity=_perplexity(nll.sum().item(), total_tokens),
+        loss=nll.sum().item() / total_tokens if total_tokens else math.nan,
+        tokens=total_tokens,
+        samples=len(examples),
+        tasks=list(tasks),
+        per_task=per_task,
+        gate_matrix=matrix,
+        gate_entropy=entropy_sum / gated if gated else None,
+        routing_accuracy=routed_right / gated if gated else None,
+    )

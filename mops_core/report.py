@@ -1,0 +1,115 @@
+"""What a person reads or looks at: terminal tables and PNG figures."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from .evaluate import EvalResult  # noqa: E402
+
+console = Console()
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def eval_table(result: EvalResult, title: str = "test split", before: EvalResult | None = None) -> Table:
+    table = Table(title=title)
+    table.add_column("task")
+    table.add_column("samples", justify="right")
+    table.add_column("tokens", justify="right")
+    if before is not None:
+        table.add_column("ppl before", justify="right")
+    table.add_column("perplexity", justify="right")
+    for task, score in result.per_task.items():
+        row = [task, str(score.samples), str(score.tokens)]
+        if before is not None:
+            prior = before.per_task.get(task)
+            row.append(_fmt(prior.perplexity if prior else None))
+        row.append(_fmt(score.perplexity))
+        table.add_row(*row)
+    last = ["all", str(result.samples), str(result.tokens)]
+    if before is not None:
+        last.append(_fmt(before.perplexity))
+    last.append(_fmt(result.perplexity))
+    table.add_row(*last, style="bold")
+    return table
+
+
+def gate_table(result: EvalResult) -> Table | None:
+    if result.gate_matrix is None:
+        return None
+    experts = len(result.gate_matrix[0])
+    table = Table(title="mean gate score per task (rows) and expert (columns)")
+    table.add_column("task")
+    for e in range(experts):
+        table.add_column(f"E{e}", justify="right")
+    for task, row in zip(result.tasks, result.gate_matrix):
+        if task in result.per_task:
+            table.add_row(task, *(f"{v:.2f}" for v in row))
+    table.caption = (
+        f"mean entropy {_fmt(result.gate_entropy)} nats (uniform {math.log(experts):.3f}); "
+        f"routing accuracy {_fmt(result.routing_accuracy)}"
+    )
+    return table
+
+
+def print_eval(result: EvalResult, title: str = "test split", before: EvalResult | None = None) -> None:
+    console.print(eval_table(result, title, before))
+    gates = gate_table(result)
+    if gates is not None:
+        console.print(gates)
+
+
+def plot_gate_heatmap(result: EvalResult, path: str | Path, title: str = "Mean gate score per task") -> Path | None:
+    """The paper's Fig. 4: which experts each task's test samples use."""
+    if result.gate_matrix is None:
+        return None
+    rows = [(t, r) for t, r in zip(result.tasks, result.gate_matrix) if t in result.per_task]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(rows[0][1]), 1.0 + 0.5 * len(rows)))
+    image = ax.imshow([r for _, r in rows], cmap="viridis", vmin=0.0, aspect="auto")
+    ax.set_xticks(range(len(rows[0][1])), [f"E{e}" for e in range(len(rows[0][1]))])
+    ax.set_yticks(range(len(rows)), [t for t, _ in rows])
+    for i, (_, row) in enumerate(rows):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.5 * max(row) else "k", fontsize=8)
+    ax.set_xlabel("expert")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curve(series: dict[str, Sequence[float]], path: str | Path, *, xlabel: str, ylabel: str, title: str, smooth: int = 1) -> Path:
+    """One line per named series (losses per step, perplexity per round, ...)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in series.items():
+        values = list(values)
+        if smooth > 1 and len(values) >= smooth:
+            values = [sum(values[i : i + smooth]) / smooth for i in range(len(values) - smooth + 1)]
+        ax.plot(range(1, len(values) + 1), values, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,179 @@
+"""Training: the one step loop, and the two pretraining stages that precede it.
+
+1. Input prompts P1: plain prompt tuning for a few steps (paper: 20), full back-propagation,
+   no gate, no injection. Then frozen; the trainable prompts start from their state at
+   `inject_layer` (see `MoPsModel.init_prompts_from_input`).
+2. Gate: instructions only, with task labels, expert i <-> task i, cross-entropy on g. The
+   gate's input comes from the frozen lower layers only, so it is computed once per sample
+   and the MLP trains on the cached features.
+3. MoPs (or baseline) steps: `train_steps`, shared by centralized training and each
+   federated client's local round.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data import Example, collate
+from .model import MoPsModel
+
+
+class TrainingError(RuntimeError):
+    """Training diverged (NaN/inf loss) or was asked something impossible."""
+
+
+@dataclass
+class StepStats:
+    steps: int = 0
+    examples: int = 0
+    losses: list[float] = field(default_factory=list)
+    gate_sum: torch.Tensor | None = None  # summed expert scores over the examples seen
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else math.nan
+
+    @property
+    def mean_gate(self) -> list[float] | None:
+        if self.gate_sum is None or not self.examples:
+            return None
+        return (self.gate_sum / self.examples).tolist()
+
+
+def epochs(examples: Sequence[Example], batch_size: int, rng: random.Random) -> Iterator[list[Example]]:
+    """Endless shuffled passes over the examples, `batch_size` at a time."""
+    if not examples:
+        raise TrainingError("no training examples")
+    order = list(range(len(examples)))
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            if len(chunk) < batch_size and len(order) >= batch_size:
+                chunk += order[: batch_size - len(chunk)]
+            yield [examples[i] for i in chunk]
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
+
+
+def train_steps(
+    model: MoPsModel,
+    examples: Sequence[Example],
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    *,
+    pad_id: int,
+    batch_size: int = 1,
+    seed: int = 0,
+    inject: bool = True,
+    desc: str = "train",
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> StepStats:
+    """Run `steps` optimizer steps on batches drawn from `examples`; the loop every trainer shares."""
+    stats = StepStats()
+    batches = epochs(examples, batch_size, random.Random(seed))
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for step in bar:
+        batch = {k: v.to(model.device) for k, v in collate(next(batches), pad_id).items()}
+        out = model(**batch, inject=inject)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{desc}: loss became {loss.item()} at step {step + 1}; lower the learning rate")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = loss.item()
+        stats.steps += 1
+        stats.examples += batch["input_ids"].shape[0]
+        stats.losses.append(value)
+        if out.gate is not None:
+            summed = out.gate.detach().float().sum(0).cpu()
+            stats.gate_sum = summed if stats.gate_sum is None else stats.gate_sum + summed
+        if on_step is not None:
+            on_step(step, value)
+        recent = stats.losses[-20:]
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+    return stats
+
+
+def pretrain_input_prompts(
+    model: MoPsModel, examples: Sequence[Example], cfg: TrainConfig, *, pad_id: int, progress: bool = True
+) -> StepStats:
+    """Stage 1: plain prompt tuning of P1 (all layers back-propagated), then freeze it."""
+    stats = StepStats()
+    if cfg.input_prompt_steps and model.num_prompts:
+        model.input_prompts.requires_grad_(True)
+        try:
+            optimizer = make_optimizer([model.input_prompts], cfg.input_prompt_lr)
+            stats = train_steps(
+                model, examples, cfg.input_prompt_steps, optimizer, pad_id=pad_id, batch_size=cfg.batch_size,
+                seed=cfg.seed, inject=False, desc="input prompts", progress=progress,
+            )
+        finally:
+            model.input_prompts.requires_grad_(False)
+    model.init_prompts_from_input()
+    return stats
+
+
+@torch.no_grad()
+def gate_features(
+    model: MoPsModel, examples: Sequence[Example], *, pad_id: int, batch_size: int = 16, progress: bool = False
+) -> torch.Tensor:
+    """The gate's input for each example's question (the frozen layers' mean hidden state)."""
+    if not examples:
+        return torch.empty(0, model.width)
+    feats = []
+    order = sorted(range(len(examples)), key=lambda i: examples[i].question_len)
+    chunks = range(0, len(order), batch_size)
+    for start in tqdm(chunks, desc="gate features", disable=not progress, leave=False):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        batch = collate(chunk, pad_id, with_response=False)
+        state = model.lower(
+            batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), batch["question_mask"].to(model.device)
+        )
+        feats.append(state.gate_input.cpu())
+    out = torch.empty(len(examples), model.width)
+    out[torch.tensor(order)] = torch.cat(feats)
+    return out
+
+
+def expert_targets(task_ids: torch.Tensor, experts: int) -> torch.Tensor:
+    """Expert i <-> task i (the paper's one-to-one assignment), wrapping if tasks outnumber experts."""
+    return task_ids % experts
+
+
+def pretrain_gate(
+    model: MoPsModel, examples: Sequence[Example], cfg: TrainConfig, *, pad_id: int, progress: bool = True
+) -> float | None:
+    """Stage 2: teach the gate expert i <-> task i from instructions alone; returns train accuracy."""
+    if model.gate is None or cfg.gate_pretrain_steps == 0:
+        return None
+    labelled = [ex for ex in examples if ex.task_id >= 0]
+    if not labelled:
+        raise TrainingError("gate pretraining needs examples with task labels")
+    rng = random.Random(cfg.seed)
+    chosen = rng.sample(labelled, min(cfg.gate_pretrain_samples, len(labelled)))
+    feats = gate_features(model, chosen, pad_id=pad_id, batch_size=cfg.eval_batch_size, progress=progress).to(model.device)
+    targets = expert_targets(torch.tensor([ex.task_id for ex in chosen]), model.experts).to(model.device)
+    optimizer = torch.optim.AdamW(model.gate.parameters(), lr=cfg.gate_pretrain_lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    minibatch = min(32, len(chosen))
+    for _ in tqdm(range(cfg.gate_pretrain_steps), desc="gate pretraining", disable=not progress, leave=False):
+        idx = torch.randint(0, len(chosen), (minibatch,), generator=generator).to(model.device)
+        loss = F.cross_entropy(model.gate_logits(feats[idx]), targets[idx])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        return (model.gate_logits(feats).argmax(-1) == targets).float().mean().item()

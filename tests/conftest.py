@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from helpers import tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def pretrained_base(tokenizer):
+    from helpers import pretrained_tiny_base
+
+    return pretrained_tiny_base(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer, pretrained_base):
+    """The pretrained tiny base saved as a Hugging Face directory (loaded like any local model)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    pretrained_base.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_data_dir(tmp_path_factory):
+    from helpers import toy_records, write_dolly
+
+    from mops_core.data import TASKS
+
+    path = tmp_path_factory.mktemp("data")
+    write_dolly(path, toy_records(TASKS["dolly"], 30))
+    return path

@@ -1,0 +1,142 @@
+import json
+
+import pytest
+from helpers import toy_records, write_dolly
+
+from mops_core.config import DataConfig
+from mops_core.data import (
+    IGNORE_INDEX,
+    TASKS,
+    DataError,
+    Formatter,
+    Record,
+    collate,
+    even_quotas,
+    load_records,
+    prepare,
+    sample_and_split,
+    task_counts,
+)
+
+DOLLY = TASKS["dolly"]
+
+
+def test_even_quotas_share_evenly_and_refill_from_small_tasks():
+    # Dolly's creative_writing has only 709 rows: its shortfall goes to the others.
+    available = {"a": 709, "b": 2000, "c": 2000, "d": 2000, "e": 2000, "f": 2000, "g": 2000}
+    quotas = even_quotas(available, 5000)
+    assert sum(quotas.values()) == 5000
+    assert quotas["a"] == 709
+    others = [quotas[t] for t in "bcdefg"]
+    assert max(others) - min(others) <= 1 and sum(others) == 4291
+    assert even_quotas({"a": 3, "b": 4}, 100) == {"a": 3, "b": 4}  # fewer rows than asked: take all
+    assert even_quotas({"a": 10, "b": 10, "c": 10}, 7) == {"a": 3, "b": 2, "c": 2}
+
+
+def test_sampling_is_even_per_task_and_the_split_is_stratified_and_deterministic():
+    records = toy_records(DOLLY, per_task=40)
+    cfg = DataConfig(samples=140, test_fraction=0.1, data_seed=3)
+    train, test = sample_and_split(records, cfg)
+    counts = task_counts(train + test)
+    assert len(train) + len(test) == 140 and set(counts.values()) == {20}
+    assert set(task_counts(test).values()) == {2}  # 10% of each task
+    again = sample_and_split(records, cfg)
+    assert (train, test) == again
+    assert sample_and_split(list(reversed(records)), cfg) == (train, test), "input order must not matter"
+    other = sample_and_split(records, DataConfig(samples=140, test_fraction=0.1, data_seed=4))
+    assert other != (train, test)
+    assert not set(train) & set(test)
+
+
+def test_dolly_reader_drops_general_qa_and_reads_fields(tmp_path):
+    records = toy_records(DOLLY, per_task=3) + [Record("q", "", "a", "general_qa")]
+    write_dolly(tmp_path, records)
+    loaded = load_records(DataConfig(data_dir=str(tmp_path)))
+    assert len(loaded) == 21 and "general_qa" not in task_counts(loaded)
+    assert loaded[0] == records[0]
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ('{"instruction": "x", "context": "", "response": "y"', "not valid JSON"),
+        ('{"instruction": "x", "context": "", "response": "y"}', "missing field(s) category"),
+        ('["a list"]', "expected a JSON object"),
+        ('{"instruction": 3, "context": "", "response": "y", "category": "open_qa"}', "must be strings"),
+    ],
+)
+def test_malformed_lines_name_the_file_and_line(tmp_path, line, problem):
+    path = write_dolly(tmp_path, toy_records(DOLLY, per_task=1))
+    with path.open("a") as fh:
+        fh.write(line + "\n")
+    with pytest.raises(DataError) as err:
+        load_records(DataConfig(data_dir=str(tmp_path)))
+    assert f"{path}:8:" in str(err.value) and problem in str(err.value)
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_records(DataConfig(data_dir=str(tmp_path / "nope")))
+    with pytest.raises(DataError, match="Dolly file not found"):
+        load_records(DataConfig(data_dir=str(tmp_path)))
+    with pytest.raises(DataError, match="no SNI task files"):
+        load_records(DataConfig(dataset="sni", data_dir=str(tmp_path)))
+
+
+def test_sni_reader_uses_the_tasks_present(tmp_path):
+    folder = tmp_path / "sni"
+    folder.mkdir()
+    task = TASKS["sni"][3]
+    rows = [{"id": str(i), "task": task, "definition": "Add k.", "input": f"[{i}] k=1", "output": f"[{i + 1}]"} for i in range(5)]
+    (folder / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = load_records(DataConfig(dataset="sni", data_dir=str(tmp_path)))
+    assert len(records) == 5 and records[0] == Record("Add k.", "[0] k=1", "[1]", task)
+
+
+def test_template_labels_only_the_response(tokenizer):
+    formatter = Formatter(tokenizer, max_length=200, tasks=DOLLY)
+    record = Record("Say hi", "to Bob", "hi Bob", "open_qa")
+    example = formatter.example(record)
+    question = tokenizer.decode(example.input_ids[: example.question_len])
+    response = tokenizer.decode(example.input_ids[example.question_len :])
+    assert question == "<|im_start|>user\nSay hi\n\nto Bob<|im_end|>\n<|im_start|>assistant\n"
+    assert response == "hi Bob<|im_end|>"
+    assert example.task_id == DOLLY.index("open_qa")
+    batch = collate([example], tokenizer.pad_token_id)
+    labelled = batch["labels"][0] != IGNORE_INDEX
+    assert labelled.sum() == example.response_len
+    assert batch["question_mask"][0].sum() == example.question_len
+    assert not (labelled & batch["question_mask"][0]).any()
+
+
+def test_long_samples_are_cut_to_max_length_keeping_both_ends_of_the_question(tokenizer):
+    formatter = Formatter(tokenizer, max_length=80, tasks=DOLLY)
+    record = Record("START" + "x" * 200, "y" * 200 + "END?", "r" * 100, "closed_qa")
+    example = formatter.example(record)
+    assert len(example.input_ids) == 80
+    assert example.response_len == 40  # half the budget goes to the response
+    question = tokenizer.decode(example.input_ids[: example.question_len])
+    assert "START" in question and "END?" in question and question.endswith("assistant\n")
+    short = formatter.example(Record("hi", "", "r" * 100, "closed_qa"))
+    assert len(short.input_ids) == 80 and short.response_len > 40  # the response takes what the question leaves
+
+
+def test_collate_pads_right_and_masks(tokenizer):
+    formatter = Formatter(tokenizer, max_length=100, tasks=DOLLY)
+    examples = formatter.examples([Record("a", "", "b", "open_qa"), Record("longer one", "ctx", "reply", "summarization")])
+    batch = collate(examples, tokenizer.pad_token_id)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert lengths == [len(e.input_ids) for e in examples]
+    assert (batch["input_ids"][0, lengths[0] :] == tokenizer.pad_token_id).all()
+    assert (batch["labels"][0, lengths[0] :] == IGNORE_INDEX).all()
+    questions = collate(examples, tokenizer.pad_token_id, with_response=False)
+    assert questions["attention_mask"].sum(1).tolist() == [e.question_len for e in examples]
+    assert (questions["labels"] == IGNORE_INDEX).all()
+
+
+def test_prepare_tokenises_both_splits(tmp_path, tokenizer):
+    write_dolly(tmp_path, toy_records(DOLLY, per_task=10))
+    data = prepare(DataConfig(data_dir=str(tmp_path), samples=70, max_length=64), tokenizer)
+    assert len(data.train) + len(data.test) == 70
+    assert all(len(e.input_ids) <= 64 and e.response_len >= 1 for e in data.train + data.test)
+    assert {e.task_id for e in data.test} == set(range(7))

@@ -1,0 +1,95 @@
+import copy
+import json
+
+import pytest
+import torch
+from helpers import tiny_settings, toy_records
+
+from mops_core.centralized import build_model, prepare_start_state
+from mops_core.cli import main
+from mops_core.data import TASKS, Formatter, PreparedData, sample_and_split
+from mops_core.evaluate import evaluate
+from mops_core.train import TrainingError, make_optimizer, train_steps
+
+TASKS3 = TASKS["dolly"][:3]
+
+
+def toy_data(tokenizer, settings):
+    train, test = sample_and_split(toy_records(TASKS3, 60), settings.data)
+    formatter = Formatter(tokenizer, settings.data.max_length, TASKS3)
+    return PreparedData(TASKS3, train, test, formatter.examples(train), formatter.examples(test))
+
+
+@pytest.mark.parametrize("method", ["mops", "prompt"])
+def test_short_training_lowers_test_perplexity(tokenizer, pretrained_base, method):
+    settings = tiny_settings(method=method, samples=180, lr=3e-2, steps=60, **{"gate-pretrain-steps": 100})
+    data = toy_data(tokenizer, settings)
+    model = build_model(settings, copy.deepcopy(pretrained_base), tokenizer)
+    prepare_start_state(model, data, settings, pad_id=tokenizer.pad_token_id, progress=False)
+    before = evaluate(model, data.test, data.tasks, pad_id=tokenizer.pad_token_id, progress=False)
+    base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    optimizer = make_optimizer(model.trainable_parameters(), settings.train.lr)
+    stats = train_steps(model, data.train, 60, optimizer, pad_id=tokenizer.pad_token_id, progress=False)
+    after = evaluate(model, data.test, data.tasks, pad_id=tokenizer.pad_token_id, progress=False)
+    assert stats.steps == 60 and stats.examples == 60
+    assert after.perplexity < 0.99 * before.perplexity, (before.perplexity, after.perplexity)
+    assert all(torch.equal(base_before[k], v) for k, v in model.base.state_dict().items()), "the base must stay frozen"
+
+
+def test_gate_pretraining_routes_held_out_instructions_by_task(tokenizer, pretrained_base):
+    settings = tiny_settings(samples=180, **{"gate-pretrain-steps": 100})
+    data = toy_data(tokenizer, settings)
+    model = build_model(settings, copy.deepcopy(pretrained_base), tokenizer)
+    start = prepare_start_state(model, data, settings, pad_id=tokenizer.pad_token_id, progress=False)
+    held_out = evaluate(model, data.test, data.tasks, pad_id=tokenizer.pad_token_id, progress=False)
+    assert start.gate_train_accuracy > 0.9
+    assert held_out.routing_accuracy > 0.9
+    diagonal = [held_out.gate_matrix[i][i] for i in range(3)]
+    assert min(diagonal) > 0.5, held_out.gate_matrix
+
+
+def test_input_prompt_pretraining_moves_p1_only_and_prompts_start_from_it(tokenizer, pretrained_base):
+    settings = tiny_settings(samples=60, **{"input-prompt-steps": 5, "input-prompt-lr": 1e-2})
+    data = toy_data(tokenizer, settings)
+    model = build_model(settings, copy.deepcopy(pretrained_base), tokenizer)
+    model.init_input_prompts(torch.Generator().manual_seed(0))
+    sampled = model.input_prompts.detach().clone()
+    gate_before = copy.deepcopy(model.gate.state_dict())
+    from mops_core.train import pretrain_input_prompts
+
+    pretrain_input_prompts(model, data.train, settings.train, pad_id=tokenizer.pad_token_id, progress=False)
+    assert not torch.equal(model.input_prompts, sampled) and not model.input_prompts.requires_grad
+    assert all(torch.equal(v, model.gate.state_dict()[k]) for k, v in gate_before.items())
+    torch.testing.assert_close(model.prompts.reshape(-1, model.width), model.prompt_states_entering_injection())
+
+
+def test_divergence_stops_with_the_step_named(tokenizer, pretrained_base):
+    settings = tiny_settings(samples=60)
+    data = toy_data(tokenizer, settings)
+    model = build_model(settings, copy.deepcopy(pretrained_base), tokenizer)
+    with torch.no_grad():
+        model.prompts.fill_(float("nan"))
+    optimizer = make_optimizer(model.trainable_parameters(), 1e-3)
+    with pytest.raises(TrainingError, match="loss became nan at step 1"):
+        train_steps(model, data.train, 3, optimizer, pad_id=tokenizer.pad_token_id, progress=False)
+
+
+def test_cli_train_then_eval_end_to_end(tmp_path, tiny_model_dir, toy_data_dir):
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model_dir), "--data-dir", str(toy_data_dir), "--no-progress"]
+    shape = ["--experts", "7", "--prompts-per-expert", "2", "--inject-layer", "2", "--max-length", "64", "--samples", "140"]
+    code = main(["train", *common, *shape, "--steps", "5", "--gate-pretrain-steps", "10", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["train"]["steps"] == 5 and len(results["train"]["losses"]) == 5
+    for name in ("loss.png", "gate_heatmap.png", "checkpoint/adapter_model.safetensors", "checkpoint/adapter_config.json"):
+        assert (out / name).exists(), name
+    assert main(["eval", str(out), "--no-progress"]) == 0
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert evaluated["perplexity"] == pytest.approx(results["after"]["perplexity"], rel=1e-6)
+    assert len(evaluated["gate_matrix"]) == 7 and len(evaluated["gate_matrix"][0]) == 7
+
+
+def test_cli_reports_bad_settings_without_a_traceback(capsys, toy_data_dir):
+    assert main(["train", "--experts", "zero", "--data-dir", str(toy_data_dir)]) == 2
+    assert "setting 'experts': expected an integer" in capsys.readouterr().out
