@@ -1,12 +1,11 @@
 # The README's two commands. Each installs what it needs into ./.venv first.
-.PHONY: install demo test
+.PHONY: demo test
 
-install:
+# The main job: federated MoPs, a Ray-backed Flower simulation of 100 clients on the embedded
+# SmolLM2 and ../shared/data; results in runs/federated/ (about 10 minutes on 2 cores).
+demo:
+	bash scripts/demo.sh
+
+test:
 	bash scripts/install.sh
-
-# A short centralized MoPs run on the embedded SmolLM2 and ../shared/data (about 5 minutes on 2 cores).
-demo: install
-	.venv/bin/mops train --dataset dolly --method mops --steps 100 --eval-samples 128 --out runs/demo
-
-test: install
 	.venv/bin/python -m pytest -q

@@ -13,6 +13,7 @@ and refuse with a message that names the problem.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,34 +149,48 @@ def load_into(ckpt: Checkpoint, model: MoPsModel, *, check_base: bool = True) ->
     load_adapter_tensors(model, ckpt.tensors, source=str(ckpt.path))
 
 
-def load_adapter_tensors(model: MoPsModel, tensors: dict[str, torch.Tensor], *, source: str, partial: bool = False) -> None:
-    """Validate names, shapes and values, then copy; nothing is copied if anything is wrong.
+def tensor_problems(tensors: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """What is wrong with a set of named arrays (torch or numpy) for an adapter, or None.
 
-    `partial=True` accepts a subset of the adapter's tensors (e.g. federated updates, which
-    carry experts and gate only).
+    Checks names (exactly those of `expected`), shapes and finiteness. Checkpoint loads and
+    federated reply checks both use it.
     """
-    expected = model.adapter_state_dict()
     unknown = sorted(set(tensors) - set(expected))
-    missing = [] if partial else sorted(set(expected) - set(tensors))
+    missing = sorted(set(expected) - set(tensors))
     if unknown or missing:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing)}")
-        if unknown:
-            parts.append(f"unexpected {', '.join(unknown)}")
-        raise CheckpointError(f"{source}: tensors do not match the model ({'; '.join(parts)})")
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(unknown)}"] if unknown else [])
+        return f"tensors do not match the model ({'; '.join(parts)})"
     wrong = [
-        f"'{name}' has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
+        f"'{name}' has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name])}"
         for name, tensor in sorted(tensors.items())
-        if tuple(tensor.shape) != tuple(expected[name].shape)
+        if tuple(tensor.shape) != tuple(expected[name])
     ]
     if wrong:
-        raise CheckpointError(f"{source}: tensor {'; '.join(wrong)}")
-    for name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{source}: tensor '{name}' holds NaN or inf")
+        return f"tensor {'; '.join(wrong)}"
+    for name, tensor in sorted(tensors.items()):
+        values = torch.as_tensor(tensor)
+        if not values.is_floating_point():
+            return f"tensor '{name}' has dtype {values.dtype}, expected floating point"
+        if not torch.isfinite(values).all():
+            return f"tensor '{name}' holds NaN or inf"
+    return None
+
+
+def load_adapter_tensors(
+    model: MoPsModel, tensors: dict[str, torch.Tensor], *, source: str, keys: Iterable[str] | None = None
+) -> None:
+    """Validate names, shapes and values, then copy; nothing is copied if anything is wrong.
+
+    `keys` names the tensors expected (default: the whole adapter); federated updates carry
+    the experts and the gate only, a start state's client copy the input prompts only.
+    """
+    adapter = model.adapter_state_dict()
+    wanted = adapter.keys() if keys is None else keys
+    expected = {name: tuple(adapter[name].shape) for name in wanted}
+    problem = tensor_problems(tensors, expected)
+    if problem:
+        raise CheckpointError(f"{source}: {problem}")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-
+            params[name].copy_(torch.as_tensor(tensor).to(params[name].device, params[name].dtype))

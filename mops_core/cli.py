@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 
 from . import checkpoint, report
-from .config import CONCERNS, Settings
+from .config import CONCERNS, FederatedConfig, Settings
 from .settings import SettingsError, add_cli_flags, cli_values
 
 
@@ -39,7 +39,8 @@ def _settings_from_args(args: argparse.Namespace, base: Settings | None = None) 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file with settings (a [tool.flwr.app.config] table or flat keys)")
     for cls in CONCERNS.values():
-        add_cli_flags(parser, cls)
+        if cls is not FederatedConfig:  # federated runs are configured through `flwr run`
+            add_cli_flags(parser, cls)
 
 
 def _quiet_libraries() -> None:

@@ -132,23 +132,54 @@ class TrainConfig:
             raise setting_error("weight_decay", f"must be 0 or more, got {self.weight_decay}")
 
 
+@dataclasses.dataclass(frozen=True)
+class FederatedConfig:
+    num_server_rounds: int = field(3, "federated rounds (paper: 20)")
+    fraction_train: float = field(0.1, "share of the connected nodes sampled each round (paper: 10 of 100)")
+    min_available_nodes: int = field(100, "round 1 waits until this many nodes are connected")
+    local_steps: int = field(10, "optimizer steps each sampled client runs per round (paper: 250)")
+    alpha: float = field(0.5, "Dirichlet concentration of the non-i.i.d. task split over clients (lower = more skewed)")
+    min_partition_size: int = field(5, "smallest client training set the Dirichlet split may produce")
+    out_dir: str = field("runs/federated", "where checkpoints, results.json and figures go")
+    resume: bool = field(False, "continue from the checkpoint in out-dir, at the round after it")
+    round_timeout: float = field(3600.0, "seconds the server waits for a round's replies")
+
+    def __post_init__(self) -> None:
+        if self.num_server_rounds < 1:
+            raise setting_error("num_server_rounds", f"must be at least 1, got {self.num_server_rounds}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise setting_error("fraction_train", f"must be in (0, 1], got {self.fraction_train}")
+        if self.min_available_nodes < 1:
+            raise setting_error("min_available_nodes", f"must be at least 1, got {self.min_available_nodes}")
+        if self.local_steps < 1:
+            raise setting_error("local_steps", f"must be at least 1, got {self.local_steps}")
+        if not self.alpha > 0:
+            raise setting_error("alpha", f"must be positive, got {self.alpha}")
+        if self.min_partition_size < 1:
+            raise setting_error("min_partition_size", f"must be at least 1, got {self.min_partition_size}")
+        if self.round_timeout <= 0:
+            raise setting_error("round_timeout", f"must be positive, got {self.round_timeout}")
+
+
 CONCERNS: dict[str, type] = {
     "model": ModelConfig,
     "mops": MoPsConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "federated": FederatedConfig,
 }
 check_unique_fields(CONCERNS)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything a centralized run needs, one validated dataclass per concern."""
+    """Everything a run needs, one validated dataclass per concern."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mops: MoPsConfig = dataclasses.field(default_factory=MoPsConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    federated: FederatedConfig = dataclasses.field(default_factory=FederatedConfig)
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any], *, context: str = "") -> Settings:
@@ -156,7 +187,7 @@ class Settings:
         return cls(**{name: build(CONCERNS[name], routed[name], context=context) for name in CONCERNS})
 
     def to_flat(self) -> dict[str, Any]:
-        return to_flat_dict(self.model, self.mops, self.data, self.train)
+        return to_flat_dict(*(getattr(self, name) for name in CONCERNS))
 
     def replace(self, **flat: Any) -> Settings:
         merged = self.to_flat()

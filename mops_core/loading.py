@@ -8,10 +8,12 @@ actor and every deployed ClientApp process benefits.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,13 +119,27 @@ def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
                 model, tokenizer = _from_pretrained(source)
                 _save_dequantised(model, tokenizer, cached)
         source = ModelSource("local", str(cached))
-    model, tokenizer = _from_pretrained(source, dtype=DTYPES[cfg.dtype])
+    with _quiet_progress():  # a sub-second load; in simulation every Ray actor would print a bar
+        model, tokenizer = _from_pretrained(source, dtype=DTYPES[cfg.dtype])
     check_architecture(model)
     model.to(DTYPES[cfg.dtype])
     model.requires_grad_(False)
     model.eval()
     model.config.name_or_path = cfg.model
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def check_architecture(model: PreTrainedModel) -> None:

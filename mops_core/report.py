@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -85,31 +86,61 @@ def plot_gate_heatmap(result: EvalResult, path: str | Path, title: str = "Mean g
     ax.set_xlabel("expert")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def plot_curve(series: dict[str, Sequence[float]], path: str | Path, *, xlabel: str, ylabel: str, title: str, smooth: int = 1) -> Path:
-    """One line per named series (losses per step, perplexity per round, ...)."""
+def plot_curve(
+    series: dict[str, Sequence[float]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    smooth: int = 1,
+    x: Sequence[float] | None = None,
+) -> Path:
+    """One line per named series (losses per step, perplexity per round, ...); x defaults to 1, 2, ..."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in series.items():
         values = list(values)
+        xs = list(x) if x is not None else list(range(1, len(values) + 1))
         if smooth > 1 and len(values) >= smooth:
             values = [sum(values[i : i + smooth]) / smooth for i in range(len(values) - smooth + 1)]
-        ax.plot(range(1, len(values) + 1), values, label=name)
+            xs = xs[smooth - 1 :]
+        ax.plot(xs, values, label=name, marker="o" if len(values) <= 30 else None)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and rounds are whole numbers
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_partitions(counts: dict[int, Sequence[int]], tasks: Sequence[str], path: str | Path) -> Path:
+    """Stacked bars: how many samples of each task every client holds (the non-i.i.d. split)."""
+    clients = sorted(counts)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.09 * len(clients) + 2), 4))
+    bottom = [0] * len(clients)
+    colours = plt.get_cmap("tab10")
+    for t, task in enumerate(tasks):
+        heights = [counts[c][t] if t < len(counts[c]) else 0 for c in clients]
+        ax.bar(range(len(clients)), heights, bottom=bottom, width=0.9, label=task, color=colours(t % 10))
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xlabel("client (partition id)")
+    ax.set_ylabel("training samples")
+    ax.set_title("Task mix per client")
+    step = max(1, len(clients) // 20)
+    ax.set_xticks(range(0, len(clients), step), [str(clients[i]) for i in range(0, len(clients), step)])
+    ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, path)

@@ -62,6 +62,11 @@ def epochs(examples: Sequence[Example], batch_size: int, rng: random.Random) -> 
             yield [examples[i] for i in chunk]
 
 
+def round_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """A distinct, reproducible sample order for each client and round (a resumed run replays it)."""
+    return (seed * 1_000_003 + server_round) * 1_000_003 + partition_id
+
+
 def make_optimizer(params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
 

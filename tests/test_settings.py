@@ -46,3 +46,14 @@ def test_replace_validates_again():
     assert s.replace(steps=5).train.steps == 5
     with pytest.raises(SettingsError, match="setting 'steps'"):
         s.replace(steps=-1)
+
+
+def test_pyproject_run_config_declares_every_setting_and_parses():
+    import tomllib
+    from pathlib import Path
+
+    table = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    run_config = table["tool"]["flwr"]["app"]["config"]
+    settings = Settings.from_flat(run_config, context="pyproject.toml")
+    assert set(run_config) == set(settings.to_flat()), "pyproject.toml and mops_core.config disagree on the keys"
+    assert settings.federated.fraction_train * settings.federated.min_available_nodes == 10  # 10 of 100 per round

@@ -1,0 +1,1 @@
+"""Flower ClientApp of mops-fl: thin glue over mops_core."""

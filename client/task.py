@@ -1,0 +1,99 @@
+"""What a client needs, built once per process and reused across rounds.
+
+In simulation a Ray actor serves many nodes and rounds, so the base model, the tokenizer,
+the data and the Dirichlet split are cached at module level, keyed by the settings that
+determine them. In a deployment each message runs in a fresh process; the on-disk caches
+(dequantised or compressed base, start state) keep that cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from flwr_datasets.partitioner import DirichletPartitioner
+
+from mops_core.centralized import build_model
+from mops_core.config import DataConfig, ModelConfig, MoPsConfig, Settings
+from mops_core.data import Example, Formatter, Record, TASKS, load_records, pad_token_id, sample_and_split
+from mops_core.loading import load_base
+from mops_core.model import MoPsModel
+from mops_core.start_state import load_input_prompts
+
+
+@dataclass(frozen=True)
+class Partition:
+    partition_id: int
+    num_partitions: int
+    records: tuple[Record, ...]
+    task_counts: tuple[int, ...]  # per task of the dataset, in TASKS order
+
+
+@functools.lru_cache(maxsize=2)
+def train_records(data: DataConfig) -> tuple[Record, ...]:
+    """The same training split the server sees (same sampling, same seed)."""
+    train, _ = sample_and_split(load_records(data), data)
+    return tuple(train)
+
+
+@functools.lru_cache(maxsize=2)
+def dirichlet_split(data: DataConfig, num_partitions: int, alpha: float, min_size: int) -> tuple[tuple[int, ...], ...]:
+    """Record indices of every partition: a Dirichlet(alpha) split over the task label (flwr-datasets)."""
+    from datasets import Dataset
+
+    records = train_records(data)
+    tasks = TASKS[data.dataset]
+    if len(records) < num_partitions * min_size:
+        raise ValueError(
+            f"{len(records)} training samples cannot give {num_partitions} clients at least {min_size} each; "
+            "lower min-partition-size or the number of supernodes"
+        )
+    table = Dataset.from_dict({"idx": list(range(len(records))), "task": [tasks.index(r.task) for r in records]})
+    partitioner = DirichletPartitioner(
+        num_partitions=num_partitions, partition_by="task", alpha=alpha,
+        min_partition_size=min_size, self_balancing=False, shuffle=True, seed=data.data_seed,
+    )
+    partitioner.dataset = table
+    return tuple(tuple(partitioner.load_partition(i)["idx"]) for i in range(num_partitions))
+
+
+def partition(settings: Settings, partition_id: int, num_partitions: int) -> Partition:
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    fed = settings.federated
+    indices = dirichlet_split(settings.data, num_partitions, fed.alpha, fed.min_partition_size)[partition_id]
+    records = train_records(settings.data)
+    mine = tuple(records[i] for i in indices)
+    tasks = TASKS[settings.data.dataset]
+    counts = tuple(sum(1 for r in mine if r.task == t) for t in tasks)
+    return Partition(partition_id, num_partitions, mine, counts)
+
+
+@dataclass
+class Runtime:
+    model: MoPsModel
+    formatter: Formatter
+    pad_id: int
+    input_prompts_sha: str = ""
+
+
+@functools.lru_cache(maxsize=1)
+def runtime(model_cfg: ModelConfig, mops_cfg: MoPsConfig, data_cfg: DataConfig, seed: int) -> Runtime:
+    base, tokenizer = load_base(model_cfg)
+    settings = Settings(model=model_cfg, mops=mops_cfg, data=data_cfg).replace(seed=seed)
+    model = build_model(settings, base, tokenizer)
+    return Runtime(model, Formatter(tokenizer, data_cfg.max_length, TASKS[data_cfg.dataset]), pad_token_id(tokenizer))
+
+
+def ready_model(settings: Settings, start_state: str, input_prompts_sha: str) -> Runtime:
+    """The cached model with the server's input prompts installed."""
+    rt = runtime(settings.model, settings.mops, settings.data, settings.train.seed)
+    if rt.input_prompts_sha != input_prompts_sha:
+        load_input_prompts(rt.model, settings, start_state, input_prompts_sha)
+        rt.input_prompts_sha = input_prompts_sha
+    return rt
+
+
+@functools.lru_cache(maxsize=8)
+def tokenised(part: Partition, formatter: Formatter) -> tuple[Example, ...]:
+    return tuple(formatter.examples(part.records))

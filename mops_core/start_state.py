@@ -1,0 +1,91 @@
+"""The start state every federated participant shares: frozen P1, initial prompts, pretrained gate.
+
+The paper treats the pretrained input prompts P1 like the compressed base: part of the frozen
+model every client holds, never part of what is averaged. The server prepares the start
+state once (or loads it from the cache), stores it as an adapter checkpoint under a key
+derived from everything that determines it, and names that key in each round's config.
+Clients read P1 from the same cache (shared in simulation and on one machine; provisioned
+with the base in a real deployment) and check its content hash, so that no client ever
+trains against input prompts other than the server's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .atomic import file_lock
+from .centralized import StartState, prepare_start_state
+from .config import Settings
+from .data import PreparedData
+from .loading import base_fingerprint, cache_root
+from .model import INPUT_PROMPTS, MoPsModel
+
+# Settings that change the start state; everything else (rounds, local steps, lr, ...) does not.
+_TRAIN_KEYS = (
+    "seed", "batch_size", "input_prompt_steps", "input_prompt_lr",
+    "gate_pretrain_steps", "gate_pretrain_samples", "gate_pretrain_lr", "eval_batch_size",
+)
+
+
+class StartStateError(RuntimeError):
+    """A client cannot find, or cannot trust, the start state the server named."""
+
+
+def tensor_sha(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:32]
+
+
+def start_state_key(settings: Settings, fingerprint: str) -> str:
+    determining = {
+        "base": fingerprint,
+        "model": settings.model.model,
+        "dtype": settings.model.dtype,
+        "mops": dataclasses.asdict(settings.mops),
+        "data": dataclasses.asdict(settings.data),
+        "train": {k: getattr(settings.train, k) for k in _TRAIN_KEYS},
+    }
+    return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def start_state_dir(settings: Settings, key: str) -> Path:
+    return cache_root(settings.model) / "start-states" / key
+
+
+def prepare_or_load(
+    model: MoPsModel, data: PreparedData, settings: Settings, *, pad_id: int, progress: bool = True
+) -> tuple[str, StartState | None]:
+    """Bring `model` to the start state; compute it only if the cache does not hold it.
+
+    Returns the cache key and, when computed now, what pretraining reported.
+    """
+    key = start_state_key(settings, base_fingerprint(model.base))
+    path = start_state_dir(settings, key)
+    with file_lock(path.with_name(path.name + ".lock")):
+        if (path / checkpoint.CONFIG_FILE).exists():
+            checkpoint.load_into(checkpoint.read(path), model)
+            return key, None
+        report = prepare_start_state(model, data, settings, pad_id=pad_id, progress=progress)
+        checkpoint.save(path, model, settings, list(data.tasks), extra={"start_state": dataclasses.asdict(report)})
+    return key, report
+
+
+def load_input_prompts(model: MoPsModel, settings: Settings, key: str, expected_sha: str) -> None:
+    """Install the server's frozen input prompts into a client's model, verified by content hash."""
+    path = start_state_dir(settings, key)
+    try:
+        tensors = checkpoint.read(path).tensors
+    except checkpoint.CheckpointError as exc:
+        raise StartStateError(
+            f"start state {key} is not available on this node ({exc}); "
+            f"provision {path} with the base model, or run the server on this machine first"
+        ) from None
+    prompts = tensors.get(INPUT_PROMPTS)
+    if prompts is None or tensor_sha(prompts) != expected_sha:
+        raise StartStateError(f"start state at {path} does not hold the input prompts the server uses (hash mismatch)")
+    checkpoint.load_adapter_tensors(model, {INPUT_PROMPTS: prompts}, source=str(path), keys=[INPUT_PROMPTS])

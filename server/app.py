@@ -1,0 +1,126 @@
+"""ServerApp: federated MoPs (or FedPrompt) over many non-i.i.d. clients.
+
+    settings -> base, data, model -> start state (P1 pretrained, prompts, gate pretrained)
+             -> ask every node for its partition -> rounds of MoPsFedAvg
+             -> after each round: evaluate on the test split, checkpoint, results.json, figures
+
+Everything heavy lives in `mops_core`; this file only wires it to Flower's Message API.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+
+import torch  # noqa: F401  -- before ArrayRecord.to_torch_state_dict()
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from mops_core import checkpoint, report
+from mops_core.centralized import build_model, evaluate_test
+from mops_core.config import Settings
+from mops_core.data import pad_token_id, prepare
+from mops_core.loading import load_base
+from mops_core.start_state import prepare_or_load, tensor_sha
+
+from .history import History, ResumeError, progress_line
+from .strategy import MoPsFedAvg, wait_for_nodes
+
+app = ServerApp()
+
+
+def discover(grid: Grid, minimum: int, timeout: float) -> dict[int, dict]:
+    """Ask every connected node which partition it holds (and its task counts)."""
+    nodes = wait_for_nodes(grid, minimum)
+    asks = [Message(RecordDict({"config": ConfigRecord()}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    found: dict[int, dict] = {}
+    for reply in grid.send_and_receive(asks, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log(WARNING, "node %d did not report its partition: %s", node, reply.error.reason)
+            continue
+        metrics = next(iter(reply.content.metric_records.values()))
+        found[node] = {k: metrics[k] for k in ("partition-id", "num-partitions", "num-examples", "task-counts")}
+    log(INFO, "%d nodes hold %d training samples in all", len(found), sum(f["num-examples"] for f in found.values()))
+    return found
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = Settings.from_flat(context.run_config, context="run-config")
+    run(grid, settings)
+
+
+def run(grid: Grid, settings: Settings) -> History:
+    fed = settings.federated
+    out = Path(fed.out_dir).resolve()
+    history = History.open(out, settings)
+    # Rounds finished: the checkpoint says (it is written first); -1 = none, 0 = only the start evaluated.
+    done = min(history.last_round, 0)
+    if history.last_round > 0 and (out / "checkpoint" / checkpoint.CONFIG_FILE).exists():
+        done = int(checkpoint.read(out / "checkpoint").config.get("round", 0))
+    history.rewind(done)
+    if done >= fed.num_server_rounds:
+        log(INFO, "%s already holds %d rounds; nothing to do", out, done)
+        return history
+
+    base, tokenizer = load_base(settings.model)
+    data = prepare(settings.data, tokenizer)
+    pad_id = pad_token_id(tokenizer)
+    model = build_model(settings, base, tokenizer)
+    key, start_report = prepare_or_load(model, data, settings, pad_id=pad_id)
+    sha = tensor_sha(model.input_prompts)
+    if start_report is not None:
+        history.info["start_state"] = {"key": key, "gate_train_accuracy": start_report.gate_train_accuracy}
+    if done > 0:
+        checkpoint.load_into(checkpoint.read(out / "checkpoint"), model)
+        if tensor_sha(model.input_prompts) != sha:
+            raise ResumeError(f"the checkpoint in {out} was trained with other input prompts than start state {key}")
+        log(INFO, "resuming %s after round %d", out, done)
+
+    nodes = discover(grid, fed.min_available_nodes, fed.round_timeout)
+    history.info["clients"] = {str(f["partition-id"]): f["task-counts"] for f in nodes.values()}
+    report.plot_partitions({f["partition-id"]: f["task-counts"] for f in nodes.values()}, data.tasks, out / "client_tasks.png")
+    payload = model.federated_state_dict()
+    history.info.update(
+        trainable_parameters=sum(t.numel() for t in payload.values()),
+        base_parameters=sum(p.numel() for p in model.base.parameters()),
+    )
+    strategy = MoPsFedAvg(
+        {k: tuple(v.shape) for k, v in payload.items()},
+        seed=settings.train.seed,
+        partitions={n: f["partition-id"] for n, f in nodes.items()},
+        round_offset=max(done, 0),
+        fraction_train=fed.fraction_train,
+        min_available_nodes=fed.min_available_nodes,
+    )
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        number = strategy.round_number(server_round)
+        if number <= done:  # a resumed run's starting point was evaluated before
+            return None
+        checkpoint.load_adapter_tensors(model, arrays.to_torch_state_dict(), source=f"round {number}", keys=payload)
+        started = time.perf_counter()
+        result = evaluate_test(model, data, settings, pad_id=pad_id, progress=False, desc=f"eval round {number}")
+        row = history.add_round(number, result, strategy.rounds.get(number), time.perf_counter() - started)
+        checkpoint.save(out / "checkpoint", model, settings, list(data.tasks), extra={"round": number, "metrics": {"perplexity": result.perplexity}})
+        history.save()
+        history.plot()
+        report.plot_gate_heatmap(result, out / "gate_heatmap.png", title=f"Mean gate score per task, round {number}")
+        log(INFO, "%s", progress_line(row))
+        return MetricRecord({"perplexity": result.perplexity, "loss": result.loss})
+
+    strategy.start(
+        grid,
+        ArrayRecord({k: v.cpu() for k, v in payload.items()}),
+        num_rounds=fed.num_server_rounds - max(done, 0),
+        timeout=fed.round_timeout,
+        train_config=ConfigRecord({"start-state": key, "input-prompts-sha": sha}),
+        evaluate_fn=after_round,
+    )
+    first, last = history.rounds[0], history.rounds[-1]
+    log(INFO, "perplexity %.3f (round %d) -> %.3f (round %d); results in %s", first["perplexity"], first["round"], last["perplexity"], last["round"], out)
+    return history
+

@@ -1,0 +1,112 @@
+"""The record of a federated run: one row per round in results.json, figures beside it.
+
+Written atomically after every round together with the checkpoint, so that a run killed at
+any point can resume from its last finished round with its history intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mops_core import atomic, report
+from mops_core.config import Settings
+from mops_core.evaluate import EvalResult
+
+from .strategy import RoundLog
+
+# Settings a resumed run may change; any other difference means another experiment.
+RESUMABLE = {"num-server-rounds", "resume", "round-timeout", "eval-samples", "eval-batch-size", "min-available-nodes", "out-dir"}
+
+
+class ResumeError(RuntimeError):
+    """The run directory cannot be resumed with these settings."""
+
+
+@dataclass
+class History:
+    out_dir: Path
+    settings: Settings
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def path(self) -> Path:
+        return self.out_dir / "results.json"
+
+    @property
+    def last_round(self) -> int:
+        return self.rounds[-1]["round"] if self.rounds else -1
+
+    @classmethod
+    def open(cls, out_dir: Path, settings: Settings) -> History:
+        """A fresh history, or the one on disk when the settings ask to resume."""
+        history = cls(out_dir, settings)
+        if not settings.federated.resume:
+            return history
+        if not history.path.exists():
+            return history  # nothing to resume yet: the same command starts the run
+        saved = json.loads(history.path.read_text())
+        before = saved.get("settings", {})
+        changed = sorted(k for k, v in settings.to_flat().items() if k not in RESUMABLE and before.get(k) != v)
+        if changed:
+            raise ResumeError(f"cannot resume {out_dir}: settings changed since it ran: {', '.join(changed)}")
+        history.rounds = saved.get("rounds", [])
+        history.info = saved.get("info", {})
+        return history
+
+    def rewind(self, last_round: int) -> None:
+        """Forget rows after `last_round` (results.json may be a round ahead of a checkpoint or behind it)."""
+        self.rounds = [r for r in self.rounds if r["round"] <= last_round]
+
+    def add_round(self, number: int, result: EvalResult, wire: RoundLog | None, eval_seconds: float) -> dict:
+        row: dict[str, Any] = {
+            "round": number,
+            "perplexity": result.perplexity,
+            "loss": result.loss,
+            "per_task": {t: s.perplexity for t, s in result.per_task.items()},
+            "gate_entropy": result.gate_entropy,
+            "routing_accuracy": result.routing_accuracy,
+            "gate_matrix": result.gate_matrix,
+            "eval_seconds": eval_seconds,
+            "wall_seconds": time.perf_counter() - self.started,
+        }
+        if wire is not None:
+            row.update({k: v for k, v in asdict(wire).items() if k not in ("round", "started", "client_metrics")})
+            row["train_loss"] = wire.client_metrics.get("train-loss")
+            row["client_gate_share"] = wire.client_metrics.get("gate")
+        self.rounds = [r for r in self.rounds if r["round"] < number] + [row]
+        return row
+
+    def save(self) -> None:
+        atomic.write_json(self.path, {"settings": self.settings.to_flat(), "info": self.info, "rounds": self.rounds})
+
+    def plot(self) -> Path:
+        return report.plot_curve(
+            {self.settings.mops.method: [r["perplexity"] for r in self.rounds]},
+            self.out_dir / "perplexity.png",
+            x=[r["round"] for r in self.rounds],
+            xlabel="round", ylabel="test perplexity", title=f"federated {self.settings.mops.method} on {self.settings.data.dataset}",
+        )
+
+
+def progress_line(row: dict) -> str:
+    def num(key: str, fmt: str) -> str:
+        value = row.get(key)
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+    parts = [f"round {row['round']:>3}", f"ppl {num('perplexity', '.3f')}", f"train loss {num('train_loss', '.3f')}"]
+    if row.get("gate_entropy") is not None:
+        parts.append(f"gate entropy {num('gate_entropy', '.2f')}")
+    if "sampled" in row:
+        parts += [
+            f"clients {row['accepted']}/{row['sampled']}" + (f" ({len(row['dropped'])} dropped, {row['failed']} failed)" if row["dropped"] or row["failed"] else ""),
+            f"sent {row['bytes_down'] / 1e6:.2f} MB, received {row['bytes_up'] / 1e6:.2f} MB",
+            f"round {num('seconds', '.1f')} s (local training {num('train_seconds', '.1f')} s)",
+        ]
+    return " | ".join(parts)

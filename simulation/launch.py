@@ -1,0 +1,136 @@
+"""Run the Flower app as a Ray-backed simulation through `flwr run`, the way a user does.
+
+    python -m simulation.launch [--supernodes 100] [--client-cpus 2] [--client-gpus 0] \
+        [--run-config "method='fedprompt' num-server-rounds=5"] ...
+
+It writes the local SuperLink connection into `$FLWR_HOME/config.toml` (default `./.flwr`),
+runs `flwr run . --stream` with the simulation's shape as `--federation-config` (number of
+supernodes, resources per ClientApp actor) and runtime dependency installation disabled (it
+would replace the CPU torch with a CUDA build), and stops the local SuperLink that `flwr run`
+leaves running in the background once the run is over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_config(values: Mapping[str, Any]) -> str:
+    """Settings as one `--run-config` string: `key=value` pairs with TOML values."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
+
+
+def write_connection(flwr_home: Path) -> Path:
+    """A `local` SuperLink connection: `flwr run` starts a local SuperLink in simulation mode."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    return path
+
+
+def federation_config(supernodes: int, client_cpus: int, client_gpus: float) -> str:
+    return (
+        f"num-supernodes={supernodes} client-resources-num-cpus={client_cpus} "
+        f"client-resources-num-gpus={float(client_gpus)}"
+    )
+
+
+def stop_local_superlink(flwr_home: Path) -> None:
+    """`flwr run` leaves its local SuperLink running; find it by its database path and stop it."""
+    marker = f"--database {flwr_home}/local-superlink/state.db"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "flower-superlink" in cmdline and marker in cmdline:
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def launch(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    extra_run_config: Sequence[str] = (),
+    supernodes: int = 100,
+    client_cpus: int = 2,
+    client_gpus: float = 0.0,
+    flwr_home: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    stop_superlink: bool = True,
+) -> int:
+    """Run the app once; returns `flwr run`'s exit code."""
+    flwr_home = Path(flwr_home or os.environ.get("FLWR_HOME") or PROJECT / ".flwr").resolve()
+    write_connection(flwr_home)
+    bin_dir = Path(sys.executable).parent
+    full_env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray's own advice; silences a warning per actor
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        **(env or {}),
+    }
+    data = PROJECT.parent / "shared" / "data"
+    if "MOPS_DATA_DIR" not in full_env and data.is_dir():
+        full_env["MOPS_DATA_DIR"] = str(data)
+    command = [
+        str(bin_dir / "flwr"), "run", str(PROJECT), "--stream",
+        "--federation-config", federation_config(supernodes, client_cpus, client_gpus),
+    ]
+    if overrides:
+        command += ["--run-config", run_config(overrides)]
+    for extra in extra_run_config:
+        command += ["--run-config", extra]
+    print("$ " + shlex.join(command), flush=True)
+    try:
+        return subprocess.run(command, env=full_env, cwd=PROJECT, timeout=timeout).returncode
+    finally:
+        if stop_superlink:
+            stop_local_superlink(flwr_home)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--supernodes", type=int, default=100, help="simulated clients (default 100)")
+    parser.add_argument("--client-cpus", type=int, default=2, help="CPUs per ClientApp actor (default 2)")
+    parser.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per ClientApp actor (e.g. 0.25)")
+    parser.add_argument("--flwr-home", type=Path, help="Flower's home for this run (default ./.flwr)")
+    parser.add_argument("--out-dir", default=str(PROJECT / "runs" / "federated"), help="where results go")
+    parser.add_argument("--run-config", action="append", default=[], help="settings, as for `flwr run --run-config`")
+    args = parser.parse_args(argv)
+    return launch(
+        {"out-dir": str(Path(args.out_dir).resolve()), "min-available-nodes": args.supernodes},
+        extra_run_config=args.run_config,
+        supernodes=args.supernodes,
+        client_cpus=args.client_cpus,
+        client_gpus=args.client_gpus,
+        flwr_home=args.flwr_home,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The real Flower app on Ray, through `flwr run`, with a tiny model: the README's main job, short.
+
+Each run starts Ray and a local SuperLink (tens of seconds), so the runs are shared by the tests
+of this module.
+"""
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from simulation.launch import PROJECT, launch, run_config
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory, tiny_model_dir, toy_data_dir):
+    """Settings and an isolated Flower home (own ports) for this module's runs."""
+    root = tmp_path_factory.mktemp("fed")
+    env = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    settings = {
+        "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(root / "cache"),
+        "experts": 7, "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16,
+        "samples": 140, "max-length": 64, "lr": 3e-2, "input-prompt-steps": 5, "gate-pretrain-steps": 50,
+        "eval-samples": 0, "num-server-rounds": 3, "local-steps": 15, "fraction-train": 1.0,
+        "min-available-nodes": 3, "min-partition-size": 5,
+    }
+    return {"root": root, "env": env, "settings": settings, "home": root / "flwr-home"}
+
+
+def run(fed, out: Path, **changes) -> dict:
+    code = launch(
+        {**fed["settings"], "out-dir": str(out), **changes},
+        supernodes=3, client_cpus=1, flwr_home=fed["home"], env=fed["env"], timeout=600,
+    )
+    assert code == 0
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def mops_run(fed):
+    """The README's main command (`make demo` = scripts/demo.sh), in short form."""
+    out = fed["root"] / "mops"
+    command = [
+        "bash", str(PROJECT / "scripts" / "demo.sh"), "--supernodes", "3", "--client-cpus", "1",
+        "--flwr-home", str(fed["home"]), "--out-dir", str(out), "--run-config", run_config(fed["settings"]),
+    ]
+    done = subprocess.run(command, env={**os.environ, **fed["env"], "SKIP_INSTALL": "1"}, timeout=600)
+    assert done.returncode == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_main_job_trains_mops_across_clients_and_perplexity_falls(mops_run):
+    out, results = mops_run
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert rounds[-1]["perplexity"] < rounds[0]["perplexity"], [r["perplexity"] for r in rounds]
+    for r in rounds[1:]:
+        assert r["sampled"] == r["accepted"] == 3 and not r["dropped"] and r["failed"] == 0
+        assert r["bytes_down"] > 0 and r["bytes_up"] == r["bytes_down"]
+        assert len(r["client_gate_share"]) == 7
+    info = results["info"]
+    assert sorted(info["clients"]) == ["0", "1", "2"]
+    assert sum(sum(c) for c in info["clients"].values()) == 126  # 90% of 140, all handed out
+    raw = info["trainable_parameters"] * 4 * 3  # float32 experts + gate to 3 clients
+    assert raw <= rounds[1]["bytes_down"] < raw + 3 * 2048  # plus the records' own headers
+    for name in ("perplexity.png", "client_tasks.png", "gate_heatmap.png"):
+        assert (out / name).stat().st_size > 0
+    config = json.loads((out / "checkpoint" / "adapter_config.json").read_text())
+    assert config["round"] == 3 and config["gating"] == "attention"
+
+
+def test_fedprompt_runs_the_same_way_without_a_gate(fed):
+    out = fed["root"] / "fedprompt"
+    results = run(fed, out, method="fedprompt")
+    rounds = results["rounds"]
+    assert rounds[-1]["perplexity"] < rounds[0]["perplexity"]
+    assert rounds[-1]["client_gate_share"] is None and rounds[-1]["gate_entropy"] is None
+    tensors = load_file(str(out / "checkpoint" / "adapter_model.safetensors"))
+    assert set(tensors) == {"input_prompts", "prompts"}
+
+
+def test_resume_after_a_round_reaches_the_uninterrupted_state(fed, mops_run):
+    uninterrupted, _ = mops_run
+    out = fed["root"] / "resumed"
+    first = run(fed, out, **{"num-server-rounds": 1})
+    assert [r["round"] for r in first["rounds"]] == [0, 1]
+    # As if killed after results.json but before the checkpoint of round 2 were written:
+    ahead = {**first, "rounds": first["rounds"] + [{**first["rounds"][-1], "round": 2, "perplexity": -1.0}]}
+    (out / "results.json").write_text(json.dumps(ahead))
+    resumed = run(fed, out, **{"num-server-rounds": 3, "resume": True})
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
+    assert resumed["rounds"][2]["perplexity"] > 0, "round 2 must be retrained from the round-1 checkpoint"
+    a = load_file(str(uninterrupted / "checkpoint" / "adapter_model.safetensors"))
+    b = load_file(str(out / "checkpoint" / "adapter_model.safetensors"))
+    for name in a:
+        assert (a[name] == b[name]).all(), f"{name} differs after resuming"

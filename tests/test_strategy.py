@@ -1,0 +1,121 @@
+"""MoPsFedAvg on hand-made replies: the average, the checks, the sampling. No Ray, no network."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
+
+from server.strategy import MoPsFedAvg
+
+SHAPES = {"prompts": (3, 2, 4), "gate.fc1.weight": (5, 4), "gate.fc1.bias": (5,), "gate.fc2.weight": (3, 5), "gate.fc2.bias": (3,)}
+
+
+def arrays(seed, shapes=SHAPES):
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+
+
+def reply(node, tensors=None, metrics=None, error=None):
+    meta = Metadata(
+        run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+        group_id="", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN,
+    )
+    if error:
+        return Message(error=Error(code=0, reason=error), metadata=meta)
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in tensors.items()}), "metrics": MetricRecord(metrics)})
+    return Message(content, metadata=meta)
+
+
+def metrics(n, loss=1.0):
+    return {"num-examples": n, "train-loss": loss, "gate": [0.2, 0.3, 0.5]}
+
+
+def strategy(**kw):
+    return MoPsFedAvg(SHAPES, seed=0, **kw)
+
+
+def test_aggregate_is_the_example_weighted_mean_of_the_prompt_and_gate_arrays():
+    updates = {1: arrays(1), 2: arrays(2), 3: arrays(3)}
+    weights = {1: 10, 2: 30, 3: 60}
+    agg, agg_metrics = strategy().aggregate_train(1, [reply(n, updates[n], metrics(weights[n], loss=n)) for n in updates])
+    assert set(agg.keys()) == set(SHAPES)
+    total = sum(weights.values())
+    for key in SHAPES:
+        expected = sum(updates[n][key].astype(np.float64) * weights[n] / total for n in updates)
+        np.testing.assert_allclose(agg[key].numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert agg_metrics["train-loss"] == pytest.approx((1 * 10 + 2 * 30 + 3 * 60) / 100)
+
+
+BAD = {
+    "wrong keys": (lambda: {**arrays(9), "base.model.embed_tokens.weight": np.zeros((2, 2), np.float32)}, metrics(5), "unexpected base.model.embed_tokens.weight"),
+    "missing key": (lambda: {k: v for k, v in arrays(9).items() if k != "gate.fc2.bias"}, metrics(5), "missing gate.fc2.bias"),
+    "wrong shape": (lambda: {**arrays(9), "prompts": np.zeros((3, 3, 4), np.float32)}, metrics(5), "'prompts' has shape (3, 3, 4), the model expects (3, 2, 4)"),
+    "nan": (lambda: {**arrays(9), "gate.fc1.bias": np.full((5,), np.nan, np.float32)}, metrics(5), "'gate.fc1.bias' holds NaN or inf"),
+    "inf": (lambda: {**arrays(9), "prompts": np.full((3, 2, 4), np.inf, np.float32)}, metrics(5), "'prompts' holds NaN or inf"),
+    "no example count": (lambda: arrays(9), {"train-loss": 1.0, "gate": [0.2, 0.3, 0.5]}, "no 'num-examples'"),
+    "zero examples": (lambda: arrays(9), metrics(0), "'num-examples' must be a positive number"),
+    "nan metric": (lambda: arrays(9), {**metrics(5), "train-loss": float("nan")}, "metric 'train-loss' is not finite"),
+    "other metrics": (lambda: arrays(9), {"num-examples": 5, "train-loss": 1.0}, "differ from the other replies"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_a_bad_reply_is_dropped_with_its_node_and_problem_and_changes_nothing(kind, caplog):
+    make, bad_metrics, problem = BAD[kind]
+    good = [reply(1, arrays(1), metrics(10)), reply(2, arrays(2), metrics(20))]
+    clean, _ = strategy().aggregate_train(1, good)
+    s = strategy()
+    mixed, _ = s.aggregate_train(1, [*good, reply(77, make(), bad_metrics)])
+    for key in SHAPES:
+        np.testing.assert_array_equal(mixed[key].numpy(), clean[key].numpy())
+    log = s.rounds[1]
+    assert log.accepted == 2 and len(log.dropped) == 1
+    assert log.dropped[0].startswith("node 77:") and problem in log.dropped[0]
+    assert "node 77" in caplog.text or "node 77" in log.dropped[0]
+
+
+def test_failed_clients_do_not_stop_the_round_and_all_bad_keeps_the_state():
+    s = strategy()
+    agg, _ = s.aggregate_train(1, [reply(1, arrays(1), metrics(10)), reply(5, error="out of memory")])
+    np.testing.assert_array_equal(agg["prompts"].numpy(), arrays(1)["prompts"])
+    assert s.rounds[1].failed == 1 and s.rounds[1].accepted == 1
+    nothing, no_metrics = s.aggregate_train(2, [reply(5, error="boom"), reply(6, {**arrays(1), "prompts": np.zeros(1, np.float32)}, metrics(3))])
+    assert nothing is None and no_metrics is None  # Strategy.start keeps the previous global arrays
+
+
+class FakeGrid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def test_sampling_follows_partitions_not_node_ids_so_a_resumed_run_replays_it():
+    parts = list(range(20))
+    run_a = dict(zip(range(1000, 1020), parts))  # node ids differ between runs...
+    run_b = dict(zip(range(5000, 5020)[::-1], parts))
+    picks = []
+    for mapping in (run_a, run_b):
+        s = strategy(partitions=mapping, fraction_train=0.25, min_available_nodes=20)
+        picks.append([sorted(mapping[n] for n in s.sample(FakeGrid(mapping), r)) for r in (1, 2, 3)])
+    assert picks[0] == picks[1]  # ...the partitions trained each round do not
+    assert all(len(p) == 5 for p in picks[0]) and picks[0][0] != picks[0][1]
+    resumed = strategy(partitions=run_b, fraction_train=0.25, min_available_nodes=20, round_offset=2)
+    assert sorted(run_b[n] for n in resumed.sample(FakeGrid(run_b), 1)) == picks[0][2]
+
+
+def test_configure_train_sends_only_the_trainable_arrays_and_the_run_round(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # all set by the ServerApp runtime in a real run
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+    mapping = {11: 0, 12: 1, 13: 2, 14: 3}
+    s = strategy(partitions=mapping, fraction_train=0.5, min_available_nodes=4, round_offset=3)
+    payload = ArrayRecord({k: Array(v) for k, v in arrays(0).items()})
+    messages = list(s.configure_train(1, payload, ConfigRecord({"start-state": "abc"}), FakeGrid(mapping)))
+    assert len(messages) == 2 and all(m.metadata.message_type == MessageType.TRAIN for m in messages)
+    content = messages[0].content
+    assert set(content["arrays"].keys()) == set(SHAPES)
+    assert content["config"]["server-round"] == 4 and content["config"]["start-state"] == "abc"
+    assert s.rounds[4].bytes_down == 2 * payload.count_bytes()
