@@ -93,7 +93,7 @@ def main() -> None:
 
     settings = Settings.from_flat({"model": args.model, "dtype": args.dtype, "inject-layer": args.inject_layer})
     base, tokenizer = load_base(settings.model)
-    batch = sample_batch(base.config.vocab_size, args.seq, args.question)
+    batch = {k: v.to(base.device) for k, v in sample_batch(base.config.vocab_size, args.seq, args.question).items()}
     k = settings.mops.num_prompts
     peft_step, peft_model = peft_prompt_step(base, k, batch)
     steps = {

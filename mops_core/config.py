@@ -26,6 +26,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = field(
         "float32", "dtype of the frozen base; trainable parameters are always float32"
     )
+    device: Literal["auto", "cpu", "cuda"] = field("auto", "where the model runs ('auto' = CUDA when present)")
     model_cache_dir: str = field("", "where dequantised/compressed bases are cached ('' = ~/.cache/mops-fl)")
 
     def __post_init__(self) -> None:

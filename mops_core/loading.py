@@ -122,7 +122,7 @@ def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     with _quiet_progress():  # a sub-second load; in simulation every Ray actor would print a bar
         model, tokenizer = _from_pretrained(source, dtype=DTYPES[cfg.dtype])
     check_architecture(model)
-    model.to(DTYPES[cfg.dtype])
+    model.to(device=resolve_device(cfg), dtype=DTYPES[cfg.dtype])
     model.requires_grad_(False)
     model.eval()
     model.config.name_or_path = cfg.model
@@ -140,6 +140,14 @@ def _quiet_progress() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def resolve_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("setting 'device' is 'cuda', but torch sees no CUDA device (is this the CPU build of torch?)")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
 
 
 def check_architecture(model: PreTrainedModel) -> None:
@@ -164,7 +172,7 @@ def base_fingerprint(model: PreTrainedModel) -> str:
         flat = tensor.detach().reshape(-1)
         stride = max(1, flat.numel() // 4096)
         # Rounded to bf16 so that the same base loaded in fp32 or bf16 has one identity.
-        sample = flat[::stride].to(torch.bfloat16).to(torch.float32).contiguous()
+        sample = flat[::stride].to(torch.bfloat16).to(torch.float32).cpu().contiguous()
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(sample.numpy().tobytes())
