@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from flwr_datasets.partitioner import DirichletPartitioner
 
 from mops_core.centralized import build_model
-from mops_core.config import DataConfig, ModelConfig, MoPsConfig, Settings
+from mops_core.config import CompressionConfig, DataConfig, ModelConfig, MoPsConfig, Settings
 from mops_core.data import Example, Formatter, Record, TASKS, load_records, pad_token_id, sample_and_split
-from mops_core.loading import load_base
+from mops_core.compression.pipeline import prepare_base
 from mops_core.model import MoPsModel
 from mops_core.start_state import load_input_prompts
 
@@ -78,16 +78,16 @@ class Runtime:
 
 
 @functools.lru_cache(maxsize=1)
-def runtime(model_cfg: ModelConfig, mops_cfg: MoPsConfig, data_cfg: DataConfig, seed: int) -> Runtime:
-    base, tokenizer = load_base(model_cfg)
-    settings = Settings(model=model_cfg, mops=mops_cfg, data=data_cfg).replace(seed=seed)
+def runtime(model_cfg: ModelConfig, compression: CompressionConfig, mops_cfg: MoPsConfig, data_cfg: DataConfig, seed: int) -> Runtime:
+    settings = Settings(model=model_cfg, compression=compression, mops=mops_cfg, data=data_cfg).replace(seed=seed)
+    base, tokenizer = prepare_base(settings, progress=False)  # the server made the cache; clients load it
     model = build_model(settings, base, tokenizer)
     return Runtime(model, Formatter(tokenizer, data_cfg.max_length, TASKS[data_cfg.dataset]), pad_token_id(tokenizer))
 
 
 def ready_model(settings: Settings, start_state: str, input_prompts_sha: str) -> Runtime:
     """The cached model with the server's input prompts installed."""
-    rt = runtime(settings.model, settings.mops, settings.data, settings.train.seed)
+    rt = runtime(settings.model, settings.compression, settings.mops, settings.data, settings.train.seed)
     if rt.input_prompts_sha != input_prompts_sha:
         load_input_prompts(rt.model, settings, start_state, input_prompts_sha)
         rt.input_prompts_sha = input_prompts_sha

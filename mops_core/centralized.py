@@ -17,10 +17,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import atomic, checkpoint, report
+from .compression.pipeline import prepare_base
 from .config import Settings
 from .data import PreparedData, pad_token_id, prepare
 from .evaluate import EvalResult, evaluate
-from .loading import load_base
 from .model import MoPsModel
 from .train import make_optimizer, pretrain_gate, pretrain_input_prompts, train_steps
 
@@ -63,11 +63,20 @@ def evaluate_test(model: MoPsModel, data: PreparedData, settings: Settings, *, p
     )
 
 
+def evaluate_plain_base(
+    base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: PreparedData, settings: Settings, *, progress: bool, desc: str
+) -> EvalResult:
+    """Test perplexity of the base alone: a MoPs model without prompts and gate is exactly the HF model."""
+    plain = settings.replace(method="prompt", prompts_per_expert=0, inject_layer=1)
+    model = MoPsModel(base, plain.mops, sink_token_id(tokenizer)).to(base.device)
+    return evaluate_test(model, data, plain, pad_id=pad_token_id(tokenizer), progress=progress, desc=desc)
+
+
 def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Train MoPs (or the baseline) centrally and write checkpoint, results and figures to `out_dir`."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    base, tokenizer = load_base(settings.model)
+    base, tokenizer = prepare_base(settings, progress=progress)
     data = prepare(settings.data, tokenizer)
     pad_id = pad_token_id(tokenizer)
     log.info("data: %d train / %d test examples over %d tasks", len(data.train), len(data.test), len(data.tasks))

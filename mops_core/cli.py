@@ -59,6 +59,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from . import atomic
+    from .centralized import evaluate_plain_base
+    from .compression.pipeline import compress_base
+    from .data import prepare
+    from .loading import load_base
+
+    settings = _settings_from_args(args)
+    if settings.compression.compression == "none":
+        raise SettingsError("setting 'compression': say what to do, e.g. --compression sparsegpt:0.5")
+    progress = not args.no_progress
+    base, tokenizer = load_base(settings.model)
+    data = prepare(settings.data, tokenizer)
+    before = evaluate_plain_base(base, tokenizer, data, settings, progress=progress, desc="eval (dense)")
+    compression = compress_base(base, tokenizer, settings, progress=progress)
+    after = evaluate_plain_base(base, tokenizer, data, settings, progress=progress, desc="eval (compressed)")
+
+    if compression.stats:
+        table = Table(title=f"{settings.compression.compression}: sparsity per decoder layer")
+        table.add_column("layer", justify="right")
+        table.add_column("sparsity", justify="right")
+        for layer, sparsity in compression.per_layer().items():
+            table.add_row(str(layer), f"{sparsity:.4f}")
+        report.console.print(table)
+    where = "from the cache" if compression.from_cache else "computed now"
+    report.console.print(
+        f"{settings.compression.compression} ({compression.backend or where}): "
+        f"overall sparsity {compression.sparsity:.4f}, {compression.seconds:.0f} s ({where})\n"
+        f"test perplexity on {after.samples} samples: dense {before.perplexity:.3f} -> compressed {after.perplexity:.3f}"
+    )
+    if args.out:
+        atomic.write_json(Path(args.out) / "compression.json", {
+            "compression": settings.compression.compression, "seconds": compression.seconds,
+            "from_cache": compression.from_cache, "sparsity": compression.sparsity,
+            "per_layer": compression.per_layer(), "perplexity_dense": before.perplexity,
+            "perplexity_compressed": after.perplexity, "per_task_dense": before.to_dict()["per_task"],
+            "per_task_compressed": after.to_dict()["per_task"],
+        })
+    return 0
+
+
 def resolve_checkpoint(path: str) -> Path:
     """Accept the checkpoint directory or the run directory that holds it."""
     candidate = Path(path)
@@ -70,12 +113,12 @@ def resolve_checkpoint(path: str) -> Path:
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import atomic
     from .centralized import build_model, evaluate_test
+    from .compression.pipeline import prepare_base
     from .data import pad_token_id, prepare
-    from .loading import load_base
 
     ckpt = checkpoint.read(resolve_checkpoint(args.checkpoint))
     settings = _settings_from_args(args, base=ckpt.settings)
-    base, tokenizer = load_base(settings.model)
+    base, tokenizer = prepare_base(settings, progress=not args.no_progress)
     model = build_model(settings, base, tokenizer)
     checkpoint.load_into(ckpt, model)
     data = prepare(settings.data, tokenizer)
@@ -93,9 +136,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .loading import ModelLoadError
+    from .compression.pipeline import CompressionCacheError
+    from .start_state import StartStateError
     from .train import TrainingError
 
-    return (SettingsError, DataError, ModelLoadError, CheckpointError, TrainingError)
+    return (SettingsError, DataError, ModelLoadError, CheckpointError, TrainingError, CompressionCacheError, StartStateError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_settings(train)
     train.set_defaults(func=cmd_train)
+
+    comp = sub.add_parser("compress", help="compress the base (cached), report sparsity and test perplexity before/after")
+    comp.add_argument("--out", help="also write compression.json there")
+    comp.add_argument("--no-progress", action="store_true")
+    _add_settings(comp)
+    comp.set_defaults(func=cmd_compress)
 
     ev = sub.add_parser("eval", help="test perplexity per task and the gate's expert shares of a checkpoint")
     ev.add_argument("checkpoint", help="checkpoint directory (or the run directory holding checkpoint/)")

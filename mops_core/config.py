@@ -162,8 +162,42 @@ class FederatedConfig:
             raise setting_error("round_timeout", f"must be positive, got {self.round_timeout}")
 
 
+@dataclasses.dataclass(frozen=True)
+class CompressionConfig:
+    compression: str = field(
+        "none", "base compression: none, int8, or sparsegpt|wanda|magnitude:RATIO, RATIO a sparsity (0.75) or N:M (2:4)"
+    )
+    calibration_samples: int = field(128, "calibration sequences for SparseGPT and Wanda, from the training instructions")
+    calibration_length: int = field(256, "tokens per calibration sequence")
+    sparsegpt_blocksize: int = field(128, "columns SparseGPT prunes together (a multiple of M for N:M)")
+    sparsegpt_damp: float = field(0.01, "SparseGPT's Hessian dampening, as a share of its mean diagonal")
+
+    def __post_init__(self) -> None:
+        from .compression.spec import parse
+
+        try:
+            spec = parse(self.compression)
+        except ValueError as exc:
+            raise setting_error("compression", str(exc)) from None
+        if self.calibration_samples < 1:
+            raise setting_error("calibration_samples", f"must be at least 1, got {self.calibration_samples}")
+        if self.calibration_length < 8:
+            raise setting_error("calibration_length", f"must be at least 8, got {self.calibration_length}")
+        if self.sparsegpt_blocksize < 1 or (spec.pattern and spec.pattern.structured and self.sparsegpt_blocksize % spec.pattern.m):
+            raise setting_error("sparsegpt_blocksize", f"must be a positive multiple of M, got {self.sparsegpt_blocksize}")
+        if not self.sparsegpt_damp > 0:
+            raise setting_error("sparsegpt_damp", f"must be positive, got {self.sparsegpt_damp}")
+
+    @property
+    def spec(self):
+        from .compression.spec import parse
+
+        return parse(self.compression)
+
+
 CONCERNS: dict[str, type] = {
     "model": ModelConfig,
+    "compression": CompressionConfig,
     "mops": MoPsConfig,
     "data": DataConfig,
     "train": TrainConfig,
@@ -177,6 +211,7 @@ class Settings:
     """Everything a run needs, one validated dataclass per concern."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    compression: CompressionConfig = dataclasses.field(default_factory=CompressionConfig)
     mops: MoPsConfig = dataclasses.field(default_factory=MoPsConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -20,9 +20,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from mops_core import checkpoint, report
 from mops_core.centralized import build_model, evaluate_test
+from mops_core.compression.pipeline import prepare_base
 from mops_core.config import Settings
 from mops_core.data import pad_token_id, prepare
-from mops_core.loading import load_base
 from mops_core.start_state import prepare_or_load, tensor_sha
 
 from .history import History, ResumeError, progress_line
@@ -66,7 +66,7 @@ def run(grid: Grid, settings: Settings) -> History:
         log(INFO, "%s already holds %d rounds; nothing to do", out, done)
         return history
 
-    base, tokenizer = load_base(settings.model)
+    base, tokenizer = prepare_base(settings)
     data = prepare(settings.data, tokenizer)
     pad_id = pad_token_id(tokenizer)
     model = build_model(settings, base, tokenizer)

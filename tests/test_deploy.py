@@ -1,0 +1,103 @@
+"""A real deployment on 127.0.0.1: SuperLink with TLS, node authentication and a state database;
+SuperNodes with their keys; the real app with a tiny model. Processes are always stopped."""
+
+import json
+import signal
+import time
+
+import pytest
+
+from deploy.local import Deployment
+
+pytestmark = pytest.mark.slow
+
+NODES = ["node-0", "node-1", "node-2"]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, tiny_model_dir, toy_data_dir):
+    root = tmp_path_factory.mktemp("deploy")
+    d = Deployment(root)
+    d.prepare(NODES + ["rogue"])
+    d.settings = {
+        "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(root / "cache"),
+        "experts": 7, "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140, "max-length": 64,
+        "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "fraction-train": 1.0,
+        "min-partition-size": 5, "local-steps": 3, "num-server-rounds": 2, "min-available-nodes": 2,
+    }
+    d.start_superlink()
+    try:
+        for node in NODES[:2]:
+            assert d.register(node).returncode == 0
+            d.start_supernode(node, NODES.index(node), len(NODES))
+        d.wait_online(2)
+        yield d
+    finally:
+        d.stop_all()
+
+
+def results(d, name):
+    return json.loads((d.root / name / "results.json").read_text())
+
+
+def test_two_authenticated_supernodes_complete_two_rounds_over_tls(deployment):
+    done = deployment.run({**deployment.settings, "out-dir": str(deployment.root / "run-a")})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    rounds = results(deployment, "run-a")["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["accepted"] == 2 and r["failed"] == 0 for r in rounds[1:])
+
+
+@pytest.mark.parametrize(
+    "node, options, refusal",
+    [
+        ("rogue", {}, "[code: 2004] Failed to activate SuperNode"),  # a key the SuperLink never registered
+        ("node-2", {"ca": False}, "CERTIFICATE_VERIFY_FAILED"),  # does not trust the SuperLink's CA
+        ("node-2", {"insecure": True, "key": False}, "could not establish a connection"),  # plaintext, no key
+    ],
+)
+def test_what_auth_and_tls_refuse(deployment, node, options, refusal):
+    before = {n["node-id"] for n in deployment.nodes() if n["status"] == "online"}
+    process = deployment.start_supernode(node, 2, len(NODES), **options)
+    try:
+        assert process.wait(timeout=120) != 0
+    finally:
+        deployment.stop(node)
+    log = deployment.log(node)
+    (deployment.logs / f"{node}.log").unlink()
+    assert refusal in log, log[-2000:]
+    assert {n["node-id"] for n in deployment.nodes() if n["status"] == "online"} == before
+
+
+def test_a_supernode_killed_mid_round_does_not_stop_the_run(deployment):
+    assert deployment.register("node-2").returncode == 0
+    deployment.start_supernode("node-2", 2, len(NODES))
+    deployment.wait_online(3)
+    out = deployment.root / "run-b"
+    run = deployment.submit({**deployment.settings, "out-dir": str(out), "local-steps": 1500, "round-timeout": 600.0})
+    try:
+        deadline = time.monotonic() + 300
+        while "round 1: training on 3 nodes" not in deployment.log("run"):
+            assert run.poll() is None and time.monotonic() < deadline, deployment.log("run")[-3000:]
+            time.sleep(0.5)
+        time.sleep(2.0)
+        deployment.processes["node-2"].send_signal(signal.SIGKILL)
+        assert run.wait(timeout=600) == 0, deployment.log("run")[-3000:]
+    finally:
+        deployment.stop("run")
+        deployment.stop("node-2")
+    rounds = results(deployment, "run-b")["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[1]["sampled"] == 3 and rounds[1]["accepted"] == 2  # the round went on without it
+    assert rounds[2]["sampled"] == 2 and rounds[2]["accepted"] == 2
+
+
+def test_a_restarted_superlink_keeps_its_nodes_and_runs(deployment):
+    nodes_before = {n["node-id"] for n in deployment.nodes()}
+    runs_before = {r["run-id"] for r in deployment.runs()}
+    assert len(nodes_before) == 3 and len(runs_before) >= 2
+    deployment.stop("superlink")
+    deployment.start_superlink()
+    assert {n["node-id"] for n in deployment.nodes()} == nodes_before
+    runs = {r["run-id"]: r for r in deployment.runs()}
+    assert set(runs) == runs_before and all(r["status"].startswith("finished") for r in runs.values())

@@ -1,0 +1,56 @@
+"""The Docker files, checked without a Docker engine (none runs here or in CI)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yml").read_text())
+DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
+
+
+def cli_flags(program: str) -> set[str]:
+    help_text = subprocess.run([str(Path(sys.executable).parent / program), "--help"], capture_output=True, text=True).stdout
+    return set(re.findall(r"(--[a-z0-9-]+)", help_text))
+
+
+def test_compose_wires_one_superlink_and_authenticated_tls_supernodes():
+    services = COMPOSE["services"]
+    link = services["superlink"]["command"]
+    assert {"--enable-supernode-auth", "--ssl-ca-certfile=/run/secrets/ca.crt", "--ssl-certfile=/run/secrets/server.pem"} <= set(link)
+    assert "--database=/state/superlink.db" in link and "state:/state" in services["superlink"]["volumes"]
+    nodes = [name for name in services if name.startswith("supernode-")]
+    assert len(nodes) >= 2
+    for i, name in enumerate(sorted(nodes)):
+        command = services[name]["command"]
+        assert "--root-certificates=/run/secrets/ca.crt" in command and f"--auth-supernode-private-key=/run/secrets/node-{i}" in command
+        assert f"--node-config=partition-id={i} num-partitions={len(nodes)}" in command
+        assert not any("--insecure" in c for c in command)
+    declared = set(COMPOSE["secrets"])
+    for name, service in services.items():
+        assert set(service.get("secrets", [])) <= declared, name
+        assert service["build"]["args"]["TORCH_INDEX"].startswith("${TORCH_INDEX")
+    assert {"state", "cache"} <= set(COMPOSE["volumes"])
+
+
+def test_every_flag_in_compose_exists_in_the_pinned_flower():
+    known = {"superlink": cli_flags("flower-superlink"), "supernode": cli_flags("flower-supernode")}
+    for name, service in COMPOSE["services"].items():
+        role = service["build"]["target"]
+        if role not in known:
+            continue
+        flags = {c.split("=")[0] for c in service["command"]}
+        assert flags <= known[role], (name, flags - known[role])
+    entrypoint = re.search(r'ENTRYPOINT \["flower-superlink", "([^"]+)"\]', DOCKERFILE).group(1)
+    assert entrypoint == "--disable-runtime-dependency-installation" and entrypoint in known["superlink"]
+
+
+def test_dockerfile_installs_torch_first_and_copies_what_exists():
+    targets = set(re.findall(r"^FROM \S+ AS (\S+)$", DOCKERFILE, re.M))
+    assert {"base", "superlink", "supernode"} <= targets
+    assert DOCKERFILE.index('"torch==${TORCH_VERSION}"') < DOCKERFILE.index('pip install ".')
+    for source in re.findall(r"^COPY (\S+)", DOCKERFILE, re.M):
+        assert (ROOT / source).exists(), source
