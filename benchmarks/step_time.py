@@ -1,21 +1,29 @@
-"""One training step of MoPs against prompt tuning at the input, measured side by side.
+"""One training step (forward, backward, AdamW) of MoPs against PEFT, side by side, in one run.
 
-    python benchmarks/step_time.py [--seq 256] [--repeats 7] [--inject-layer 9] [--dtype float32]
+    python benchmarks/step_time.py [--seq 256] [--repeats 5] [--dtypes float32 bfloat16]
 
-Three steps (forward, backward, AdamW) on the same SmolLM2 and the same 256-token sample:
-  mops            70 prompts injected at `inject_layer`, gate, no back-propagation below it
+On the same SmolLM2 and the same 256-token sample (half question, half labelled response):
+  mops cold       70 prompts injected at L_int = 9, gate; layers below L_int run every step
+  mops cached     the same with the activation cache warm (the states entering L_int reused)
   input prompts   the same 70 prompts at the input, back-propagated through every layer
-  peft prompt     PEFT prompt tuning with 70 virtual tokens, as a user runs it by default
-Runs are interleaved (A B C A B C ...) so that drifts in machine speed hit all alike; the
-medians and their ratios to PEFT prompt tuning are printed.
+  peft prompt     PEFT prompt tuning, 70 virtual tokens    \\
+  peft prefix     PEFT prefix tuning, 70 virtual tokens     }  as a user runs them by default
+  peft lora       PEFT LoRA r=8 on q_proj, v_proj          /
+each in every dtype asked (the base in that dtype; MoPs' trainable tensors stay float32).
+Runs are interleaved (A B C ... A B C ...) so that machine drift hits all alike; medians are
+printed with ratios to PEFT prompt tuning in float32 and within each dtype. The MoPs steps'
+achieved FLOP/s (FLOPs counted analytically; frozen weights need input gradients only) is set
+against a GEMM of the same dtype and shape measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,69 +46,101 @@ def sample_batch(vocab: int, seq: int, question: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "question_mask": question_mask, "labels": labels}
 
 
-def mops_step(settings: Settings, base, tokenizer, batch):
-    model = build_model(settings, base, tokenizer)
-    model.init_input_prompts(torch.Generator().manual_seed(0))
-    model.init_prompts_from_input()
-    optimizer = make_optimizer(model.trainable_parameters(), 1e-3)
+def step_of(loss_fn: Callable[[], torch.Tensor], params) -> Callable[[], float]:
+    optimizer = make_optimizer(params, 1e-3)
 
-    def step():
-        model(**batch).loss.backward()
+    def step() -> float:
+        loss = loss_fn()
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.item()
 
     return step
 
 
-def input_prompt_step(settings: Settings, base, tokenizer, batch):
-    model = build_model(settings, base, tokenizer)
-    model.init_input_prompts(torch.Generator().manual_seed(0))
-    model.input_prompts.requires_grad_(True)
-    optimizer = make_optimizer([model.input_prompts], 1e-3)
+def mops_steps(settings: Settings, base, tokenizer, batch) -> dict[str, Callable[[], float]]:
+    cold = build_model(settings.replace(activation_cache=False), base, tokenizer)
+    cold.init_input_prompts(torch.Generator().manual_seed(0))
+    cold.init_prompts_from_input()
+    cached = build_model(settings.replace(activation_cache=True, activation_cache_disk_mb=0), base, tokenizer)
+    cached.load_state_dict(cold.state_dict())
+    cached(**batch)  # warm the cache: every later step reuses the states entering L_int
+    full = build_model(settings.replace(activation_cache=False), base, tokenizer)
+    full.load_state_dict(cold.state_dict())
+    full.input_prompts.requires_grad_(True)
+    return {
+        "mops cold": step_of(lambda: cold(**batch).loss, cold.trainable_parameters()),
+        "mops cached": step_of(lambda: cached(**batch).loss, cached.trainable_parameters()),
+        "input prompts": step_of(lambda: full(**batch, inject=False).loss, [full.input_prompts]),
+    }
 
-    def step():
-        model(**batch, inject=False).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    return step
+def peft_steps(base, k: int, batch) -> dict[str, Callable[[], float]]:
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    configs = {
+        "peft prompt": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=k),
+        "peft prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=k),
+        "peft lora": LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, target_modules=["q_proj", "v_proj"]),
+    }
+    steps = {}
+    for name, config in configs.items():
+        model = get_peft_model(copy.deepcopy(base), config)
+        inputs = {k2: batch[k2] for k2 in ("input_ids", "attention_mask", "labels")}
+        steps[name] = step_of(lambda m=model, i=inputs: m(**i).loss, [p for p in model.parameters() if p.requires_grad])
+    return steps
 
 
-def peft_prompt_step(base, num_tokens: int, batch):
-    from peft import PromptTuningConfig, TaskType, get_peft_model
+def mops_flops(config, seq: int, k: int, labelled: int, inject: int, cached: bool) -> float:
+    """FLOPs of one MoPs step: the upper layers forward and backward (input gradients only), the head on labelled tokens."""
+    d, di, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    s = seq + 1 + k
+    linear = 2 * s * (d * d + 2 * d * kv + d * d + 3 * d * di)
+    attention = 2 * 2 * s * s * d
+    upper = (layers - inject) * (2 * linear + 3 * attention)  # backward: linear once more, attention twice
+    lower = 0 if cached else inject * (linear + attention)
+    head = 2 * 2 * labelled * d * vocab
+    return upper + lower + head
 
-    model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_tokens))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
-    def step():
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step, model
+def gemm_rate(dtype: torch.dtype, m: int, n: int, k: int, repeats: int = 20) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * m * n * k * repeats / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--question", type=int, default=128, help="leading tokens without labels")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--inject-layer", type=int, default=9)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--model", default="smollm2")
     args = parser.parse_args()
 
-    settings = Settings.from_flat({"model": args.model, "dtype": args.dtype, "inject-layer": args.inject_layer})
-    base, tokenizer = load_base(settings.model)
-    batch = {k: v.to(base.device) for k, v in sample_batch(base.config.vocab_size, args.seq, args.question).items()}
-    k = settings.mops.num_prompts
-    peft_step, peft_model = peft_prompt_step(base, k, batch)
-    steps = {
-        f"mops (L_int={args.inject_layer})": mops_step(settings, base, tokenizer, batch),
-        "input prompts, full backprop": input_prompt_step(settings, base, tokenizer, batch),
-        f"peft prompt tuning ({k} tokens)": peft_step,
-    }
+    steps: dict[str, Callable[[], float]] = {}
+    flops: dict[str, float] = {}
+    config = None
+    for dtype in args.dtypes:
+        settings = Settings.from_flat({"model": args.model, "dtype": dtype, "inject-layer": args.inject_layer})
+        base, tokenizer = load_base(settings.model)
+        config = base.config
+        batch = {k: v.to(base.device) for k, v in sample_batch(config.vocab_size, args.seq, args.question).items()}
+        k = settings.mops.num_prompts
+        for name, step in {**mops_steps(settings, base, tokenizer, batch), **peft_steps(base, k, batch)}.items():
+            steps[f"{name} ({dtype})"] = step
+        for cached in (False, True):
+            flops[f"mops {'cached' if cached else 'cold'} ({dtype})"] = mops_flops(
+                config, args.seq, k, args.seq - args.question, args.inject_layer, cached
+            )
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.warmup):
         for step in steps.values():
@@ -111,14 +151,23 @@ def main() -> None:
             step()
             times[name].append(time.perf_counter() - start)
 
-    reference = statistics.median(times[f"peft prompt tuning ({k} tokens)"])
-    print(f"\nSmolLM2 step time, seq {args.seq} (+{k} prompts), batch 1, {args.dtype}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved runs")
-    print(f"{'method':36s} {'s/step':>8s} {'min':>8s} {'vs PEFT prompt':>15s}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:36s} {median:8.3f} {min(values):8.3f} {median / reference:14.2f}x")
-    del peft_model
+    median = {name: statistics.median(values) for name, values in times.items()}
+    reference = median.get("peft prompt (float32)", next(iter(median.values())))
+    print(f"\nSmolLM2 training step, seq {args.seq} + 70 prompts, batch 1, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} interleaved runs")
+    print(f"{'step':32s} {'s/step':>7s} {'vs PEFT prompt fp32':>20s} {'vs PEFT prompt, same dtype':>27s} {'vs LoRA, same dtype':>20s}")
+    for name, value in median.items():
+        dtype = name[name.index("(") + 1 : -1]
+        same_prompt = median[f"peft prompt ({dtype})"]
+        same_lora = median[f"peft lora ({dtype})"]
+        print(f"{name:32s} {value:7.3f} {value / reference:19.2f}x {value / same_prompt:26.2f}x {value / same_lora:19.2f}x")
+    d = config.hidden_size
+    print("\nAchieved FLOP/s of the MoPs step against a GEMM of the same dtype (seq x d by d x intermediate):")
+    for name, count in flops.items():
+        dtype = getattr(torch, name[name.index("(") + 1 : -1])
+        rate = gemm_rate(dtype, args.seq + 71, config.intermediate_size, d)
+        achieved = count / median[name]
+        print(f"  {name:26s} {count / 1e9:6.1f} GFLOP  {achieved / 1e9:7.1f} GFLOP/s  = {achieved / rate:5.1%} of {rate / 1e9:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

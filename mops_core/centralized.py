@@ -17,10 +17,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import atomic, checkpoint, report
+from .activations import ActivationCache, tokenizer_identity
 from .compression.pipeline import prepare_base
 from .config import Settings
 from .data import PreparedData, pad_token_id, prepare
 from .evaluate import EvalResult, evaluate
+from .loading import cache_root
 from .model import MoPsModel
 from .train import make_optimizer, pretrain_gate, pretrain_input_prompts, train_steps
 
@@ -36,7 +38,14 @@ def sink_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 def build_model(settings: Settings, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> MoPsModel:
     torch.manual_seed(settings.train.seed)
-    return MoPsModel(base, settings.mops, sink_token_id(tokenizer)).to(base.device)
+    model = MoPsModel(base, settings.mops, sink_token_id(tokenizer)).to(base.device)
+    train = settings.train
+    if train.activation_cache:
+        model.activation_cache = ActivationCache(
+            model, tokenizer_identity(tokenizer), directory=cache_root(settings.model) / "activations",
+            memory_mb=train.activation_cache_mb, disk_mb=train.activation_cache_disk_mb,
+        )
+    return model
 
 
 @dataclass
@@ -72,6 +81,20 @@ def evaluate_plain_base(
     return evaluate_test(model, data, plain, pad_id=pad_token_id(tokenizer), progress=progress, desc=desc)
 
 
+def load_tuned(path: str | Path, overrides: dict | None = None, *, progress: bool = True):
+    """A checkpoint's model, ready to use: its (compressed) base, rebuilt and checked against it.
+
+    Returns (model, tokenizer, settings, checkpoint). `overrides` changes settings that do not
+    shape the model (data-dir, eval-samples, model-cache-dir, device, ...).
+    """
+    ckpt = checkpoint.read(path)
+    settings = ckpt.settings.replace(**(overrides or {}))
+    base, tokenizer = prepare_base(settings, progress=progress)
+    model = build_model(settings, base, tokenizer)
+    checkpoint.load_into(ckpt, model)
+    return model, tokenizer, settings, ckpt
+
+
 def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Train MoPs (or the baseline) centrally and write checkpoint, results and figures to `out_dir`."""
     out_dir = Path(out_dir)
@@ -96,6 +119,7 @@ def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> di
     results = {
         "settings": settings.to_flat(),
         "tasks": list(data.tasks),
+        "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
         "start": {"input_prompt_loss": start.input_prompt_loss, "gate_train_accuracy": start.gate_train_accuracy},
         "before": before.to_dict(),
         "after": after.to_dict(),

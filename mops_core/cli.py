@@ -20,7 +20,8 @@ from .config import CONCERNS, FederatedConfig, Settings
 from .settings import SettingsError, add_cli_flags, cli_values
 
 
-def _settings_from_args(args: argparse.Namespace, base: Settings | None = None) -> Settings:
+def _flag_values(args: argparse.Namespace) -> dict:
+    """Settings the user gave: a --config TOML table first, then flags (which win)."""
     values: dict = {}
     if getattr(args, "config", None):
         path = Path(args.config)
@@ -31,9 +32,11 @@ def _settings_from_args(args: argparse.Namespace, base: Settings | None = None) 
         values.update(table.get("tool", {}).get("flwr", {}).get("app", {}).get("config", table))
     for cls in CONCERNS.values():
         values.update(cli_values(args, cls))
-    if base is None:
-        return Settings.from_flat(values, context="the command line")
-    return base.replace(**values)
+    return values
+
+
+def _settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings.from_flat(_flag_values(args), context="the command line")
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
@@ -110,17 +113,19 @@ def resolve_checkpoint(path: str) -> Path:
     return candidate
 
 
+def _load_tuned(args: argparse.Namespace):
+    """(model, tokenizer, settings, checkpoint) of the checkpoint argument; flags override its settings."""
+    from .centralized import load_tuned
+
+    return load_tuned(resolve_checkpoint(args.checkpoint), _flag_values(args), progress=not args.no_progress)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import atomic
-    from .centralized import build_model, evaluate_test
-    from .compression.pipeline import prepare_base
+    from .centralized import evaluate_test
     from .data import pad_token_id, prepare
 
-    ckpt = checkpoint.read(resolve_checkpoint(args.checkpoint))
-    settings = _settings_from_args(args, base=ckpt.settings)
-    base, tokenizer = prepare_base(settings, progress=not args.no_progress)
-    model = build_model(settings, base, tokenizer)
-    checkpoint.load_into(ckpt, model)
+    model, tokenizer, settings, ckpt = _load_tuned(args)
     data = prepare(settings.data, tokenizer)
     result = evaluate_test(model, data, settings, pad_id=pad_token_id(tokenizer), progress=not args.no_progress, desc="eval")
     report.print_eval(result, title=f"{ckpt.path}: test perplexity")
@@ -143,6 +148,105 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (SettingsError, DataError, ModelLoadError, CheckpointError, TrainingError, CompressionCacheError, StartStateError)
 
 
+def _read_questions(path: Path) -> list[dict]:
+    """JSONL of {"instruction": ..., "context" or "input": ...}; a bad line is named."""
+    import json
+
+    from .data import DataError
+
+    questions = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+            raise DataError(f"{path}:{lineno}: expected an object with a string 'instruction'")
+        questions.append(row)
+    return questions
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import atomic
+    from .data import TASKS, Formatter, pad_token_id
+    from .generate import Generator
+
+    if bool(args.instruction) == bool(args.input_file):
+        raise SettingsError("give either an instruction or --input-file")
+    if args.input_file and not args.output:
+        raise SettingsError("--input-file needs --output (a JSONL file for the answers)")
+    questions = _read_questions(Path(args.input_file)) if args.input_file else None
+    model, tokenizer, settings, ckpt = _load_tuned(args)
+    formatter = Formatter(tokenizer, settings.data.max_length, TASKS[settings.data.dataset])
+    generator = Generator(model, formatter, tokenizer.eos_token_id, pad_token_id(tokenizer))
+    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "temperature": args.temperature, "top_p": args.top_p}
+    if args.sample_seed is not None:
+        torch.manual_seed(args.sample_seed)
+    tasks = ckpt.tasks
+
+    def experts(answer) -> str:
+        names = lambda e: f"E{e}" + (f" ({tasks[e]})" if e < len(tasks) else "")  # noqa: E731 - expert i was pretrained on task i
+        return ", ".join(f"{names(e)} {score:.2f}" for e, score in answer.top_experts())
+
+    if questions is None:
+        answer = generator.answer(args.instruction, args.input or "", **options)
+        report.console.print(answer.text, markup=False, highlight=False, soft_wrap=True)
+        if answer.gate is not None:
+            report.console.print(f"[dim]experts: {experts(answer)}[/dim]")
+        return 0
+    lines = []
+    for row in tqdm(questions, desc="answering", disable=args.no_progress):
+        answer = generator.answer(row["instruction"], row.get("context", row.get("input", "")), **options)
+        lines.append(json.dumps({**row, "answer": answer.text, "gate": answer.gate, "new_tokens": len(answer.token_ids)}))
+    atomic.write_bytes(args.output, ("\n".join(lines) + "\n").encode())
+    report.console.print(f"wrote {len(lines)} answers to {args.output}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .data import pad_token_id, prepare
+    from .evaluate import gate_shares
+
+    model, tokenizer, settings, ckpt = _load_tuned(args)
+    adapter = model.adapter_state_dict()
+    counts = {
+        "experts (prompts)": adapter["prompts"].numel(),
+        "gate": sum(v.numel() for k, v in adapter.items() if k.startswith("gate.")),
+        "input prompts (frozen)": adapter["input_prompts"].numel(),
+        "base (frozen)": sum(p.numel() for p in model.base.parameters()),
+    }
+    table = Table(title=f"{ckpt.path}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key in ("base_model_name_or_path", "gating", "num_experts", "prompts_per_expert", "inject_layer", "round", "step"):
+        if key in ckpt.config:
+            table.add_row(key, str(ckpt.config[key]))
+    table.add_row("compression", settings.compression.compression)
+    trainable = counts["experts (prompts)"] + counts["gate"]
+    for name, count in counts.items():
+        table.add_row(f"parameters: {name}", f"{count:,}")
+    table.add_row("trained share of the base", f"{trainable / counts['base (frozen)']:.4%}")
+    report.console.print(table)
+    if model.gate is None:
+        return 0
+    data = prepare(settings.data, tokenizer)
+    examples = data.test if args.split == "test" else data.train
+    if settings.train.eval_samples:
+        examples = examples[: settings.train.eval_samples]
+    shares = gate_shares(model, examples, data.tasks, pad_id=pad_token_id(tokenizer), batch_size=settings.train.eval_batch_size)
+    report.console.print(report.gate_matrix_table(shares.tasks, shares.matrix, shares.entropy, shares.routing_accuracy))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mops", description="Mixture of Prompts on compressed LLaMA-family models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +262,28 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-progress", action="store_true")
     _add_settings(comp)
     comp.set_defaults(func=cmd_compress)
+
+    gen = sub.add_parser("generate", help="answer instructions with a tuned checkpoint (KV cache, greedy or sampling)")
+    gen.add_argument("checkpoint", help="checkpoint directory (or the run directory holding checkpoint/)")
+    gen.add_argument("instruction", nargs="?", help="the instruction (or use --input-file)")
+    gen.add_argument("--input", help="context for the instruction")
+    gen.add_argument("--input-file", help="JSONL of {instruction, context}: answer them all")
+    gen.add_argument("--output", help="JSONL for the answers of --input-file")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--top-p", type=float, default=0.9)
+    gen.add_argument("--sample-seed", type=int, help="seed for sampling")
+    gen.add_argument("--no-progress", action="store_true")
+    _add_settings(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    ins = sub.add_parser("inspect", help="a checkpoint's settings, parameter counts and expert shares per task")
+    ins.add_argument("checkpoint")
+    ins.add_argument("--split", choices=["test", "train"], default="test")
+    ins.add_argument("--no-progress", action="store_true")
+    _add_settings(ins)
+    ins.set_defaults(func=cmd_inspect)
 
     ev = sub.add_parser("eval", help="test perplexity per task and the gate's expert shares of a checkpoint")
     ev.add_argument("checkpoint", help="checkpoint directory (or the run directory holding checkpoint/)")
@@ -178,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except user_errors as exc:
-        report.console.print(f"[red]error:[/red] {exc}")
+        report.console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
         return 2
 
 

@@ -23,8 +23,10 @@ class ModelConfig:
         EMBEDDED_MODEL,
         "base LLaMA-family model: 'smollm2' (the embedded GGUF), a local HF directory, or a hub id",
     )
-    dtype: Literal["float32", "bfloat16"] = field(
-        "float32", "dtype of the frozen base; trainable parameters are always float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = field(
+        "auto",
+        "dtype of the frozen base ('auto' = bfloat16 where the hardware does it well: CUDA, or a CPU with "
+        "AVX-512/AMX bf16; else float32); trainable parameters are always float32",
     )
     device: Literal["auto", "cpu", "cuda"] = field("auto", "where the model runs ('auto' = CUDA when present)")
     model_cache_dir: str = field("", "where dequantised/compressed bases are cached ('' = ~/.cache/mops-fl)")
@@ -115,6 +117,9 @@ class TrainConfig:
     gate_pretrain_samples: int = field(512, "training instructions used for gate pretraining")
     gate_pretrain_lr: float = field(1e-3, "learning rate of gate pretraining")
     eval_batch_size: int = field(8, "samples per evaluation forward pass")
+    activation_cache: bool = field(True, "reuse each sample's hidden states below inject-layer (exact: that part is frozen)")
+    activation_cache_mb: float = field(2048.0, "memory the activation cache may use per process")
+    activation_cache_disk_mb: float = field(8192.0, "disk the activation cache may use (under the model cache)")
     eval_samples: int = field(0, "test samples to evaluate (0 = the whole test split)")
     seed: int = field(0, "seed of initialisation and sample order")
 
@@ -131,6 +136,9 @@ class TrainConfig:
                 raise setting_error(name, f"must be a positive number, got {value}")
         if self.weight_decay < 0:
             raise setting_error("weight_decay", f"must be 0 or more, got {self.weight_decay}")
+        for name in ("activation_cache_mb", "activation_cache_disk_mb"):
+            if getattr(self, name) < 0:
+                raise setting_error(name, f"must be 0 or more, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,6 +42,49 @@ class EvalResult:
         return asdict(self)
 
 
+@dataclass
+class GateShares:
+    tasks: list[str]
+    matrix: list[list[float]]  # tasks x experts, mean score over each task's questions
+    entropy: float  # mean per-question entropy (nats)
+    routing_accuracy: float  # top expert == the expert pretrained for the question's task
+    samples: list[int]
+
+
+@torch.no_grad()
+def gate_shares(model: MoPsModel, examples: Sequence[Example], tasks: Sequence[str], *, pad_id: int, batch_size: int = 8) -> GateShares:
+    """What the gate does with questions alone (no responses, no upper layers: quick)."""
+    from .train import gate_features
+
+    labelled = [ex for ex in examples if ex.task_id >= 0]
+    scores = torch.softmax(model.gate_logits(gate_features(model, labelled, pad_id=pad_id, batch_size=batch_size).to(model.device)), -1).cpu()
+    task_ids = torch.tensor([ex.task_id for ex in labelled])
+    counts = torch.bincount(task_ids, minlength=len(tasks))
+    sums = torch.zeros(len(tasks), model.experts).index_add_(0, task_ids, scores)
+    entropy = -(scores * scores.clamp_min(1e-12).log()).sum(-1).mean().item()
+    accuracy = (scores.argmax(-1) == expert_targets(task_ids, model.experts)).float().mean().item()
+    matrix = (sums / counts.clamp_min(1).unsqueeze(1)).tolist()
+    return GateShares(list(tasks), matrix, entropy, accuracy, counts.tolist())
+
+
+def gate_collapse(matrix: Sequence[Sequence[float]] | None) -> dict[str, list[float]] | None:
+    """Two signs of a collapsing gate, from the tasks x experts matrix of mean scores.
+
+    `task_entropy`: the entropy (nats) of each task's *mean* gate: near 0 when a whole task goes
+    to one expert. `expert_share`: each expert's mean score over tasks: an expert near 0 is
+    never used by anyone. Tasks without test samples (all-zero rows) get None and no vote.
+    """
+    if not matrix:
+        return None
+    rows = torch.tensor(matrix, dtype=torch.float64)
+    present = rows.sum(-1) > 0
+    entropy = -(rows * rows.clamp_min(1e-12).log()).sum(-1)
+    return {
+        "task_entropy": [e if p else None for e, p in zip(entropy.tolist(), present.tolist())],
+        "expert_share": rows[present].mean(0).tolist() if present.any() else [0.0] * rows.shape[1],
+    }
+
+
 def _perplexity(nll: float, tokens: int) -> float:
     return math.exp(nll / tokens) if tokens else math.nan
 

@@ -119,10 +119,12 @@ def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
                 model, tokenizer = _from_pretrained(source)
                 _save_dequantised(model, tokenizer, cached)
         source = ModelSource("local", str(cached))
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
     with _quiet_progress():  # a sub-second load; in simulation every Ray actor would print a bar
-        model, tokenizer = _from_pretrained(source, dtype=DTYPES[cfg.dtype])
+        model, tokenizer = _from_pretrained(source, dtype=dtype)
     check_architecture(model)
-    model.to(device=resolve_device(cfg), dtype=DTYPES[cfg.dtype])
+    model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     model.eval()
     model.config.name_or_path = cfg.model
@@ -148,6 +150,22 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
 def check_architecture(model: PreTrainedModel) -> None:

@@ -79,6 +79,7 @@ class MoPsOutput:
     gate: torch.Tensor | None  # (B, E) expert scores, None without gating
     gate_logits: torch.Tensor | None
     logits: torch.Tensor | None = None  # (B, T, V), when asked: logits[:, j] predicts text token j
+    next_logits: torch.Tensor | None = None  # (B, V), when asked: the token after each sample's last one
 
 
 class MoPsModel(nn.Module):
@@ -98,6 +99,7 @@ class MoPsModel(nn.Module):
         self.input_prompts = nn.Parameter(torch.zeros(self.num_prompts, self.width), requires_grad=False)
         self.prompts = nn.Parameter(torch.zeros(cfg.experts, cfg.prompts_per_expert, self.width))
         self.gate = Gate(self.width, cfg.gate_hidden, cfg.experts) if self.gating != "none" else None
+        self.activation_cache = None  # an activations.ActivationCache, attached by whoever trains
 
     # ------------------------------------------------------------------ state
 
@@ -132,7 +134,7 @@ class MoPsModel(nn.Module):
     def prompt_states_entering_injection(self) -> torch.Tensor:
         """Hidden states of the K prompt positions entering `inject_layer` (input-independent)."""
         empty = torch.zeros((1, 0), dtype=torch.long, device=self.device)
-        state = self.lower(empty, empty, empty.bool())
+        state = self.lower(empty, empty, empty.bool(), layers=self.inject_layer)
         return state.hidden[0, 1 : 1 + self.num_prompts].float()
 
     @torch.no_grad()
@@ -167,14 +169,25 @@ class MoPsModel(nn.Module):
         return hidden
 
     def lower(self, input_ids, attention_mask, question_mask, *, layers: int | None = None) -> LowerState:
-        """Sink + input prompts + text through the frozen layers below the injection point."""
+        """Sink + input prompts + text through the frozen layers below the injection point.
+
+        With an `activation_cache` attached (and no `layers` override), states already computed
+        for these samples are reused instead (see activations.py).
+        """
+        if layers is None and self.activation_cache is not None:
+            return self.activation_cache.lower(self, input_ids, attention_mask, question_mask)
         hidden = self._embed(input_ids)
-        batch, length, _ = hidden.shape
+        length = hidden.shape[1]
         mask = self._mask(attention_mask, hidden.dtype)
         position_ids = torch.arange(length, device=hidden.device).unsqueeze(0)
         position_embeddings = self.base.model.rotary_emb(hidden, position_ids)
         stop = self.inject_layer if layers is None else layers
         hidden = self._run(hidden, self.base.model.layers[:stop], mask, position_embeddings, position_ids)
+        return self.lower_state(hidden, mask, position_embeddings, question_mask)
+
+    def lower_state(self, hidden, mask, position_embeddings, question_mask) -> LowerState:
+        """Wrap the hidden states entering `inject_layer`, with the gate's input read from them."""
+        batch = hidden.shape[0]
         # Gate input: mean over the prompts and the question tokens; never the sink or the response.
         read = torch.cat(
             [
@@ -210,18 +223,25 @@ class MoPsModel(nn.Module):
         """(B, S, 1) multiplier for the literal 'hidden' mode: g_e on expert e's prompts, 1 elsewhere."""
         return F.pad(self.per_prompt(gate), (1, length - 1 - self.num_prompts), value=1.0).unsqueeze(-1)
 
+    def _final(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.base.lm_head(self.base.model.norm(hidden)).float()
+
+    def next_token_logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, V): what comes after each sample's last real token (right padding)."""
+        last = 1 + self.num_prompts + attention_mask.sum(1) - 1
+        return self._final(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+
     def _head(self, hidden: torch.Tensor, labels: torch.Tensor | None, want_logits: bool):
         """Logits only where labels are, unless all logits are asked for."""
         text = hidden[:, self.num_prompts : hidden.shape[1] - 1]  # position p predicts token p + 1
-        final = lambda h: self.base.lm_head(self.base.model.norm(h)).float()  # noqa: E731
         batch = hidden.shape[0]
-        logits = final(text) if want_logits else None
+        logits = self._final(text) if want_logits else None
         if labels is None:
             zeros = torch.zeros(batch, device=hidden.device)
             return None, zeros, zeros, logits
         labelled = labels != IGNORE_INDEX
         targets = labels[labelled]
-        picked = logits[labelled] if logits is not None else final(text[labelled])
+        picked = logits[labelled] if logits is not None else self._final(text[labelled])
         token_nll = F.cross_entropy(picked, targets, reduction="none")
         rows = labelled.nonzero()[:, 0]
         nll = torch.zeros(batch, device=hidden.device, dtype=token_nll.dtype).index_add(0, rows, token_nll)
@@ -246,13 +266,21 @@ class MoPsModel(nn.Module):
         if not inject:
             state = self.lower(input_ids, attention_mask, question_mask, layers=self.num_layers)
             loss, nll, tokens, logits = self._head(state.hidden, labels, return_logits)
-            return MoPsOutput(loss, nll, tokens, None, None, logits)
+            following = self.next_token_logits(state.hidden, attention_mask) if return_logits else None
+            return MoPsOutput(loss, nll, tokens, None, None, logits, following)
 
         with torch.no_grad():
             state = self.lower(input_ids, attention_mask, question_mask)
-        return self.upper(state, labels, return_logits=return_logits)
+        return self.upper(state, labels, return_logits=return_logits, attention_mask=attention_mask)
 
-    def upper(self, state: LowerState, labels: torch.Tensor | None = None, *, return_logits: bool = False) -> MoPsOutput:
+    def upper(
+        self,
+        state: LowerState,
+        labels: torch.Tensor | None = None,
+        *,
+        return_logits: bool = False,
+        attention_mask: torch.Tensor | None = None,
+    ) -> MoPsOutput:
         """Inject the trainable prompts and run the layers from `inject_layer` on."""
         hidden = state.hidden
         batch, length, _ = hidden.shape
@@ -274,4 +302,7 @@ class MoPsModel(nn.Module):
         layers = self.base.model.layers[self.inject_layer :]
         hidden = self._run(hidden, layers, mask, state.position_embeddings, position_ids, scale)
         loss, nll, tokens, logits = self._head(hidden, labels, return_logits)
-        return MoPsOutput(loss, nll, tokens, gate, gate_logits, logits)
+        following = None
+        if return_logits and attention_mask is not None:
+            following = self.next_token_logits(hidden, attention_mask)
+        return MoPsOutput(loss, nll, tokens, gate, gate_logits, logits, following)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -46,22 +46,23 @@ def eval_table(result: EvalResult, title: str = "test split", before: EvalResult
     return table
 
 
-def gate_table(result: EvalResult) -> Table | None:
-    if result.gate_matrix is None:
-        return None
-    experts = len(result.gate_matrix[0])
+def gate_matrix_table(tasks, matrix, entropy, accuracy, present=None) -> Table:
+    experts = len(matrix[0])
     table = Table(title="mean gate score per task (rows) and expert (columns)")
     table.add_column("task")
     for e in range(experts):
         table.add_column(f"E{e}", justify="right")
-    for task, row in zip(result.tasks, result.gate_matrix):
-        if task in result.per_task:
+    for task, row in zip(tasks, matrix):
+        if present is None or task in present:
             table.add_row(task, *(f"{v:.2f}" for v in row))
-    table.caption = (
-        f"mean entropy {_fmt(result.gate_entropy)} nats (uniform {math.log(experts):.3f}); "
-        f"routing accuracy {_fmt(result.routing_accuracy)}"
-    )
+    table.caption = f"mean entropy {_fmt(entropy)} nats (uniform {math.log(experts):.3f}); routing accuracy {_fmt(accuracy)}"
     return table
+
+
+def gate_table(result: EvalResult) -> Table | None:
+    if result.gate_matrix is None:
+        return None
+    return gate_matrix_table(result.tasks, result.gate_matrix, result.gate_entropy, result.routing_accuracy, result.per_task)
 
 
 def print_eval(result: EvalResult, title: str = "test split", before: EvalResult | None = None) -> None:
@@ -75,7 +76,11 @@ def plot_gate_heatmap(result: EvalResult, path: str | Path, title: str = "Mean g
     """The paper's Fig. 4: which experts each task's test samples use."""
     if result.gate_matrix is None:
         return None
-    rows = [(t, r) for t, r in zip(result.tasks, result.gate_matrix) if t in result.per_task]
+    return plot_gate_matrix(result.tasks, result.gate_matrix, path, title=title, present=result.per_task)
+
+
+def plot_gate_matrix(tasks, matrix, path: str | Path, *, title: str = "Mean gate score per task", present=None) -> Path:
+    rows = [(t, r) for t, r in zip(tasks, matrix) if present is None or t in present]
     fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(rows[0][1]), 1.0 + 0.5 * len(rows)))
     image = ax.imshow([r for _, r in rows], cmap="viridis", vmin=0.0, aspect="auto")
     ax.set_xticks(range(len(rows[0][1])), [f"E{e}" for e in range(len(rows[0][1]))])
@@ -106,13 +111,18 @@ def plot_curve(
     ylabel: str,
     title: str,
     smooth: int = 1,
-    x: Sequence[float] | None = None,
+    x: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
+    integer_x: bool = True,
 ) -> Path:
-    """One line per named series (losses per step, perplexity per round, ...); x defaults to 1, 2, ..."""
+    """One line per named series (losses per step, perplexity per round, ...); x defaults to 1, 2, ...
+
+    `x` is shared by all series, or given per series name.
+    """
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in series.items():
         values = list(values)
-        xs = list(x) if x is not None else list(range(1, len(values) + 1))
+        own_x = x.get(name) if isinstance(x, Mapping) else x
+        xs = list(own_x) if own_x is not None else list(range(1, len(values) + 1))
         if smooth > 1 and len(values) >= smooth:
             values = [sum(values[i : i + smooth]) / smooth for i in range(len(values) - smooth + 1)]
             xs = xs[smooth - 1 :]
@@ -120,7 +130,8 @@ def plot_curve(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and rounds are whole numbers
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and rounds are whole numbers
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()

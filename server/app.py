@@ -86,6 +86,7 @@ def run(grid: Grid, settings: Settings) -> History:
     payload = model.federated_state_dict()
     history.info.update(
         trainable_parameters=sum(t.numel() for t in payload.values()),
+        tasks=list(data.tasks),
         base_parameters=sum(p.numel() for p in model.base.parameters()),
     )
     strategy = MoPsFedAvg(

@@ -15,7 +15,7 @@ from typing import Any
 
 from mops_core import atomic, report
 from mops_core.config import Settings
-from mops_core.evaluate import EvalResult
+from mops_core.evaluate import EvalResult, gate_collapse
 
 from .strategy import RoundLog
 
@@ -73,6 +73,7 @@ class History:
             "gate_entropy": result.gate_entropy,
             "routing_accuracy": result.routing_accuracy,
             "gate_matrix": result.gate_matrix,
+            **(gate_collapse(result.gate_matrix) or {}),
             "eval_seconds": eval_seconds,
             "wall_seconds": time.perf_counter() - self.started,
         }
@@ -103,6 +104,9 @@ def progress_line(row: dict) -> str:
     parts = [f"round {row['round']:>3}", f"ppl {num('perplexity', '.3f')}", f"train loss {num('train_loss', '.3f')}"]
     if row.get("gate_entropy") is not None:
         parts.append(f"gate entropy {num('gate_entropy', '.2f')}")
+    if row.get("task_entropy"):  # gate-collapse diagnostics: entropy of each task's mean gate, each expert's share
+        parts.append("mean-gate entropy per task " + " ".join("-" if v is None else f"{v:.2f}" for v in row["task_entropy"]))
+        parts.append("expert shares " + " ".join(f"{v:.2f}" for v in row["expert_share"]))
     if "sampled" in row:
         parts += [
             f"clients {row['accepted']}/{row['sampled']}" + (f" ({len(row['dropped'])} dropped, {row['failed']} failed)" if row["dropped"] or row["failed"] else ""),

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every cache the code under test writes (models, compression, start states, activations) goes here.
+os.environ["MOPS_CACHE_DIR"] = tempfile.mkdtemp(prefix="mops-test-cache-")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from helpers import tiny_tokenizer  # noqa: E402

@@ -1,0 +1,166 @@
+"""Hidden states entering `inject_layer`, computed once per sample and reused every step after.
+
+Everything below the injection point is frozen (the base and the input prompts P1), so the
+hidden state entering `inject_layer` is a pure function of the sample. In a causal model the
+sink and the K prompt positions never see the text: their states are one shared prefix, and
+only the text positions are stored per sample. A sample's first visit computes it (in its
+batch); later steps, epochs, evaluations and federated rounds reuse it:
+
+* in memory, within a process (a Ray actor serves many rounds), bounded by `activation-cache-mb`;
+* on disk, one small safetensors file per sample under
+  `<model cache>/activations/<identity>/`, bounded by `activation-cache-disk-mb`, so that a
+  client's fresh process in a deployment, or a later run, starts warm.
+
+The identity hashes the base's fingerprint, the input prompts, `inject_layer`, the dtype and
+the tokenizer; each file records its identity and sample key. An entry written for anything
+else is never used, and a truncated or corrupted file is recomputed with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import atomic
+from .loading import base_fingerprint
+from .model import LowerState, MoPsModel
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_identity(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
+
+
+class ActivationCache:
+    def __init__(self, model: MoPsModel, tokenizer_id: str, *, directory: str | Path | None, memory_mb: float, disk_mb: float):
+        self.tokenizer_id = tokenizer_id
+        self.base_id = base_fingerprint(model.base)  # the base is frozen: once is enough
+        self.root = Path(directory) if directory else None
+        self.memory_limit = int(memory_mb * 2**20)
+        self.disk_limit = int(disk_mb * 2**20)
+        self.memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.memory_bytes = 0
+        self.disk_bytes: int | None = None
+        self.hits = self.misses = self.disk_hits = 0
+        self._prefix: tuple[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ identity
+
+    def identity(self, model: MoPsModel) -> str:
+        """Everything the stored states depend on besides the sample; recomputed each batch (P1 may change)."""
+        prompts = model.input_prompts.detach().float().cpu().contiguous().numpy().tobytes()
+        parts = [self.base_id, hashlib.sha256(prompts).hexdigest(), str(model.inject_layer), str(model.dtype), self.tokenizer_id, str(model.sink_token_id)]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+    @staticmethod
+    def sample_key(identity: str, ids: list[int]) -> str:
+        return hashlib.sha256(identity.encode() + torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()[:32]
+
+    def _path(self, identity: str, key: str) -> Path | None:
+        return None if self.root is None else self.root / identity / key[:2] / f"{key}.safetensors"
+
+    # ------------------------------------------------------------------ storage
+
+    def _remember(self, key: str, states: torch.Tensor) -> None:
+        if key in self.memory:
+            return
+        size = states.numel() * states.element_size()
+        if size > self.memory_limit:
+            return
+        self.memory[key] = states
+        self.memory_bytes += size
+        while self.memory_bytes > self.memory_limit:
+            _, old = self.memory.popitem(last=False)
+            self.memory_bytes -= old.numel() * old.element_size()
+
+    def _from_disk(self, identity: str, key: str, length: int, device: torch.device) -> torch.Tensor | None:
+        path = self._path(identity, key)
+        if path is None or not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as entry:
+                meta = entry.metadata() or {}  # what the entry was written for
+                states = entry.get_tensor("states")
+            if meta.get("identity") != identity or meta.get("key") != key or states.shape[0] != length:
+                raise ValueError("it was written for another sample or model")
+        except (SafetensorError, OSError, ValueError, KeyError) as exc:
+            log.warning("activation cache entry %s is unusable (%s); recomputing it", path, exc)
+            return None
+        return states.to(device)
+
+    def _to_disk(self, identity: str, key: str, states: torch.Tensor) -> None:
+        path = self._path(identity, key)
+        if path is None:
+            return
+        if self.disk_bytes is None:
+            folder = self.root / identity
+            self.disk_bytes = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) if folder.exists() else 0
+        size = states.numel() * states.element_size() + 512
+        if self.disk_bytes + size > self.disk_limit:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"states": states.detach().cpu().contiguous()}, str(tmp), metadata={"identity": identity, "key": key})
+        os.replace(tmp, path)
+        self.disk_bytes += size
+
+    # ------------------------------------------------------------------ the lower pass, cached
+
+    def _prefix_states(self, model: MoPsModel, identity: str) -> torch.Tensor:
+        """States of the sink and the K prompt positions (the same for every sample)."""
+        if self._prefix is None or self._prefix[0] != identity:
+            empty = torch.zeros((1, 0), dtype=torch.long, device=model.device)
+            state = model.lower(empty, empty, empty.bool(), layers=model.inject_layer)
+            self._prefix = (identity, state.hidden[0])
+        return self._prefix[1]
+
+    @torch.no_grad()
+    def lower(self, model: MoPsModel, input_ids, attention_mask, question_mask) -> LowerState:
+        identity = self.identity(model)
+        lengths = attention_mask.sum(1).tolist()
+        keys = [self.sample_key(identity, input_ids[i, :n].tolist()) for i, n in enumerate(lengths)]
+        found: dict[int, torch.Tensor] = {}
+        for i, (key, n) in enumerate(zip(keys, lengths)):
+            states = self.memory.get(key)
+            if states is not None:
+                self.memory.move_to_end(key)
+                self.hits += 1
+            else:
+                states = self._from_disk(identity, key, n, model.device)
+                if states is not None:
+                    self.disk_hits += 1
+                    self._remember(key, states)
+            if states is not None:
+                found[i] = states
+        missing = [i for i in range(len(keys)) if i not in found]
+        if missing:
+            self.misses += len(missing)
+            rows = torch.tensor(missing, device=input_ids.device)
+            width = max(lengths[i] for i in missing)
+            computed = model.lower(input_ids[rows, :width], attention_mask[rows, :width], question_mask[rows, :width], layers=model.inject_layer)
+            start = 1 + model.num_prompts
+            for j, i in enumerate(missing):
+                states = computed.hidden[j, start : start + lengths[i]].clone()
+                found[i] = states
+                self._remember(keys[i], states)
+                self._to_disk(identity, keys[i], states)
+
+        prefix = self._prefix_states(model, identity)
+        batch, text = input_ids.shape
+        hidden = prefix.new_zeros(batch, prefix.shape[0] + text, prefix.shape[1])
+        hidden[:, : prefix.shape[0]] = prefix
+        for i, n in enumerate(lengths):
+            hidden[i, prefix.shape[0] : prefix.shape[0] + n] = found[i]
+        mask = model._mask(attention_mask, hidden.dtype)
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        rotary = model.base.model.rotary_emb(hidden, position_ids)
+        return model.lower_state(hidden, mask, rotary, question_mask)

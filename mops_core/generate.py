@@ -1,0 +1,159 @@
+"""Answering with a tuned MoPs model: transformers' `generate`, its KV cache, and the mixture.
+
+The gate is computed from the question exactly as in training (mean hidden state entering
+`inject_layer` over the prompts and the question). Generation then starts from the input
+embeddings [sink, P1, question] and runs the base's own `generate`; three kinds of forward
+pre-hooks on the decoder layers give it MoPs' behaviour:
+
+* at `inject_layer`, during the prefill, the prompt positions are overwritten by the trained
+  prompts (their keys and values then sit in the KV cache like a prefix);
+* from `inject_layer` on, the attention mask gets `log g_e` on the keys of expert e's prompts
+  (`gating="attention"`), for the prefill and for every decoded token alike;
+* or, for `gating="hidden"`, the prompts' hidden states are scaled by g at each later layer.
+
+Greedy decoding this way gives exactly the tokens that repeated full MoPs forward passes give
+(tests/test_generate.py), with one cached step per new token instead of a full pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import Formatter
+from .model import MoPsModel
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # log-probability of each generated token under the model
+    gate: list[float] | None  # expert scores of this question
+
+    def top_experts(self, k: int = 3) -> list[tuple[int, float]]:
+        if self.gate is None:
+            return []
+        return sorted(enumerate(self.gate), key=lambda e: -e[1])[:k]
+
+
+def _past_length(kwargs: dict, layer_idx: int) -> int:
+    cache = kwargs.get("past_key_values")
+    return cache.get_seq_length(layer_idx) if cache is not None else 0
+
+
+def _mask_for(kwargs: dict, hidden: torch.Tensor, layer_idx: int) -> torch.Tensor:
+    """The additive (B, 1, q, kv) mask this layer would use, as a float tensor."""
+    past = _past_length(kwargs, layer_idx)
+    batch, query = hidden.shape[:2]
+    keys = past + query
+    mask = kwargs.get("attention_mask")
+    lowest = torch.finfo(hidden.dtype).min
+    if mask is None:  # transformers leaves causality to sdpa's is_causal; we need it explicit
+        allowed = torch.ones(query, keys, dtype=torch.bool, device=hidden.device).tril(diagonal=past)
+        mask = torch.zeros(batch, 1, query, keys, dtype=hidden.dtype, device=hidden.device).masked_fill(~allowed, lowest)
+    elif mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(~mask, lowest)
+    return mask
+
+
+@contextlib.contextmanager
+def mixture_hooks(model: MoPsModel, gate: torch.Tensor | None) -> Iterator[None]:
+    """Give the base's layers MoPs' behaviour for one question (gate: (1, E) scores or None)."""
+    k = model.num_prompts
+    layers = model.base.model.layers
+    handles = []
+
+    def inject(module, args, kwargs):
+        hidden = args[0]
+        if _past_length(kwargs, module.self_attn.layer_idx) == 0 and hidden.shape[1] > k:  # the prefill holds the prompts
+            prompts = model.prompts.reshape(1, k, -1).to(hidden.dtype).expand(hidden.shape[0], -1, -1)
+            hidden = torch.cat([hidden[:, :1], prompts, hidden[:, 1 + k :]], dim=1)
+        return (hidden, *args[1:]), kwargs
+
+    def bias_prompt_keys(module, args, kwargs):
+        mask = _mask_for(kwargs, args[0], module.self_attn.layer_idx)
+        if mask.shape[-1] > k:
+            bias = model.key_bias(torch.log(gate), mask.shape[-1]).to(mask.dtype)
+            mask = mask + bias
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    def scale_prompts(module, args, kwargs):
+        hidden = args[0]
+        if _past_length(kwargs, module.self_attn.layer_idx) == 0 and hidden.shape[1] > k:
+            hidden = hidden * model.prompt_scale(gate, hidden.shape[1]).to(hidden.dtype)
+        return (hidden, *args[1:]), kwargs
+
+    try:
+        handles.append(layers[model.inject_layer].register_forward_pre_hook(inject, with_kwargs=True))
+        for layer in layers[model.inject_layer :]:
+            if model.gating == "attention":
+                handles.append(layer.register_forward_pre_hook(bias_prompt_keys, with_kwargs=True))
+            elif model.gating == "hidden":
+                handles.append(layer.register_forward_pre_hook(scale_prompts, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Generator:
+    """Questions in, answers out, with the compressed base and the tuned experts."""
+
+    def __init__(self, model: MoPsModel, formatter: Formatter, eos_token_id: int, pad_token_id: int):
+        self.model = model
+        self.formatter = formatter
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+
+    @torch.no_grad()
+    def gate(self, question: torch.Tensor) -> torch.Tensor | None:
+        if self.model.gating == "none":
+            return None
+        ones = torch.ones_like(question)
+        state = self.model.lower(question, ones, ones.bool())
+        return F.softmax(self.model.gate_logits(state.gate_input), dim=-1)
+
+    @torch.no_grad()
+    def answer(
+        self,
+        instruction: str,
+        context: str = "",
+        *,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        min_new_tokens: int = 0,
+    ) -> Answer:
+        model = self.model
+        ids = self.formatter.question_ids(instruction, context)
+        question = torch.tensor([ids], device=model.device)
+        gate = self.gate(question)
+        embeds = model._embed(question)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+        with mixture_hooks(model, gate):
+            out = model.base.generate(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=model.device),
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                use_cache=True,
+                top_k=None,
+                output_logits=True,
+                return_dict_in_generate=True,
+                **sampling,
+            )
+        new = out.sequences[0].tolist()
+        logprobs = [F.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(out.logits, new)]
+        if new and new[-1] == self.eos_token_id:
+            new, logprobs = new[:-1], logprobs[:-1]
+        text = self.formatter.tokenizer.decode(new, skip_special_tokens=True)
+        return Answer(text, new, logprobs, None if gate is None else gate[0].tolist())

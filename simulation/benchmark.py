@@ -1,0 +1,255 @@
+"""MoPs against FedPrompt and the centralized baselines: the paper's tables and figures, one command.
+
+    python -m simulation.benchmark --profile quick            # SmolLM2, about an hour on 2 cores
+    python -m simulation.benchmark --profile paper --model meta-llama/Llama-2-7b-hf --client-gpus 0.25
+    python -m simulation.benchmark --profile quick --tables   # redraw tables and figures only
+
+Every cell (one training run) writes its own folder under `<out>/cells/<id>/`; the id hashes
+the cell's full settings, so a finished cell is never recomputed and a changed setting is a new
+cell. Federated cells run the real Flower app on Ray (`flwr run`, through `simulation.launch`)
+with `resume = true`: an interrupted cell continues from its last finished round. After each
+cell, `results.json` (every setting, seed, step count, wall time and byte count), `results.csv`,
+`tables.md` and the figures are rewritten from the records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from mops_core import atomic, centralized, peft_baselines
+from mops_core.config import Settings
+from mops_core.evaluate import gate_collapse
+from mops_core.settings import SettingsError
+
+from . import tables
+from .launch import PROJECT, launch
+from .profiles import PEFT_METHODS, PROFILES, Cell, Profile, cells
+
+console = Console()
+log = logging.getLogger(__name__)
+CELL_FILE = "cell.json"  # written last, atomically: its presence means the cell is finished
+
+
+class CellFailed(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------- running one cell
+
+
+def run_centralized(cell: Cell, folder: Path, *, progress: bool) -> dict:
+    settings = Settings.from_flat(cell.settings)
+    if cell.method in PEFT_METHODS:
+        return peft_baselines.run(settings, cell.method, folder, progress=progress)
+    return centralized.run(settings, folder, progress=progress)
+
+
+def federated_runner(supernodes: int, client_cpus: int, client_gpus: float, flwr_home: Path | None = None, env: dict | None = None):
+    def run_federated(cell: Cell, folder: Path, *, progress: bool) -> dict:
+        overrides = {k: v for k, v in cell.settings.items() if k not in ("out-dir", "resume")}
+        overrides.update({"out-dir": str(folder.resolve()), "resume": True})
+        code = launch(overrides, supernodes=supernodes, client_cpus=client_cpus, client_gpus=client_gpus, flwr_home=flwr_home, env=env)
+        path = folder / "results.json"
+        if code != 0 or not path.exists():
+            raise CellFailed(f"flwr run exited with code {code}")
+        results = json.loads(path.read_text())
+        finished = results["rounds"][-1]["round"] if results.get("rounds") else -1
+        if finished != cell.settings["num-server-rounds"]:
+            raise CellFailed(f"the run stopped after round {finished} of {cell.settings['num-server-rounds']}")
+        return results
+
+    return run_federated
+
+
+def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict:
+    """One row of results.json: the cell, its settings, and the numbers the tables and figures use."""
+    common = {
+        "id": cell.id, "kind": cell.kind, "method": cell.method, "study": cell.study,
+        "dataset": cell.dataset, "compression": cell.compression, "settings": cell.settings,
+        "dir": str(folder), "wall_seconds": wall_seconds,
+    }
+    if cell.kind == "centralized":
+        after, losses = results["after"], results["train"]["losses"]
+        row = {
+            "tasks": results["tasks"], "perplexity_start": results["before"]["perplexity"], "perplexity": after["perplexity"],
+            "per_task": {t: s["perplexity"] for t, s in after["per_task"].items()}, "steps": results["train"]["steps"],
+            "trainable_parameters": results.get("trainable_parameters"), "bytes_communicated": 0,
+            "gate_matrix": after["gate_matrix"], "gate_entropy": after["gate_entropy"], "routing_accuracy": after["routing_accuracy"],
+            "curve": {"x": list(range(1, len(losses) + 1)), "y": losses, "label": "training loss (smoothed)"},
+        }
+    else:
+        rounds = results["rounds"]
+        last = rounds[-1]
+        row = {
+            "tasks": list(cell_tasks(results)), "perplexity_start": rounds[0]["perplexity"], "perplexity": last["perplexity"],
+            "per_task": last.get("per_task"),
+            "steps": sum(r.get("accepted", 0) for r in rounds) * cell.settings["local-steps"],  # client steps in all
+            "trainable_parameters": results.get("info", {}).get("trainable_parameters"),
+            "bytes_communicated": sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in rounds),
+            "gate_matrix": last.get("gate_matrix"), "gate_entropy": last.get("gate_entropy"),
+            "routing_accuracy": last.get("routing_accuracy"),
+            "rounds": [{k: r.get(k) for k in ("round", "perplexity", "gate_entropy", "task_entropy", "expert_share")} for r in rounds],
+            "curve": {"x": [r["round"] for r in rounds], "y": [r["perplexity"] for r in rounds], "label": "test perplexity"},
+        }
+    return {**common, **row, **(gate_collapse(row["gate_matrix"]) or {})}
+
+
+def cell_tasks(results: dict) -> list[str]:
+    last = results["rounds"][-1]
+    return list(results.get("info", {}).get("tasks") or last.get("per_task") or [])
+
+
+# ---------------------------------------------------------------------- the grid
+
+
+Runner = Callable[..., dict]
+
+
+def finished_record(cell: Cell, folder: Path) -> dict | None:
+    path = folder / CELL_FILE
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a damaged marker: run the cell again
+    return saved if saved.get("settings") == cell.settings and saved.get("method") == cell.method else None
+
+
+def run_grid(
+    grid: Sequence[Cell],
+    out_dir: Path,
+    *,
+    centralized_runner: Runner = run_centralized,
+    federated_runner: Runner | None = None,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> tuple[list[dict], list[tuple[Cell, str]]]:
+    """Run every unfinished cell, rewriting the outputs after each; returns (records, failures)."""
+    out_dir = Path(out_dir)
+    records: list[dict] = []
+    failures: list[tuple[Cell, str]] = []
+    started = time.perf_counter()
+    for number, cell in enumerate(grid, 1):
+        folder = out_dir / "cells" / cell.id
+        done = finished_record(cell, folder)
+        if done is not None:
+            console.print(f"[dim]cell {number}/{len(grid)} {cell.id}: finished before, skipped[/dim]")
+            records.append(done)
+            continue
+        console.rule(f"cell {number}/{len(grid)}: {cell.kind} {cell.method}, {cell.dataset}, {cell.compression} ({cell.study})")
+        runner = centralized_runner if cell.kind == "centralized" else federated_runner
+        cell_started = time.perf_counter()
+        try:
+            if runner is None:
+                raise CellFailed("no federated runner given")
+            results = runner(cell, folder, progress=progress)
+        except (CellFailed, SettingsError, RuntimeError, ValueError, OSError) as exc:
+            console.print(f"[red]cell {cell.id} failed: {exc}[/red]")
+            failures.append((cell, str(exc)))
+            continue
+        row = record(cell, results, folder, time.perf_counter() - cell_started)
+        atomic.write_json(folder / CELL_FILE, row)
+        records.append(row)
+        write_outputs(records, out_dir, meta={**(meta or {}), "wall_seconds_this_run": time.perf_counter() - started})
+    return records, failures
+
+
+def write_outputs(records: Sequence[dict], out_dir: Path, *, meta: dict | None = None, show: bool = False) -> list[tables.Grid]:
+    grids = tables.all_tables(records)
+    atomic.write_json(out_dir / "results.json", {**(meta or {}), "cells": list(records)})
+    tables.write_csv(records, out_dir / "results.csv")
+    atomic.write_bytes(out_dir / "tables.md", "\n".join(g.markdown() for g in grids).encode())
+    tables.write_figures(records, out_dir / "figures")
+    if show:
+        for grid in grids:
+            console.print(grid.rich())
+    return grids
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
+    """--set key=value (TOML values: 1e-3, true, "text"; bare words are strings)."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"--set needs KEY=VALUE, got {pair!r}")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key.strip()] = text
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mops-benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--out", type=Path, help="results folder (default runs/benchmark-<profile>)")
+    parser.add_argument("--model", help="base model (hub id, local dir, or 'smollm2'); default: the profile's")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every cell (repeatable)")
+    parser.add_argument("--only", choices=("centralized", "federated"), help="run one kind of cell")
+    parser.add_argument("--supernodes", type=int, help="simulated clients of federated cells (default: the profile's)")
+    parser.add_argument("--client-cpus", type=int, default=2, help="CPUs per ClientApp actor")
+    parser.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per ClientApp actor (e.g. 0.25)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and what is finished, run nothing")
+    parser.add_argument("--tables", action="store_true", help="redraw tables and figures from finished cells only")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    profile: Profile = PROFILES[args.profile]
+    if args.model:
+        profile = replace(profile, model=args.model)
+    if args.supernodes:
+        profile = replace(profile, supernodes=args.supernodes, federated={**profile.federated, "min-available-nodes": args.supernodes})
+    out = args.out or PROJECT / "runs" / f"benchmark-{profile.name}"
+    kinds = (args.only,) if args.only else ("centralized", "federated")
+    try:
+        grid = cells(profile, parse_sets(args.set), kinds=kinds)
+    except SettingsError as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        return 2
+    if args.dry_run or args.tables:
+        finished = [r for c in grid if (r := finished_record(c, out / "cells" / c.id)) is not None]
+        if args.dry_run:
+            for cell in grid:
+                state = "finished" if any(r["id"] == cell.id for r in finished) else "to run"
+                console.print(f"{cell.id:55s} {cell.study:20s} {state}")
+        if args.tables:
+            write_outputs(finished, out, meta={"profile": profile.name}, show=True)
+        return 0
+    console.print(f"benchmark '{profile.name}': {profile.description}; {len(grid)} cells -> {out}")
+    started = time.perf_counter()
+    records, failures = run_grid(
+        grid, out,
+        federated_runner=federated_runner(profile.supernodes, args.client_cpus, args.client_gpus),
+        progress=not args.no_progress,
+        meta={"profile": profile.name, "overrides": parse_sets(args.set)},
+    )
+    wall = time.perf_counter() - started
+    write_outputs(records, out, meta={"profile": profile.name, "overrides": parse_sets(args.set), "wall_seconds_this_run": wall}, show=True)
+    console.print(f"{len(records)} of {len(grid)} cells finished in {wall / 60:.1f} min; results in {out}")
+    for cell, problem in failures:
+        console.print(f"[red]failed: {cell.id}: {problem}[/red] (rerun the same command to retry it)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""What a benchmark runs: a profile names the grid, `cells` spells it out.
+
+A cell is one training run: centralized (prompt tuning, MoPs, LoRA, IA3) or federated through
+the Flower app (FedPrompt, MoPs), on one dataset and one compressed base. The methods compared
+in a table row share every setting but the method: seeds, data, split, partitions, steps and
+the compressed base (cached once, used by all).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mops_core.config import Settings
+
+CENTRALIZED_METHODS = ("prompt", "mops", "lora", "ia3")
+FEDERATED_METHODS = ("fedprompt", "mops")
+PEFT_METHODS = ("lora", "ia3")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    model: str
+    datasets: tuple[str, ...]
+    compressions: tuple[str, ...]
+    centralized_methods: tuple[str, ...] = CENTRALIZED_METHODS
+    federated_methods: tuple[str, ...] = FEDERATED_METHODS
+    common: dict[str, Any] = field(default_factory=dict)  # run-config keys of every cell
+    centralized: dict[str, Any] = field(default_factory=dict)
+    federated: dict[str, Any] = field(default_factory=dict)
+    supernodes: int = 100
+    # Figures 2 and 3: centralized MoPs at the first dataset and compression, one setting varied.
+    inject_layers: tuple[int, ...] = ()
+    prompts_per_expert: tuple[int, ...] = ()
+    sweep_baseline: bool = False  # also run prompt tuning at each swept inject-layer
+
+
+QUICK = Profile(
+    name="quick",
+    description="SmolLM2 on Dolly, SparseGPT 75% and 2:4, short runs: about an hour on a 2-core CPU",
+    model="smollm2",
+    datasets=("dolly",),
+    compressions=("sparsegpt:0.75", "sparsegpt:2:4"),
+    common={"eval-samples": 128},
+    centralized={"steps": 150},
+    federated={"num-server-rounds": 3, "local-steps": 10, "fraction-train": 0.1, "min-available-nodes": 100},
+    supernodes=100,
+    inject_layers=(5, 15),
+    prompts_per_expert=(5, 20),
+)
+
+PAPER = Profile(
+    name="paper",
+    description="the paper's scale: 20k centralized steps; 20 rounds x 10 of 100 clients x 250 steps (for a GPU)",
+    model="meta-llama/Llama-2-7b-hf",
+    datasets=("dolly", "sni"),
+    compressions=(
+        "sparsegpt:0.9", "sparsegpt:0.85", "sparsegpt:0.75",
+        "sparsegpt:7:8", "sparsegpt:3:4", "sparsegpt:2:4", "sparsegpt:4:8",
+    ),
+    common={"eval-samples": 0, "lr": 1e-3, "samples": 5000, "experts": 7, "prompts-per-expert": 10, "inject-layer": 10},
+    centralized={"steps": 20000},
+    federated={"num-server-rounds": 20, "local-steps": 250, "fraction-train": 0.1, "min-available-nodes": 100},
+    supernodes=100,
+    inject_layers=(4, 8, 16, 24),
+    prompts_per_expert=(1, 5, 20),
+    sweep_baseline=True,
+)
+
+PROFILES = {p.name: p for p in (QUICK, PAPER)}
+
+
+@dataclass(frozen=True)
+class Cell:
+    kind: Literal["centralized", "federated"]
+    method: str  # prompt | mops | lora | ia3 (centralized); fedprompt | mops (federated)
+    settings: dict[str, Any]  # the full flat settings the cell runs with
+    study: str = "main"  # "main" (the tables), "inject-layer" (Fig. 2), "prompts-per-expert" (Fig. 3)
+
+    @property
+    def dataset(self) -> str:
+        return self.settings["dataset"]
+
+    @property
+    def compression(self) -> str:
+        return self.settings["compression"]
+
+    @property
+    def id(self) -> str:
+        """Readable and unique: a changed setting is another cell (and finished cells stay finished)."""
+        digest = hashlib.sha256(json.dumps([self.kind, self.method, self.settings], sort_keys=True).encode()).hexdigest()[:8]
+        compression = self.compression.replace(":", "-")
+        return f"{self.kind[:4]}-{self.method}-{self.dataset}-{compression}-{digest}"
+
+
+def _settings(flat: dict[str, Any]) -> dict[str, Any]:
+    """Validated and complete: a wrong key or value fails here, before any cell runs."""
+    return Settings.from_flat(flat).to_flat()
+
+
+def cells(profile: Profile, overrides: dict[str, Any] | None = None, *, kinds: tuple[str, ...] = ("centralized", "federated")) -> list[Cell]:
+    """Every cell of the profile, in the order they run (tables first, then the sweeps)."""
+    overrides = overrides or {}
+    result: list[Cell] = []
+
+    def add(kind: str, method: str, flat: dict[str, Any], study: str = "main") -> None:
+        stage = profile.centralized if kind == "centralized" else profile.federated
+        base_method = {"fedprompt": "fedprompt", "mops": "mops"}.get(method, "prompt")
+        settings = _settings({"model": profile.model, **profile.common, **stage, **flat, **overrides, "method": base_method})
+        cell = Cell(kind, method, settings, study)
+        if cell.id not in {c.id for c in result}:
+            result.append(cell)
+
+    for dataset in profile.datasets:
+        for compression in profile.compressions:
+            where = {"dataset": dataset, "compression": compression}
+            if "centralized" in kinds:
+                for method in profile.centralized_methods:
+                    add("centralized", method, where)
+            if "federated" in kinds:
+                for method in profile.federated_methods:
+                    add("federated", method, where)
+    if "centralized" in kinds and profile.datasets and profile.compressions:
+        where = {"dataset": profile.datasets[0], "compression": profile.compressions[0]}
+        for layer in profile.inject_layers:
+            add("centralized", "mops", {**where, "inject-layer": layer}, "inject-layer")
+            if profile.sweep_baseline:
+                add("centralized", "prompt", {**where, "inject-layer": layer}, "inject-layer")
+        for per_expert in profile.prompts_per_expert:
+            add("centralized", "mops", {**where, "prompts-per-expert": per_expert}, "prompts-per-expert")
+    return result

@@ -1,0 +1,194 @@
+"""The benchmark's outputs from its records alone: the paper's tables (terminal and Markdown),
+its figures (PNG), and a flat CSV. Everything here reads `results.json` records, so the tables
+always hold the numbers of the results file and can be redrawn without rerunning anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from rich.table import Table
+
+from mops_core import atomic, report
+
+CSV_COLUMNS = (
+    "id", "kind", "method", "study", "dataset", "compression", "model", "seed", "inject-layer", "experts",
+    "prompts-per-expert", "lr", "steps", "num-server-rounds", "local-steps", "perplexity_start", "perplexity",
+    "trainable_parameters", "bytes_communicated", "gate_entropy", "routing_accuracy", "wall_seconds", "dir",
+)
+METHOD_NAMES = {"prompt": "prompt tuning", "mops": "MoPs", "lora": "LoRA", "ia3": "IA3", "fedprompt": "FedPrompt"}
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+class Grid:
+    """A titled table, rendered for the terminal (rich) and for Markdown alike."""
+
+    def __init__(self, title: str, headers: Sequence[str], rows: Iterable[Sequence[str]], caption: str = ""):
+        self.title, self.headers, self.rows, self.caption = title, list(headers), [list(r) for r in rows], caption
+
+    def rich(self) -> Table:
+        table = Table(title=self.title, caption=self.caption or None)
+        for i, header in enumerate(self.headers):
+            table.add_column(header, justify="left" if i < 2 else "right")
+        for row in self.rows:
+            table.add_row(*row)
+        return table
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        if self.caption:
+            lines += ["", self.caption]
+        return "\n".join(lines) + "\n"
+
+
+def _main(records: Sequence[dict], kind: str) -> dict[tuple[str, str], dict[str, dict]]:
+    """(dataset, compression) -> method -> record, for the table cells of one kind."""
+    table: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in records:
+        if r["kind"] == kind and r["study"] == "main":
+            table.setdefault((r["dataset"], r["compression"]), {})[r["method"]] = r
+    return table
+
+
+def comparison(records: Sequence[dict], kind: str, baseline: str, title: str) -> Grid | None:
+    """Tables 2 and 3: baseline -> MoPs, with the gain and the gain in % (positive = MoPs better)."""
+    rows = []
+    for (dataset, compression), methods in _main(records, kind).items():
+        if baseline not in methods and "mops" not in methods:
+            continue
+        base, mops = methods.get(baseline), methods.get("mops")
+        b = base["perplexity"] if base else None
+        m = mops["perplexity"] if mops else None
+        gain = b - m if b is not None and m is not None else None
+        verdict = "-" if gain is None else ("MoPs" if gain > 0 else METHOD_NAMES[baseline])
+        rows.append([
+            dataset, compression, _num(base["perplexity_start"] if base else None), _num(b), _num(m), _num(gain),
+            "-" if gain is None else f"{100 * gain / b:+.1f}%", verdict,
+        ])
+    if not rows:
+        return None
+    headers = ["data", "compression", "start", METHOD_NAMES[baseline], "MoPs", "gain", "gain %", "better"]
+    return Grid(title, headers, rows, "test perplexity (lower is better); gain = baseline - MoPs")
+
+
+def peft_comparison(records: Sequence[dict], title: str) -> Grid | None:
+    """Table 4: every centralized method at equal steps, with trainable-parameter counts."""
+    table = _main(records, "centralized")
+    methods = [m for m in ("prompt", "mops", "lora", "ia3") if any(m in row for row in table.values())]
+    if not table or len(methods) < 2:
+        return None
+    params = {}
+    for row in table.values():
+        for method, r in row.items():
+            params.setdefault(method, r.get("trainable_parameters"))
+    headers = ["data", "compression"] + [f"{METHOD_NAMES[m]} ({params[m]:,} params)" if params.get(m) else METHOD_NAMES[m] for m in methods]
+    rows = []
+    for (dataset, compression), row in table.items():
+        values = {m: row[m]["perplexity"] for m in methods if m in row}
+        best = min(values, key=values.get) if values else None
+        cells = [(_num(values.get(m)) + (" *" if m == best else "")) for m in methods]
+        rows.append([dataset, compression, *cells])
+    steps = sorted({r["steps"] for row in table.values() for r in row.values()})
+    return Grid(title, headers, rows, f"test perplexity after {', '.join(map(str, steps))} steps; * best in the row")
+
+
+def gate_diagnostics(records: Sequence[dict]) -> Grid | None:
+    """Gate collapse at the end of every MoPs cell: per-sample entropy, each task's mean-gate entropy, expert shares."""
+    rows = []
+    for r in records:
+        if r["method"] != "mops" or not r.get("gate_matrix"):
+            continue
+        task_entropy = [e for e in r.get("task_entropy") or [] if e is not None]
+        rows.append([
+            r["kind"], f"{r['dataset']} {r['compression']}" + ("" if r["study"] == "main" else f" ({r['study']} {_study_value(r)})"),
+            _num(r.get("gate_entropy"), 2), _num(sum(task_entropy) / len(task_entropy) if task_entropy else None, 2),
+            " ".join(f"{s:.2f}" for s in r.get("expert_share") or []), _num(r.get("routing_accuracy"), 2),
+        ])
+    if not rows:
+        return None
+    experts = max(len(r.get("expert_share") or []) for r in records if r["method"] == "mops") or 1
+    headers = ["kind", "cell", "entropy/sample", "entropy of task mean", "expert shares", "routing acc."]
+    return Grid("Gate collapse diagnostics (MoPs, test split)", headers, rows, f"nats; uniform = {math.log(experts):.2f}")
+
+
+def _study_value(record: dict):
+    return record["settings"].get(record["study"]) if record["study"] in record["settings"] else None
+
+
+def all_tables(records: Sequence[dict]) -> list[Grid]:
+    grids = [
+        comparison(records, "centralized", "prompt", "Table 2: centralized, prompt-tuning baseline vs MoPs"),
+        comparison(records, "federated", "fedprompt", "Table 3: federated, FedPrompt vs MoPs"),
+        peft_comparison(records, "Table 4: centralized, prompt tuning, MoPs, LoRA and IA3 at equal steps"),
+        gate_diagnostics(records),
+    ]
+    return [g for g in grids if g is not None]
+
+
+def write_csv(records: Sequence[dict], path: Path) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for r in records:
+        writer.writerow({**{k: r["settings"].get(k) for k in CSV_COLUMNS if k in r["settings"]}, **{k: r.get(k) for k in CSV_COLUMNS if k in r}})
+    atomic.write_bytes(path, buffer.getvalue().encode())
+    return path
+
+
+def write_figures(records: Sequence[dict], folder: Path) -> list[Path]:
+    """Curves per cell group, Fig. 4 per MoPs cell, Figs. 2 and 3 from the sweeps."""
+    written = []
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in records:
+        if r["study"] == "main":
+            groups.setdefault((r["kind"], r["dataset"], r["compression"]), []).append(r)
+    for (kind, dataset, compression), group in groups.items():
+        name = f"curve-{kind}-{dataset}-{compression.replace(':', '-')}.png"
+        series = {METHOD_NAMES[r["method"]]: r["curve"]["y"] for r in group}
+        xs = {METHOD_NAMES[r["method"]]: r["curve"]["x"] for r in group}
+        ylabel = group[0]["curve"]["label"]
+        smooth = 1 if kind == "federated" else max(1, min(25, min(len(s) for s in series.values()) // 8))
+        written.append(report.plot_curve(
+            series, folder / name, x=xs, smooth=smooth, xlabel="round" if kind == "federated" else "step",
+            ylabel=ylabel, title=f"{kind}: {dataset}, {compression}",
+        ))
+    for r in records:
+        if r["method"] == "mops" and r["study"] == "main" and r.get("gate_matrix"):
+            written.append(report.plot_gate_matrix(
+                r["tasks"], r["gate_matrix"], folder / f"gate-{r['id']}.png",
+                title=f"Mean gate score per task: {r['kind']} {r['dataset']} {r['compression']}",
+                present=[t for t, e in zip(r["tasks"], r.get("task_entropy") or []) if e is not None] or None,
+            ))
+    for study, label, figure in (("inject-layer", "L_int (inject-layer)", "fig2-inject-layer.png"),
+                                 ("prompts-per-expert", "prompts per expert", "fig3-prompts-per-expert.png")):
+        path = _sweep(records, study, label, folder / figure)
+        if path:
+            written.append(path)
+    return written
+
+
+def _sweep(records: Sequence[dict], study: str, label: str, path: Path) -> Path | None:
+    """Perplexity against one setting: the sweep's cells plus the main cell at the default value."""
+    swept = [r for r in records if r["study"] == study]
+    if not swept:
+        return None
+    anchor = swept[0]
+    points: dict[str, dict[float, float]] = {}
+    for r in records:
+        same_place = r["kind"] == "centralized" and r["dataset"] == anchor["dataset"] and r["compression"] == anchor["compression"]
+        if same_place and r["study"] in (study, "main") and r["method"] in ("mops", "prompt"):
+            points.setdefault(METHOD_NAMES[r["method"]], {})[r["settings"][study]] = r["perplexity"]
+    series = {m: [v for _, v in sorted(p.items())] for m, p in points.items()}
+    xs = {m: sorted(p) for m, p in points.items()}
+    return report.plot_curve(
+        series, path, x=xs, xlabel=label, ylabel="test perplexity",
+        title=f"centralized, {anchor['dataset']}, {anchor['compression']}",
+    )

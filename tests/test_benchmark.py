@@ -1,0 +1,135 @@
+"""The benchmark grid on a tiny model: cells, tables that hold the results file's numbers, figures, resume."""
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+from helpers import toy_records
+
+from mops_core.centralized import sink_token_id
+from mops_core.data import TASKS, Formatter, collate
+from mops_core.peft_baselines import PeftBaseline
+from simulation import tables
+from simulation.benchmark import CELL_FILE, federated_runner, main, parse_sets, run_grid
+from simulation.profiles import QUICK, Profile, cells
+
+TINY = {
+    "experts": 3, "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 60, "max-length": 64,
+    "steps": 8, "input-prompt-steps": 2, "gate-pretrain-steps": 10, "gate-pretrain-samples": 16, "eval-batch-size": 8,
+    "lr": 3e-2,
+}
+
+
+@pytest.fixture
+def tiny_profile(tiny_model_dir, toy_data_dir, tmp_path):
+    return Profile(
+        name="tiny", description="test", model=str(tiny_model_dir), datasets=("dolly",), compressions=("none",),
+        centralized_methods=("prompt", "mops"), federated_methods=(),
+        common={**TINY, "data-dir": str(toy_data_dir), "model-cache-dir": str(tmp_path / "cache")},
+        inject_layers=(1,),
+    )
+
+
+def test_profiles_spell_out_comparable_cells():
+    grid = cells(QUICK)
+    main_cells = [c for c in grid if c.study == "main"]
+    assert {(c.kind, c.method) for c in main_cells} == {
+        ("centralized", m) for m in ("prompt", "mops", "lora", "ia3")} | {("federated", m) for m in ("fedprompt", "mops")}
+    assert len({c.id for c in grid}) == len(grid)
+    # The methods of one table row differ only in the method.
+    row = [c for c in main_cells if c.kind == "centralized" and c.compression == "sparsegpt:0.75"]
+    differing = {k for c in row for k, v in c.settings.items() if v != row[0].settings[k]}
+    assert differing <= {"method"}
+    assert {c.settings["inject-layer"] for c in grid if c.study == "inject-layer"} == set(QUICK.inject_layers)
+
+
+def test_a_wrong_setting_fails_before_any_cell_runs(capsys):
+    assert main(["--profile", "quick", "--set", "lr=fast", "--dry-run"]) == 2
+    assert "lr" in capsys.readouterr().out
+    with pytest.raises(Exception, match="KEY=VALUE"):
+        parse_sets(["lr"])
+
+
+def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
+    grid = cells(tiny_profile)
+    assert [(c.method, c.study) for c in grid] == [("prompt", "main"), ("mops", "main"), ("mops", "inject-layer")]
+    out = tmp_path / "bench"
+    records, failures = run_grid(grid, out, progress=False)
+    assert not failures and len(records) == 3
+
+    results = json.loads((out / "results.json").read_text())["cells"]
+    by_method = {r["method"]: r for r in results if r["study"] == "main"}
+    for r in results:
+        assert r["steps"] == TINY["steps"] and r["wall_seconds"] > 0 and r["settings"]["seed"] == 0
+        assert (out / "cells" / r["id"] / CELL_FILE).exists()
+    assert by_method["mops"]["trainable_parameters"] > by_method["prompt"]["trainable_parameters"] == 3 * 2 * 32
+    assert len(by_method["mops"]["expert_share"]) == 3 and by_method["prompt"].get("expert_share") is None
+
+    # Table 2 in tables.md holds the results file's numbers, gain and gain in %.
+    markdown = (out / "tables.md").read_text()
+    row = next(line for line in markdown.splitlines() if line.startswith("| dolly | none |"))
+    numbers = [float(x) for x in re.findall(r"[-+]?\d+\.\d+", row)]
+    base, mops = by_method["prompt"]["perplexity"], by_method["mops"]["perplexity"]
+    assert numbers[:4] == pytest.approx([by_method["prompt"]["perplexity_start"], base, mops, base - mops], abs=2e-3)
+    assert numbers[4] == pytest.approx(100 * (base - mops) / base, abs=0.05)  # printed as +x.y%
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("id,kind,method")
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert "curve-centralized-dolly-none.png" in figures and "fig2-inject-layer.png" in figures
+    assert any(name.startswith("gate-cent-mops") for name in figures)
+
+    # Resume: finished cells are skipped; a changed setting is a new cell that runs.
+    def refuse(cell, folder, *, progress):
+        raise AssertionError(f"{cell.id} ran again")
+
+    again, _ = run_grid(grid, out, centralized_runner=refuse, progress=False)
+    assert [r["id"] for r in again] == [r["id"] for r in records]
+    changed = cells(tiny_profile, {"steps": 9})
+    ran = []
+
+    def note(cell, folder, *, progress):
+        ran.append(cell.id)
+        raise RuntimeError("stopped here")
+
+    _, failed = run_grid(changed, out, centralized_runner=note, progress=False)
+    assert len(ran) == 3 and len(failed) == 3 and not set(ran) & {r["id"] for r in records}
+
+
+def test_peft_baseline_scores_like_the_plain_model_before_training(pretrained_base, tokenizer):
+    """LoRA starts as the identity (B = 0): its NLL must equal the HF model's own loss on [sink] + text."""
+    examples = Formatter(tokenizer, 64, TASKS["dolly"]).examples(toy_records(TASKS["dolly"][:2], 2))
+    batch = collate(examples, tokenizer.pad_token_id)
+    model = PeftBaseline(copy.deepcopy(pretrained_base), "lora", sink_token_id(tokenizer))
+    out = model(**batch)
+    sink = torch.full((len(examples), 1), sink_token_id(tokenizer))
+    for i in range(len(examples)):
+        n = int(batch["attention_mask"][i].sum())
+        ids = torch.cat([sink[i], batch["input_ids"][i, :n]]).unsqueeze(0)
+        labels = torch.cat([torch.tensor([-100]), batch["labels"][i, :n]]).unsqueeze(0)
+        reference = pretrained_base(input_ids=ids, labels=labels).loss * (labels != -100).sum()
+        torch.testing.assert_close(out.nll[i], reference, atol=1e-4, rtol=1e-5)
+    assert {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad} == {"default"}
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.trainable_parameters())
+
+
+@pytest.mark.slow
+def test_a_federated_cell_runs_through_the_flower_app(tiny_profile, tmp_path):
+    from test_simulation import free_port
+
+    profile = Profile(
+        **{**tiny_profile.__dict__, "centralized_methods": (), "federated_methods": ("mops",), "inject_layers": (),
+           "federated": {"num-server-rounds": 1, "local-steps": 3, "fraction-train": 1.0, "min-available-nodes": 3,
+                         "min-partition-size": 2}},
+    )
+    grid = cells(profile)
+    env = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    runner = federated_runner(3, 1, 0.0, flwr_home=tmp_path / "home", env=env)
+    records, failures = run_grid(grid, tmp_path / "bench", federated_runner=runner, progress=False)
+    assert not failures
+    (row,) = records
+    assert [r["round"] for r in row["rounds"]] == [0, 1] and row["bytes_communicated"] > 0
+    assert row["steps"] == 3 * 3 and len(row["tasks"]) == 7 and len(row["rounds"][1]["expert_share"]) == 3
+    assert "Table 3" in (tmp_path / "bench" / "tables.md").read_text()
