@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from client import task
 from mops_core.checkpoint import load_adapter_tensors
 from mops_core.config import Settings
-from mops_core.train import make_optimizer, round_seed, train_steps
+from mops_core.train import GateRegulariser, make_mops_optimizer, round_seed, train_steps
 
 app = ClientApp()
 
@@ -60,12 +60,13 @@ def train(msg: Message, context: Context) -> Message:
     global_state = msg.content["arrays"].to_torch_state_dict()
     load_adapter_tensors(rt.model, global_state, source="the server's message", keys=rt.model.federated_state_dict())
 
-    optimizer = make_optimizer(rt.model.trainable_parameters(), settings.train.lr, settings.train.weight_decay)
+    optimizer = make_mops_optimizer(rt.model, settings.train)
     seed = round_seed(settings.train.seed, int(config["server-round"]), part.partition_id)
     train_started = time.perf_counter()
     stats = train_steps(
         rt.model, examples, settings.federated.local_steps, optimizer, pad_id=rt.pad_id,
         batch_size=settings.train.batch_size, seed=seed, progress=False,
+        regulariser=GateRegulariser.from_config(settings.train),
     )
     metrics = {
         "num-examples": len(examples),

@@ -24,7 +24,7 @@ from .data import PreparedData, pad_token_id, prepare
 from .evaluate import EvalResult, evaluate
 from .loading import cache_root
 from .model import MoPsModel
-from .train import make_optimizer, pretrain_gate, pretrain_input_prompts, train_steps
+from .train import GateRegulariser, make_mops_optimizer, pretrain_gate, pretrain_input_prompts, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,12 @@ def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> di
     start = prepare_start_state(model, data, settings, pad_id=pad_id, progress=progress)
     before = evaluate_test(model, data, settings, pad_id=pad_id, progress=progress, desc="eval (start)")
 
-    optimizer = make_optimizer(model.trainable_parameters(), settings.train.lr, settings.train.weight_decay)
+    optimizer = make_mops_optimizer(model, settings.train)
     train_started = time.perf_counter()
     stats = train_steps(
         model, data.train, settings.train.steps, optimizer, pad_id=pad_id, batch_size=settings.train.batch_size,
         seed=settings.train.seed, desc=f"{settings.mops.method} training", progress=progress,
+        regulariser=GateRegulariser.from_config(settings.train),
     )
     train_seconds = time.perf_counter() - train_started
     after = evaluate_test(model, data, settings, pad_id=pad_id, progress=progress, desc="eval (end)")
@@ -120,6 +121,7 @@ def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> di
         "settings": settings.to_flat(),
         "tasks": list(data.tasks),
         "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
+        "prompt_lr": optimizer.param_groups[0]["lr"],
         "start": {"input_prompt_loss": start.input_prompt_loss, "gate_train_accuracy": start.gate_train_accuracy},
         "before": before.to_dict(),
         "after": after.to_dict(),

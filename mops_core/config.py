@@ -55,6 +55,14 @@ class MoPsConfig:
     gate_input_norm: Literal["rms", "none"] = field(
         "rms", "normalise the gate's input (the mean hidden state) to unit RMS, or feed it raw"
     )
+    gate_input: Literal["prompts+question", "question", "last"] = field(
+        "prompts+question",
+        "what the gate reads entering inject-layer: the mean over prompts and question (the paper's "
+        "average), the mean over the question alone, or the question's last token",
+    )
+    gate_temperature: float = field(1.0, "softmax temperature of the expert scores (above 1 = softer, below = sharper)")
+    gate_floor: float = field(0.0, "least score of every expert: g = floor + (1 - E floor) softmax (below 1/E)")
+    gate_noise: float = field(0.0, "std of Gaussian noise on the gate logits while training (router noise)")
 
     def __post_init__(self) -> None:
         if self.experts < 1:
@@ -65,6 +73,12 @@ class MoPsConfig:
             raise setting_error("inject_layer", f"must be -1 (auto) or a layer index, got {self.inject_layer}")
         if self.gate_hidden < 1:
             raise setting_error("gate_hidden", f"must be at least 1, got {self.gate_hidden}")
+        if not self.gate_temperature > 0:
+            raise setting_error("gate_temperature", f"must be above 0, got {self.gate_temperature}")
+        if not 0.0 <= self.gate_floor < 1.0 / self.experts:
+            raise setting_error("gate_floor", f"must be in [0, 1/experts) = [0, {1.0 / self.experts:.4g}), got {self.gate_floor}")
+        if not self.gate_noise >= 0:
+            raise setting_error("gate_noise", f"must be 0 or more, got {self.gate_noise}")
 
     @property
     def num_prompts(self) -> int:
@@ -108,7 +122,14 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = field(300, "optimizer steps of MoPs (or baseline) training")
-    lr: float = field(1e-3, "learning rate of the injected prompts and the gate (AdamW)")
+    lr: float = field(1e-3, "learning rate of the gate (AdamW), and of the injected prompts unless prompt-lr says otherwise")
+    prompt_lr: float = field(
+        0.0,
+        "learning rate of the injected prompts; 0 = lr x the RMS of their starting hidden states, so that they "
+        "move at the pace of their scale (set it to lr for the paper's single rate)",
+    )
+    gate_balance: float = field(0.0, "weight of KL(running mean gate || uniform): keeps every expert in use")
+    gate_sharpness: float = field(0.0, "weight of the mean per-sample gate entropy: each input picks few experts")
     weight_decay: float = field(0.0, "AdamW weight decay")
     batch_size: int = field(1, "samples per optimizer step")
     input_prompt_steps: int = field(20, "steps of plain prompt tuning of the frozen input prompts P1 (paper: 20)")
@@ -136,8 +157,8 @@ class TrainConfig:
                 raise setting_error(name, f"must be a positive number, got {value}")
         if self.weight_decay < 0:
             raise setting_error("weight_decay", f"must be 0 or more, got {self.weight_decay}")
-        for name in ("activation_cache_mb", "activation_cache_disk_mb"):
-            if getattr(self, name) < 0:
+        for name in ("activation_cache_mb", "activation_cache_disk_mb", "prompt_lr", "gate_balance", "gate_sharpness"):
+            if not getattr(self, name) >= 0:
                 raise setting_error(name, f"must be 0 or more, got {getattr(self, name)}")
 
 

@@ -57,7 +57,7 @@ def gate_shares(model: MoPsModel, examples: Sequence[Example], tasks: Sequence[s
     from .train import gate_features
 
     labelled = [ex for ex in examples if ex.task_id >= 0]
-    scores = torch.softmax(model.gate_logits(gate_features(model, labelled, pad_id=pad_id, batch_size=batch_size).to(model.device)), -1).cpu()
+    scores = model.gate_scores(gate_features(model, labelled, pad_id=pad_id, batch_size=batch_size).to(model.device)).cpu()
     task_ids = torch.tensor([ex.task_id for ex in labelled])
     counts = torch.bincount(task_ids, minlength=len(tasks))
     sums = torch.zeros(len(tasks), model.experts).index_add_(0, task_ids, scores)

@@ -117,7 +117,7 @@ class Generator:
             return None
         ones = torch.ones_like(question)
         state = self.model.lower(question, ones, ones.bool())
-        return F.softmax(self.model.gate_logits(state.gate_input), dim=-1)
+        return self.model.gate_scores(state.gate_input)
 
     @torch.no_grad()
     def answer(

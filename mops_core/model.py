@@ -68,7 +68,7 @@ class LowerState:
     hidden: torch.Tensor  # (B, S, d) entering layer `inject_layer`
     mask: torch.Tensor  # (B, 1, S, S) additive causal + padding mask
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    gate_input: torch.Tensor  # (B, d) float32 mean over prompts and question tokens
+    gate_input: torch.Tensor  # (B, d) float32, what the gate reads (see `lower_state`)
 
 
 @dataclass
@@ -186,17 +186,21 @@ class MoPsModel(nn.Module):
         return self.lower_state(hidden, mask, position_embeddings, question_mask)
 
     def lower_state(self, hidden, mask, position_embeddings, question_mask) -> LowerState:
-        """Wrap the hidden states entering `inject_layer`, with the gate's input read from them."""
-        batch = hidden.shape[0]
-        # Gate input: mean over the prompts and the question tokens; never the sink or the response.
-        read = torch.cat(
-            [
-                torch.zeros(batch, 1, device=hidden.device),
-                torch.ones(batch, self.num_prompts, device=hidden.device),
-                question_mask.to(hidden.device, torch.float32),
-            ],
-            dim=1,
-        )
+        """Wrap the hidden states entering `inject_layer`, with the gate's input read from them.
+
+        The gate never reads the sink or the response. `gate-input` chooses among the paper's
+        average over prompts and question, the question's average alone (the prompts' states
+        are the same for every sample and dilute it), and the question's last token.
+        """
+        batch, k = hidden.shape[0], self.num_prompts
+        question = question_mask.to(hidden.device, torch.float32)
+        if self.cfg.gate_input == "last":
+            positions = torch.arange(question.shape[1], device=hidden.device, dtype=torch.float32)
+            last = (question * (positions + 1)).argmax(1)  # the last question position (0 when there is none)
+            gate_input = hidden[torch.arange(batch, device=hidden.device), 1 + k + last].float()
+            return LowerState(hidden, mask, position_embeddings, gate_input)
+        prompts = torch.full((batch, k), 1.0 if self.cfg.gate_input == "prompts+question" else 0.0, device=hidden.device)
+        read = torch.cat([torch.zeros(batch, 1, device=hidden.device), prompts, question], dim=1)
         gate_input = (hidden.float() * read.unsqueeze(-1)).sum(1) / read.sum(1, keepdim=True).clamp_min(1.0)
         return LowerState(hidden, mask, position_embeddings, gate_input)
 
@@ -206,6 +210,21 @@ class MoPsModel(nn.Module):
         if self.cfg.gate_input_norm == "rms":
             gate_input = gate_input * torch.rsqrt(gate_input.pow(2).mean(-1, keepdim=True) + 1e-6)
         return self.gate(gate_input)
+
+    def gate_log_probs(self, gate_logits: torch.Tensor) -> torch.Tensor:
+        """log g: temperature, router noise (only while gradients flow, i.e. training) and a floor per expert."""
+        cfg = self.cfg
+        logits = gate_logits / cfg.gate_temperature
+        if cfg.gate_noise > 0 and torch.is_grad_enabled():
+            logits = logits + cfg.gate_noise * torch.randn_like(logits)
+        log_gate = F.log_softmax(logits, dim=-1)
+        if cfg.gate_floor > 0:
+            log_gate = torch.log(cfg.gate_floor + (1.0 - self.experts * cfg.gate_floor) * log_gate.exp())
+        return log_gate
+
+    def gate_scores(self, gate_input: torch.Tensor) -> torch.Tensor:
+        """g for a batch of gate inputs, as the upper layers use it."""
+        return self.gate_log_probs(self.gate_logits(gate_input)).exp()
 
     def per_prompt(self, per_expert: torch.Tensor) -> torch.Tensor:
         """(B, E) -> (B, K): each expert's value repeated over its prompts."""
@@ -291,7 +310,7 @@ class MoPsModel(nn.Module):
         mask, scale, gate, gate_logits = state.mask, None, None, None
         if self.gating != "none":
             gate_logits = self.gate_logits(state.gate_input)
-            log_gate = F.log_softmax(gate_logits, dim=-1)
+            log_gate = self.gate_log_probs(gate_logits)
             gate = log_gate.exp()
             if self.gating == "attention":
                 mask = mask + self.key_bias(log_gate, length).to(mask.dtype)

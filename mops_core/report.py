@@ -138,6 +138,29 @@ def plot_curve(
     return _save(fig, path)
 
 
+def plot_bars(groups: Mapping[str, Mapping[str, tuple[float, float | None]]], path: str | Path, *, ylabel: str, title: str) -> Path:
+    """Grouped bars with error bars: {group: {series: (mean, sd or None)}}."""
+    names = list(dict.fromkeys(name for bars in groups.values() for name in bars))
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(groups) + 2), 4))
+    for j, name in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(groups))]
+        means = [bars.get(name, (math.nan, None))[0] for bars in groups.values()]
+        sds = [bars.get(name, (math.nan, None))[1] or 0.0 for bars in groups.values()]
+        ax.bar(xs, means, width, yerr=sds, capsize=3, label=name)
+    finite = [m for bars in groups.values() for m, _ in bars.values() if m is not None and math.isfinite(m)]
+    if finite:  # perplexities differ by little: show the differences, not the distance from 0
+        low, high = min(finite), max(finite)
+        pad = max(0.05 * (high - low), 0.01 * high)
+        ax.set_ylim(low - 3 * pad, high + 3 * pad)
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    return _save(fig, path)
+
+
 def plot_partitions(counts: dict[int, Sequence[int]], tasks: Sequence[str], path: str | Path) -> Path:
     """Stacked bars: how many samples of each task every client holds (the non-i.i.d. split)."""
     clients = sorted(counts)

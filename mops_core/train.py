@@ -71,6 +71,58 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], lr: float, weight_decay
     return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
 
 
+@torch.no_grad()
+def prompt_learning_rate(model: MoPsModel, cfg: TrainConfig) -> float:
+    """`prompt-lr`, or lr x the RMS of the prompts' starting hidden states when it is 0.
+
+    Injected prompts live at hidden-state scale (RMS of 5-25 in SmolLM2's middle layers), and
+    Adam's step is about lr per element whatever the scale: at one shared lr they would barely
+    move. The RMS comes from the frozen input prompts, so every client derives the same rate.
+    """
+    if cfg.prompt_lr > 0 or model.num_prompts == 0:
+        return cfg.prompt_lr or cfg.lr
+    return cfg.lr * model.prompt_states_entering_injection().float().pow(2).mean().sqrt().item()
+
+
+def make_mops_optimizer(model: MoPsModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the experts (at the prompt learning rate) and the gate (at lr)."""
+    groups = [{"params": [model.prompts], "lr": prompt_learning_rate(model, cfg)}]
+    if model.gate is not None:
+        groups.append({"params": list(model.gate.parameters()), "lr": cfg.lr})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class GateRegulariser:
+    """What MoE routers add to the loss so that the gate neither collapses nor stays uniform.
+
+    balance:   KL(running mean gate || uniform): an expert that nobody uses costs. The mean runs
+               over recent steps (momentum), since a batch may hold a single sample.
+    sharpness: the mean per-sample entropy of g: each input should lean on few experts.
+    """
+
+    def __init__(self, balance: float = 0.0, sharpness: float = 0.0, momentum: float = 0.9):
+        self.balance, self.sharpness, self.momentum = balance, sharpness, momentum
+        self.running: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> GateRegulariser | None:
+        return cls(cfg.gate_balance, cfg.gate_sharpness) if cfg.gate_balance or cfg.gate_sharpness else None
+
+    def __call__(self, gate: torch.Tensor | None) -> torch.Tensor | None:
+        if gate is None:
+            return None
+        mean = gate.mean(0)
+        if self.running is not None:
+            mean = self.momentum * self.running + (1.0 - self.momentum) * mean
+        self.running = mean.detach()
+        loss = gate.new_zeros(())
+        if self.balance:
+            loss = loss + self.balance * (mean * (mean.clamp_min(1e-12) * gate.shape[-1]).log()).sum()
+        if self.sharpness:
+            loss = loss + self.sharpness * -(gate * gate.clamp_min(1e-12).log()).sum(-1).mean()
+        return loss
+
+
 def train_steps(
     model: MoPsModel,
     examples: Sequence[Example],
@@ -84,8 +136,12 @@ def train_steps(
     desc: str = "train",
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    regulariser: GateRegulariser | None = None,
 ) -> StepStats:
-    """Run `steps` optimizer steps on batches drawn from `examples`; the loop every trainer shares."""
+    """Run `steps` optimizer steps on batches drawn from `examples`; the loop every trainer shares.
+
+    The recorded losses are the language-model loss alone, with or without a gate regulariser.
+    """
     stats = StepStats()
     batches = epochs(examples, batch_size, random.Random(seed))
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
@@ -95,7 +151,8 @@ def train_steps(
         loss = out.loss
         if not torch.isfinite(loss):
             raise TrainingError(f"{desc}: loss became {loss.item()} at step {step + 1}; lower the learning rate")
-        loss.backward()
+        extra = regulariser(out.gate) if regulariser is not None else None
+        (loss if extra is None else loss + extra).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         value = loss.item()
@@ -176,7 +233,7 @@ def pretrain_gate(
     minibatch = min(32, len(chosen))
     for _ in tqdm(range(cfg.gate_pretrain_steps), desc="gate pretraining", disable=not progress, leave=False):
         idx = torch.randint(0, len(chosen), (minibatch,), generator=generator).to(model.device)
-        loss = F.cross_entropy(model.gate_logits(feats[idx]), targets[idx])
+        loss = F.nll_loss(model.gate_log_probs(model.gate_logits(feats[idx])), targets[idx])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

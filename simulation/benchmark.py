@@ -75,7 +75,7 @@ def federated_runner(supernodes: int, client_cpus: int, client_gpus: float, flwr
 def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict:
     """One row of results.json: the cell, its settings, and the numbers the tables and figures use."""
     common = {
-        "id": cell.id, "kind": cell.kind, "method": cell.method, "study": cell.study,
+        "id": cell.id, "kind": cell.kind, "method": cell.method, "study": cell.study, "variants": list(cell.variants),
         "dataset": cell.dataset, "compression": cell.compression, "settings": cell.settings,
         "dir": str(folder), "wall_seconds": wall_seconds,
     }
@@ -83,6 +83,7 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict
         after, losses = results["after"], results["train"]["losses"]
         row = {
             "tasks": results["tasks"], "perplexity_start": results["before"]["perplexity"], "perplexity": after["perplexity"],
+            "routing_accuracy_start": results["before"]["routing_accuracy"], "prompt_lr": results.get("prompt_lr"),
             "per_task": {t: s["perplexity"] for t, s in after["per_task"].items()}, "steps": results["train"]["steps"],
             "trainable_parameters": results.get("trainable_parameters"), "bytes_communicated": 0,
             "gate_matrix": after["gate_matrix"], "gate_entropy": after["gate_entropy"], "routing_accuracy": after["routing_accuracy"],
@@ -124,7 +125,9 @@ def finished_record(cell: Cell, folder: Path) -> dict | None:
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None  # a damaged marker: run the cell again
-    return saved if saved.get("settings") == cell.settings and saved.get("method") == cell.method else None
+    if saved.get("settings") != cell.settings or saved.get("method") != cell.method:
+        return None
+    return {**saved, "variants": list(cell.variants)}  # the grid may give a finished run more names
 
 
 def run_grid(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from mops_core.config import Settings
@@ -37,6 +37,8 @@ class Profile:
     inject_layers: tuple[int, ...] = ()
     prompts_per_expert: tuple[int, ...] = ()
     sweep_baseline: bool = False  # also run prompt tuning at each swept inject-layer
+    seeds: tuple[int, ...] = (0,)  # every main cell once per seed (tables show mean and spread)
+    variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}})  # named setting changes
 
 
 QUICK = Profile(
@@ -71,7 +73,26 @@ PAPER = Profile(
     sweep_baseline=True,
 )
 
-PROFILES = {p.name: p for p in (QUICK, PAPER)}
+ABLATION = Profile(
+    name="ablation",
+    description="issue 9: what makes the mixture pay, centralized, SmolLM2, Dolly, SparseGPT 75%, two seeds",
+    model="smollm2",
+    datasets=("dolly",),
+    compressions=("sparsegpt:0.75",),
+    centralized_methods=("prompt", "mops"),
+    federated_methods=(),
+    common={"eval-samples": 64},
+    centralized={"steps": 100},
+    seeds=(0, 1),
+    variants={
+        "paper (one lr)": {"prompt-lr": 1e-3},
+        "prompt lr x RMS": {},
+        "+ balance": {"gate-balance": 0.05},
+        "+ question input": {"gate-input": "question"},
+    },
+)
+
+PROFILES = {p.name: p for p in (QUICK, PAPER, ABLATION)}
 
 
 @dataclass(frozen=True)
@@ -80,6 +101,7 @@ class Cell:
     method: str  # prompt | mops | lora | ia3 (centralized); fedprompt | mops (federated)
     settings: dict[str, Any]  # the full flat settings the cell runs with
     study: str = "main"  # "main" (the tables), "inject-layer" (Fig. 2), "prompts-per-expert" (Fig. 3)
+    variants: tuple[str, ...] = ("default",)  # the profile's names for the setting changes this cell serves
 
     @property
     def dataset(self) -> str:
@@ -97,9 +119,21 @@ class Cell:
         return f"{self.kind[:4]}-{self.method}-{self.dataset}-{compression}-{digest}"
 
 
-def _settings(flat: dict[str, Any]) -> dict[str, Any]:
+# Settings that act only on a gated model: a baseline cell keeps their defaults, so that variants
+# of the gate share one baseline run instead of recomputing identical ones.
+GATE_ONLY = (
+    "gating", "gate-hidden", "gate-input-norm", "gate-input", "gate-temperature", "gate-floor", "gate-noise",
+    "gate-balance", "gate-sharpness", "gate-pretrain-steps", "gate-pretrain-samples", "gate-pretrain-lr",
+)
+
+
+def _settings(flat: dict[str, Any], gated: bool) -> dict[str, Any]:
     """Validated and complete: a wrong key or value fails here, before any cell runs."""
-    return Settings.from_flat(flat).to_flat()
+    settings = Settings.from_flat(flat).to_flat()
+    if not gated:
+        defaults = Settings().to_flat()
+        settings.update({k: defaults[k] for k in GATE_ONLY})
+    return settings
 
 
 def cells(profile: Profile, overrides: dict[str, Any] | None = None, *, kinds: tuple[str, ...] = ("centralized", "federated")) -> list[Cell]:
@@ -107,23 +141,31 @@ def cells(profile: Profile, overrides: dict[str, Any] | None = None, *, kinds: t
     overrides = overrides or {}
     result: list[Cell] = []
 
-    def add(kind: str, method: str, flat: dict[str, Any], study: str = "main") -> None:
+    def add(kind: str, method: str, flat: dict[str, Any], study: str = "main", variant: str = "default") -> None:
         stage = profile.centralized if kind == "centralized" else profile.federated
         base_method = {"fedprompt": "fedprompt", "mops": "mops"}.get(method, "prompt")
-        settings = _settings({"model": profile.model, **profile.common, **stage, **flat, **overrides, "method": base_method})
-        cell = Cell(kind, method, settings, study)
-        if cell.id not in {c.id for c in result}:
-            result.append(cell)
+        settings = _settings(
+            {"model": profile.model, **profile.common, **stage, **flat, **overrides, "method": base_method}, gated=method == "mops"
+        )
+        cell = Cell(kind, method, settings, study, (variant,))
+        for i, known in enumerate(result):
+            if known.id == cell.id:  # the same run serves several variants (e.g. one baseline for all gates)
+                if variant not in known.variants:
+                    result[i] = replace(known, variants=known.variants + (variant,))
+                return
+        result.append(cell)
 
     for dataset in profile.datasets:
         for compression in profile.compressions:
-            where = {"dataset": dataset, "compression": compression}
-            if "centralized" in kinds:
-                for method in profile.centralized_methods:
-                    add("centralized", method, where)
-            if "federated" in kinds:
-                for method in profile.federated_methods:
-                    add("federated", method, where)
+            for variant, changes in profile.variants.items():
+                for seed in profile.seeds:
+                    where = {"dataset": dataset, "compression": compression, "seed": seed, **changes}
+                    if "centralized" in kinds:
+                        for method in profile.centralized_methods:
+                            add("centralized", method, where, variant=variant)
+                    if "federated" in kinds:
+                        for method in profile.federated_methods:
+                            add("federated", method, where, variant=variant)
     if "centralized" in kinds and profile.datasets and profile.compressions:
         where = {"dataset": profile.datasets[0], "compression": profile.compressions[0]}
         for layer in profile.inject_layers:

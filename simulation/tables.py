@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from rich.table import Table
@@ -49,33 +49,73 @@ class Grid:
         return "\n".join(lines) + "\n"
 
 
-def _main(records: Sequence[dict], kind: str) -> dict[tuple[str, str], dict[str, dict]]:
-    """(dataset, compression) -> method -> record, for the table cells of one kind."""
-    table: dict[tuple[str, str], dict[str, dict]] = {}
+Key = tuple[str, str, str]  # dataset, compression, variant
+
+
+def _main(records: Sequence[dict], kind: str) -> dict[Key, dict[str, list[dict]]]:
+    """(dataset, compression, variant) -> method -> records (one per seed), for the table cells of one kind."""
+    table: dict[Key, dict[str, list[dict]]] = {}
     for r in records:
         if r["kind"] == kind and r["study"] == "main":
-            table.setdefault((r["dataset"], r["compression"]), {})[r["method"]] = r
+            for variant in r.get("variants") or ["default"]:
+                table.setdefault((r["dataset"], r["compression"], variant), {}).setdefault(r["method"], []).append(r)
     return table
 
 
+def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _ppl(runs: Sequence[dict] | None, key: str = "perplexity") -> tuple[float | None, float | None]:
+    if not runs:
+        return None, None
+    return _mean_sd([r[key] for r in runs])
+
+
+def _with_sd(mean: float | None, sd: float | None) -> str:
+    return _num(mean) + ("" if sd is None else f" ± {sd:.3f}")
+
+
+def _labels(table: dict[Key, dict]) -> tuple[list[str], Callable[[Key], list[str]]]:
+    """Row labels: data and compression, and the variant when the grid has more than one."""
+    variants = len({key[2] for key in table}) > 1
+    headers = ["data", "compression"] + (["variant"] if variants else [])
+    return headers, (lambda key: list(key) if variants else list(key[:2]))
+
+
 def comparison(records: Sequence[dict], kind: str, baseline: str, title: str) -> Grid | None:
-    """Tables 2 and 3: baseline -> MoPs, with the gain and the gain in % (positive = MoPs better)."""
+    """Tables 2 and 3: baseline -> MoPs, with the gain and the gain in % (positive = MoPs better).
+
+    With several seeds each perplexity is a mean ± standard deviation, and MoPs counts as
+    better only when its gain exceeds the larger of the two spreads.
+    """
+    table = _main(records, kind)
+    label_headers, label = _labels(table)
     rows = []
-    for (dataset, compression), methods in _main(records, kind).items():
-        if baseline not in methods and "mops" not in methods:
-            continue
+    for key, methods in table.items():
         base, mops = methods.get(baseline), methods.get("mops")
-        b = base["perplexity"] if base else None
-        m = mops["perplexity"] if mops else None
+        if not base and not mops:
+            continue
+        (b, b_sd), (m, m_sd) = _ppl(base), _ppl(mops)
         gain = b - m if b is not None and m is not None else None
-        verdict = "-" if gain is None else ("MoPs" if gain > 0 else METHOD_NAMES[baseline])
+        spread = max(b_sd or 0.0, m_sd or 0.0)
+        if gain is None:
+            verdict = "-"
+        elif abs(gain) <= spread:
+            verdict = "within spread"
+        else:
+            verdict = "MoPs" if gain > 0 else METHOD_NAMES[baseline]
+        seeds = max(len(base or []), len(mops or []))
         rows.append([
-            dataset, compression, _num(base["perplexity_start"] if base else None), _num(b), _num(m), _num(gain),
+            *label(key), str(seeds), _num(_ppl(base, "perplexity_start")[0]), _with_sd(b, b_sd), _with_sd(m, m_sd), _num(gain),
             "-" if gain is None else f"{100 * gain / b:+.1f}%", verdict,
         ])
     if not rows:
         return None
-    headers = ["data", "compression", "start", METHOD_NAMES[baseline], "MoPs", "gain", "gain %", "better"]
+    headers = [*label_headers, "seeds", "start", METHOD_NAMES[baseline], "MoPs", "gain", "gain %", "better"]
     return Grid(title, headers, rows, "test perplexity (lower is better); gain = baseline - MoPs")
 
 
@@ -83,20 +123,21 @@ def peft_comparison(records: Sequence[dict], title: str) -> Grid | None:
     """Table 4: every centralized method at equal steps, with trainable-parameter counts."""
     table = _main(records, "centralized")
     methods = [m for m in ("prompt", "mops", "lora", "ia3") if any(m in row for row in table.values())]
-    if not table or len(methods) < 2:
+    if not table or not {"lora", "ia3"} & set(methods):
         return None
+    label_headers, label = _labels(table)
     params = {}
     for row in table.values():
-        for method, r in row.items():
-            params.setdefault(method, r.get("trainable_parameters"))
-    headers = ["data", "compression"] + [f"{METHOD_NAMES[m]} ({params[m]:,} params)" if params.get(m) else METHOD_NAMES[m] for m in methods]
+        for method, runs in row.items():
+            params.setdefault(method, runs[0].get("trainable_parameters"))
+    headers = label_headers + [f"{METHOD_NAMES[m]} ({params[m]:,} params)" if params.get(m) else METHOD_NAMES[m] for m in methods]
     rows = []
-    for (dataset, compression), row in table.items():
-        values = {m: row[m]["perplexity"] for m in methods if m in row}
-        best = min(values, key=values.get) if values else None
-        cells = [(_num(values.get(m)) + (" *" if m == best else "")) for m in methods]
-        rows.append([dataset, compression, *cells])
-    steps = sorted({r["steps"] for row in table.values() for r in row.values()})
+    for key, row in table.items():
+        values = {m: _ppl(row[m]) for m in methods if m in row}
+        best = min(values, key=lambda m: values[m][0]) if values else None
+        cells = [(_with_sd(*values[m]) + (" *" if m == best else "")) if m in values else "-" for m in methods]
+        rows.append([*label(key), *cells])
+    steps = sorted({r["steps"] for row in table.values() for runs in row.values() for r in runs})
     return Grid(title, headers, rows, f"test perplexity after {', '.join(map(str, steps))} steps; * best in the row")
 
 
@@ -107,15 +148,17 @@ def gate_diagnostics(records: Sequence[dict]) -> Grid | None:
         if r["method"] != "mops" or not r.get("gate_matrix"):
             continue
         task_entropy = [e for e in r.get("task_entropy") or [] if e is not None]
+        where = " ".join([r["dataset"], r["compression"], *[v for v in r.get("variants") or [] if v != "default"]])
         rows.append([
-            r["kind"], f"{r['dataset']} {r['compression']}" + ("" if r["study"] == "main" else f" ({r['study']} {_study_value(r)})"),
+            r["kind"], f"{where} seed {r['settings']['seed']}" + ("" if r["study"] == "main" else f" ({r['study']} {_study_value(r)})"),
             _num(r.get("gate_entropy"), 2), _num(sum(task_entropy) / len(task_entropy) if task_entropy else None, 2),
-            " ".join(f"{s:.2f}" for s in r.get("expert_share") or []), _num(r.get("routing_accuracy"), 2),
+            " ".join(f"{s:.2f}" for s in r.get("expert_share") or []),
+            f"{_num(r.get('routing_accuracy_start'), 2)} -> {_num(r.get('routing_accuracy'), 2)}",
         ])
     if not rows:
         return None
     experts = max(len(r.get("expert_share") or []) for r in records if r["method"] == "mops") or 1
-    headers = ["kind", "cell", "entropy/sample", "entropy of task mean", "expert shares", "routing acc."]
+    headers = ["kind", "cell", "entropy/sample", "entropy of task mean", "expert shares", "routing acc. (start -> end)"]
     return Grid("Gate collapse diagnostics (MoPs, test split)", headers, rows, f"nats; uniform = {math.log(experts):.2f}")
 
 
@@ -152,8 +195,12 @@ def write_figures(records: Sequence[dict], folder: Path) -> list[Path]:
             groups.setdefault((r["kind"], r["dataset"], r["compression"]), []).append(r)
     for (kind, dataset, compression), group in groups.items():
         name = f"curve-{kind}-{dataset}-{compression.replace(':', '-')}.png"
-        series = {METHOD_NAMES[r["method"]]: r["curve"]["y"] for r in group}
-        xs = {METHOD_NAMES[r["method"]]: r["curve"]["x"] for r in group}
+        many_seeds = len({r["settings"]["seed"] for r in group}) > 1
+        series, xs = {}, {}
+        for r in group:
+            label = " ".join([METHOD_NAMES[r["method"]], *[v for v in r.get("variants") or [] if v != "default"][:1]])
+            label += f" seed {r['settings']['seed']}" if many_seeds else ""
+            series[label], xs[label] = r["curve"]["y"], r["curve"]["x"]
         ylabel = group[0]["curve"]["label"]
         smooth = 1 if kind == "federated" else max(1, min(25, min(len(s) for s in series.values()) // 8))
         written.append(report.plot_curve(
@@ -167,6 +214,10 @@ def write_figures(records: Sequence[dict], folder: Path) -> list[Path]:
                 title=f"Mean gate score per task: {r['kind']} {r['dataset']} {r['compression']}",
                 present=[t for t, e in zip(r["tasks"], r.get("task_entropy") or []) if e is not None] or None,
             ))
+    for kind, baseline in (("centralized", "prompt"), ("federated", "fedprompt")):
+        path = _variants_figure(records, kind, baseline, folder / f"variants-{kind}.png")
+        if path:
+            written.append(path)
     for study, label, figure in (("inject-layer", "L_int (inject-layer)", "fig2-inject-layer.png"),
                                  ("prompts-per-expert", "prompts per expert", "fig3-prompts-per-expert.png")):
         path = _sweep(records, study, label, folder / figure)
@@ -192,3 +243,15 @@ def _sweep(records: Sequence[dict], study: str, label: str, path: Path) -> Path 
         series, path, x=xs, xlabel=label, ylabel="test perplexity",
         title=f"centralized, {anchor['dataset']}, {anchor['compression']}",
     )
+
+
+def _variants_figure(records: Sequence[dict], kind: str, baseline: str, path: Path) -> Path | None:
+    """Ablations side by side: mean test perplexity (± sd over seeds) of baseline and MoPs per variant."""
+    table = _main(records, kind)
+    if len({key[2] for key in table}) < 2:
+        return None
+    groups = {}
+    for (dataset, compression, variant), methods in table.items():
+        label = variant if len({k[:2] for k in table}) == 1 else f"{variant}\n{dataset} {compression}"
+        groups[label] = {METHOD_NAMES[m]: _ppl(methods.get(m)) for m in (baseline, "mops") if methods.get(m)}
+    return report.plot_bars(groups, path, ylabel="test perplexity", title=f"{kind}: variants (mean ± sd over seeds)")

@@ -1,0 +1,148 @@
+"""Each remedy of the gate and the prompts changes what it claims to, on tiny models (issue 9)."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from helpers import tiny_base
+from test_model import QLENS, TEXTS, batch_of, make_model
+
+from mops_core.config import MoPsConfig, Settings, TrainConfig
+from mops_core.model import MoPsModel
+from mops_core.settings import SettingsError
+from mops_core.train import GateRegulariser, make_mops_optimizer, train_steps
+
+
+def with_cfg(model: MoPsModel, **changes) -> MoPsModel:
+    model.cfg = dataclasses.replace(model.cfg, **changes)
+    return model
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+@torch.no_grad()
+def test_temperature_and_floor_shape_the_scores_exactly(tokenizer):
+    model = make_model(tokenizer)
+    logits = torch.randn(5, 3) * 3
+    plain = model.gate_log_probs(logits).exp()
+    torch.testing.assert_close(plain, torch.softmax(logits, -1))
+    soft = with_cfg(model, gate_temperature=2.0).gate_log_probs(logits).exp()
+    torch.testing.assert_close(soft, torch.softmax(logits / 2, -1))
+    assert (entropy(soft) > entropy(plain)).all()
+    floored = with_cfg(model, gate_temperature=1.0, gate_floor=0.1).gate_log_probs(logits).exp()
+    torch.testing.assert_close(floored, 0.1 + 0.7 * torch.softmax(logits, -1))
+    assert (floored >= 0.1 - 1e-7).all() and torch.allclose(floored.sum(-1), torch.ones(5))
+
+
+def test_router_noise_acts_only_while_training(tokenizer):
+    model = with_cfg(make_model(tokenizer), gate_noise=1.0)
+    logits = torch.zeros(4, 3)
+    with torch.no_grad():
+        assert torch.equal(model.gate_log_probs(logits), model.gate_log_probs(logits))
+    with torch.enable_grad():
+        assert not torch.equal(model.gate_log_probs(logits), model.gate_log_probs(logits))
+
+
+@torch.no_grad()
+def test_gate_inputs_read_what_they_say(tokenizer):
+    model = make_model(tokenizer)
+    batch = batch_of(tokenizer, TEXTS, QLENS)
+    state = model.lower(batch["input_ids"], batch["attention_mask"], batch["question_mask"])
+    k = model.num_prompts
+    for i, q in enumerate(QLENS):
+        question = state.hidden[i, 1 + k : 1 + k + q]
+        prompts = state.hidden[i, 1 : 1 + k]
+        torch.testing.assert_close(state.gate_input[i], torch.cat([prompts, question]).mean(0))
+        with_cfg(model, gate_input="question")
+        alone = model.lower(batch["input_ids"], batch["attention_mask"], batch["question_mask"]).gate_input[i]
+        torch.testing.assert_close(alone, question.mean(0))
+        with_cfg(model, gate_input="last")
+        last = model.lower(batch["input_ids"], batch["attention_mask"], batch["question_mask"]).gate_input[i]
+        torch.testing.assert_close(last, question[-1])
+        with_cfg(model, gate_input="prompts+question")
+
+
+def collapsed_model(tokenizer) -> MoPsModel:
+    model = make_model(tokenizer)
+    with torch.no_grad():
+        model.gate.fc2.weight.zero_()
+        model.gate.fc2.bias.copy_(torch.tensor([4.0, 0.0, 0.0]))  # nearly everything to expert 0
+    return model
+
+
+def train_gate(model, tokenizer, regulariser, steps=30):
+    from helpers import toy_records
+
+    from mops_core.data import TASKS, Formatter
+
+    examples = Formatter(tokenizer, 64, TASKS["dolly"]).examples(toy_records(TASKS["dolly"][:3], 4))
+    optimizer = torch.optim.AdamW(model.gate.parameters(), lr=3e-3)
+    train_steps(model, examples, steps, optimizer, pad_id=tokenizer.pad_token_id, batch_size=2, progress=False, regulariser=regulariser)
+    with torch.no_grad():
+        from mops_core.data import collate
+
+        gate = model(**collate(examples, tokenizer.pad_token_id)).gate
+    return entropy(gate.mean(0)).item(), entropy(gate).mean().item()
+
+
+def test_balance_term_spreads_a_collapsed_gate_over_the_experts(tokenizer):
+    share_plain, _ = train_gate(collapsed_model(tokenizer), tokenizer, None)
+    share_balanced, _ = train_gate(collapsed_model(tokenizer), tokenizer, GateRegulariser(balance=1.0))
+    assert share_balanced > share_plain + 0.2, (share_plain, share_balanced)
+    assert share_balanced > 0.8 * math.log(3)
+
+
+def test_sharpness_term_lowers_the_entropy_per_input(tokenizer):
+    uniform = make_model(tokenizer)
+    with torch.no_grad():
+        uniform.gate.fc2.weight.mul_(0.01)
+        uniform.gate.fc2.bias.zero_()
+    start = dict(uniform.state_dict())
+    _, plain = train_gate(uniform, tokenizer, None)
+    uniform.load_state_dict(start)
+    _, sharp = train_gate(uniform, tokenizer, GateRegulariser(sharpness=1.0))
+    assert sharp < plain - 0.1, (plain, sharp)
+
+
+def test_automatic_prompt_lr_follows_the_prompts_scale(tokenizer):
+    model = make_model(tokenizer)
+    model.init_prompts_from_input()
+    rms = model.prompts.detach().pow(2).mean().sqrt().item()  # the prompts start as their hidden states
+    optimizer = make_mops_optimizer(model, TrainConfig(lr=1e-3))
+    assert optimizer.param_groups[0]["params"] == [model.prompts]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * rms, rel=1e-5)
+    assert optimizer.param_groups[1]["lr"] == 1e-3 and len(optimizer.param_groups[1]["params"]) == 4
+    fixed = make_mops_optimizer(model, TrainConfig(lr=1e-3, prompt_lr=5e-3))
+    assert fixed.param_groups[0]["lr"] == 5e-3
+
+
+def test_regulariser_leaves_the_recorded_loss_alone_and_is_off_by_default(tokenizer):
+    assert GateRegulariser.from_config(TrainConfig()) is None
+    gate = torch.tensor([[0.9, 0.05, 0.05]], requires_grad=True)
+    loss = GateRegulariser(balance=1.0)(gate)
+    expected = (gate * (gate * 3).log()).sum()
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [("gate-floor", 0.5, "1/experts"), ("gate-temperature", 0.0, "above 0"), ("gate-noise", -1.0, "0 or more"),
+     ("gate-balance", -0.1, "0 or more"), ("gate-input", "mean", "gate-input")],
+)
+def test_impossible_remedy_settings_name_the_key(key, value, words):
+    with pytest.raises(SettingsError, match=key.replace("-", "[-_]")) as info:
+        Settings.from_flat({key: value})
+    assert words.replace("-", "_") in str(info.value).replace("-", "_")
+
+
+def test_defaults_keep_the_sink_out_of_the_gate_with_every_remedy(tokenizer):
+    base = tiny_base(len(tokenizer))
+    cfg = MoPsConfig(experts=3, prompts_per_expert=2, inject_layer=2, gate_hidden=16, gate_floor=0.1, gate_temperature=0.5)
+    model = MoPsModel(base, cfg, sink_token_id=tokenizer.bos_token_id)
+    log_g = model.gate_log_probs(torch.randn(2, 3))
+    bias = model.key_bias(log_g, 20)[:, 0, 0]
+    assert (bias[:, 0] == 0).all() and (bias[:, 7:] == 0).all()
+    torch.testing.assert_close(bias[:, 1:7], log_g.repeat_interleave(2, 1))
