@@ -151,7 +151,11 @@ def run_grid(
             console.print(f"[dim]cell {number}/{len(grid)} {cell.id}: finished before, skipped[/dim]")
             records.append(done)
             continue
-        console.rule(f"cell {number}/{len(grid)}: {cell.kind} {cell.method}, {cell.dataset}, {cell.compression} ({cell.study})")
+        named = ", ".join(v for v in cell.variants if v != "default")
+        console.rule(
+            f"cell {number}/{len(grid)}: {cell.kind} {cell.method}, {cell.dataset}, {cell.compression}, seed {cell.settings['seed']}"
+            + (f" ({cell.study})" if cell.study != "main" else "") + (f" [{named}]" if named else "")
+        )
         runner = centralized_runner if cell.kind == "centralized" else federated_runner
         cell_started = time.perf_counter()
         try:
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             for cell in grid:
                 state = "finished" if any(r["id"] == cell.id for r in finished) else "to run"
-                console.print(f"{cell.id:55s} {cell.study:20s} {state}")
+                console.print(f"{cell.id:48s} {cell.study:18s} {state:8s} {', '.join(cell.variants)}", soft_wrap=True)
         if args.tables:
             write_outputs(finished, out, meta={"profile": profile.name}, show=True)
         return 0
