@@ -150,22 +150,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _read_questions(path: Path) -> list[dict]:
     """JSONL of {"instruction": ..., "context" or "input": ...}; a bad line is named."""
-    import json
+    from .data import read_jsonl
 
-    from .data import DataError
-
-    questions = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
-            raise DataError(f"{path}:{lineno}: expected an object with a string 'instruction'")
-        questions.append(row)
-    return questions
+    return read_jsonl(path, ("instruction",))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

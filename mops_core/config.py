@@ -60,6 +60,11 @@ class MoPsConfig:
         "what the gate reads entering inject-layer: the mean over prompts and question (the paper's "
         "average), the mean over the question alone, or the question's last token",
     )
+    gate_scale: Literal["one", "experts"] = field(
+        "one",
+        "what weighs expert e's prompts: g_e (the paper; a uniform gate turns every prompt down to 1/E) "
+        "or E g_e (a uniform gate leaves the prompts as the ungated baseline has them)",
+    )
     gate_temperature: float = field(1.0, "softmax temperature of the expert scores (above 1 = softer, below = sharper)")
     gate_floor: float = field(0.0, "least score of every expert: g = floor + (1 - E floor) softmax (below 1/E)")
     gate_noise: float = field(0.0, "std of Gaussian noise on the gate logits while training (router noise)")

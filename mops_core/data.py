@@ -78,7 +78,7 @@ class Example:
 # ---------------------------------------------------------------------------- reading
 
 
-def _read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
+def read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
     rows = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -135,7 +135,7 @@ def _load_dolly(folder: Path) -> list[Record]:
     path = folder / DOLLY_FILE
     if not path.exists():
         raise DataError(f"Dolly file not found: {path}")
-    rows = _read_jsonl(path, ("instruction", "context", "response", "category"))
+    rows = read_jsonl(path, ("instruction", "context", "response", "category"))
     return _dolly_records(rows)
 
 
@@ -156,7 +156,7 @@ def _load_sni(folder: Path) -> list[Record]:
         if not path.exists():
             missing.append(task)
             continue
-        rows = _read_jsonl(path, ("definition", "input", "output"))
+        rows = read_jsonl(path, ("definition", "input", "output"))
         records += [Record(r["definition"].strip(), r["input"].strip(), r["output"].strip(), task) for r in rows]
     if missing:
         log.warning("SNI tasks missing under %s/sni (their experts get no data): %s", folder, ", ".join(missing))

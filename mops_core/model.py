@@ -24,6 +24,8 @@ so training starts exactly from the input-prompt-tuned model.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -230,17 +232,24 @@ class MoPsModel(nn.Module):
         """(B, E) -> (B, K): each expert's value repeated over its prompts."""
         return per_expert.repeat_interleave(self.prompts_per_expert, dim=1)
 
+    @property
+    def gate_gain(self) -> float:
+        """What multiplies g before it weighs the prompts: 1 (the paper), or E, so that a uniform
+        gate weighs every prompt 1, exactly as the ungated baseline does, and the gate only shifts
+        weight between experts instead of also turning all of them down by 1/E."""
+        return float(self.experts) if self.cfg.gate_scale == "experts" else 1.0
+
     def key_bias(self, log_gate: torch.Tensor, length: int) -> torch.Tensor:
-        """(B, 1, 1, S) additive bias on attention logits: log g_e on expert e's prompt keys.
+        """(B, 1, 1, S) additive bias on attention logits: log(gain g_e) on expert e's prompt keys.
 
         Zero on the sink and the text, so only attention *to the prompts* is re-weighted.
         """
-        bias = F.pad(self.per_prompt(log_gate), (1, length - 1 - self.num_prompts))
+        bias = F.pad(self.per_prompt(log_gate + math.log(self.gate_gain)), (1, length - 1 - self.num_prompts))
         return bias.view(log_gate.shape[0], 1, 1, length)
 
     def prompt_scale(self, gate: torch.Tensor, length: int) -> torch.Tensor:
-        """(B, S, 1) multiplier for the literal 'hidden' mode: g_e on expert e's prompts, 1 elsewhere."""
-        return F.pad(self.per_prompt(gate), (1, length - 1 - self.num_prompts), value=1.0).unsqueeze(-1)
+        """(B, S, 1) multiplier for the literal 'hidden' mode: gain g_e on expert e's prompts, 1 elsewhere."""
+        return F.pad(self.per_prompt(gate * self.gate_gain), (1, length - 1 - self.num_prompts), value=1.0).unsqueeze(-1)
 
     def _final(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.base.lm_head(self.base.model.norm(hidden)).float()

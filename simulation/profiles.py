@@ -89,6 +89,7 @@ ABLATION = Profile(
         "prompt lr x RMS": {},
         "+ balance": {"gate-balance": 0.05},
         "+ question input": {"gate-input": "question"},
+        "+ E g": {"gate-scale": "experts"},
     },
 )
 
@@ -122,7 +123,7 @@ class Cell:
 # Settings that act only on a gated model: a baseline cell keeps their defaults, so that variants
 # of the gate share one baseline run instead of recomputing identical ones.
 GATE_ONLY = (
-    "gating", "gate-hidden", "gate-input-norm", "gate-input", "gate-temperature", "gate-floor", "gate-noise",
+    "gating", "gate-hidden", "gate-input-norm", "gate-input", "gate-scale", "gate-temperature", "gate-floor", "gate-noise",
     "gate-balance", "gate-sharpness", "gate-pretrain-steps", "gate-pretrain-samples", "gate-pretrain-lr",
 )
 

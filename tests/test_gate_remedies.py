@@ -146,3 +146,21 @@ def test_defaults_keep_the_sink_out_of_the_gate_with_every_remedy(tokenizer):
     bias = model.key_bias(log_g, 20)[:, 0, 0]
     assert (bias[:, 0] == 0).all() and (bias[:, 7:] == 0).all()
     torch.testing.assert_close(bias[:, 1:7], log_g.repeat_interleave(2, 1))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("gating", ["attention", "hidden"])
+def test_scaled_gate_at_uniform_is_the_ungated_baseline(tokenizer, gating):
+    """gate-scale = experts: E g = 1 for a uniform gate, so MoPs starts exactly where the baseline is."""
+    batch = batch_of(tokenizer, TEXTS, QLENS)
+    scaled = make_model(tokenizer, gating=gating)
+    scaled.cfg = dataclasses.replace(scaled.cfg, gate_scale="experts")
+    scaled.gate.fc2.weight.zero_()
+    scaled.gate.fc2.bias.zero_()
+    baseline = make_model(tokenizer, gating=gating, method="prompt")
+    baseline.load_state_dict({k: v for k, v in scaled.state_dict().items() if not k.startswith("gate.")})
+    real = batch["attention_mask"].bool()
+    expected = baseline(**batch, return_logits=True).logits[real]
+    torch.testing.assert_close(scaled(**batch, return_logits=True).logits[real], expected, atol=1e-5, rtol=1e-5)
+    paper = with_cfg(scaled, gate_scale="one")
+    assert not torch.allclose(paper(**batch, return_logits=True).logits[real], expected, atol=1e-3)

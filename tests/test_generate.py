@@ -100,7 +100,7 @@ def test_cli_generate_one_question_and_a_file(trained_checkpoint, tmp_path, caps
     assert [r["instruction"] for r in rows] == ["abc", "ijk"] and all(len(r["gate"]) == 7 for r in rows)
     questions.write_text('{"instruction": "abc"}\n{"question": "no instruction"}\n')
     assert main(["generate", str(trained_checkpoint), "--input-file", str(questions), "--output", str(answers), "--no-progress"]) == 2
-    assert f"{questions}:2: expected an object with a string 'instruction'" in capsys.readouterr().out
+    assert f"{questions}:2: missing field(s) instruction" in capsys.readouterr().out
 
 
 def test_generating_on_another_base_fails_clearly(trained_checkpoint, tmp_path, tokenizer, capsys):
