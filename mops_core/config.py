@@ -56,12 +56,12 @@ class MoPsConfig:
         "rms", "normalise the gate's input (the mean hidden state) to unit RMS, or feed it raw"
     )
     gate_input: Literal["prompts+question", "question", "last"] = field(
-        "prompts+question",
+        "question",
         "what the gate reads entering inject-layer: the mean over prompts and question (the paper's "
         "average), the mean over the question alone, or the question's last token",
     )
     gate_scale: Literal["one", "experts"] = field(
-        "one",
+        "experts",
         "what weighs expert e's prompts: g_e (the paper; a uniform gate turns every prompt down to 1/E) "
         "or E g_e (a uniform gate leaves the prompts as the ungated baseline has them)",
     )

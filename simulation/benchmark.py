@@ -34,7 +34,7 @@ from mops_core.settings import SettingsError
 
 from . import tables
 from .launch import PROJECT, launch
-from .profiles import PEFT_METHODS, PROFILES, Cell, Profile, cells
+from .profiles import PEFT_METHODS, PROFILES, Cell, Profile, cells, same_settings
 
 console = Console()
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def finished_record(cell: Cell, folder: Path) -> dict | None:
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None  # a damaged marker: run the cell again
-    if saved.get("settings") != cell.settings or saved.get("method") != cell.method:
+    if not same_settings(saved.get("settings", {}), cell.settings) or saved.get("method") != cell.method:
         return None
     return {**saved, "variants": list(cell.variants)}  # the grid may give a finished run more names
 

@@ -114,10 +114,23 @@ class Cell:
 
     @property
     def id(self) -> str:
-        """Readable and unique: a changed setting is another cell (and finished cells stay finished)."""
-        digest = hashlib.sha256(json.dumps([self.kind, self.method, self.settings], sort_keys=True).encode()).hexdigest()[:8]
+        """Readable and unique: the hash of the settings that differ from the defaults.
+
+        A setting added later (at a default that keeps the old behaviour) leaves the ids of
+        finished cells alone; whether a finished cell still matches is `same_settings`' call.
+        """
+        changed = {k: v for k, v in self.settings.items() if DEFAULTS.get(k, object()) != v}
+        digest = hashlib.sha256(json.dumps([self.kind, self.method, changed], sort_keys=True).encode()).hexdigest()[:8]
         compression = self.compression.replace(":", "-")
         return f"{self.kind[:4]}-{self.method}-{self.dataset}-{compression}-{digest}"
+
+
+DEFAULTS = Settings().to_flat()
+
+
+def same_settings(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a finished cell ran with these settings; a key it predates must be at its default."""
+    return all(saved.get(k, DEFAULTS.get(k)) == v for k, v in current.items()) and set(saved) <= set(current)
 
 
 # Settings that act only on a gated model: a baseline cell keeps their defaults, so that variants
@@ -132,8 +145,7 @@ def _settings(flat: dict[str, Any], gated: bool) -> dict[str, Any]:
     """Validated and complete: a wrong key or value fails here, before any cell runs."""
     settings = Settings.from_flat(flat).to_flat()
     if not gated:
-        defaults = Settings().to_flat()
-        settings.update({k: defaults[k] for k in GATE_ONLY})
+        settings.update({k: DEFAULTS[k] for k in GATE_ONLY})
     return settings
 
 

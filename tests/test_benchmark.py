@@ -86,6 +86,13 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
 
     again, _ = run_grid(grid, out, centralized_runner=refuse, progress=False)
     assert [r["id"] for r in again] == [r["id"] for r in records]
+    # A cell finished before a setting existed (saved without its key) still counts, at that key's default.
+    marker = out / "cells" / records[0]["id"] / CELL_FILE
+    saved = json.loads(marker.read_text())
+    del saved["settings"]["gate-scale"]
+    marker.write_text(json.dumps(saved))
+    again, _ = run_grid(grid, out, centralized_runner=refuse, progress=False)
+    assert len(again) == 3
     changed = cells(tiny_profile, {"steps": 9})
     ran = []
 

@@ -48,7 +48,7 @@ def test_router_noise_acts_only_while_training(tokenizer):
 
 @torch.no_grad()
 def test_gate_inputs_read_what_they_say(tokenizer):
-    model = make_model(tokenizer)
+    model = with_cfg(make_model(tokenizer), gate_input="prompts+question")
     batch = batch_of(tokenizer, TEXTS, QLENS)
     state = model.lower(batch["input_ids"], batch["attention_mask"], batch["question_mask"])
     k = model.num_prompts
@@ -145,7 +145,7 @@ def test_defaults_keep_the_sink_out_of_the_gate_with_every_remedy(tokenizer):
     log_g = model.gate_log_probs(torch.randn(2, 3))
     bias = model.key_bias(log_g, 20)[:, 0, 0]
     assert (bias[:, 0] == 0).all() and (bias[:, 7:] == 0).all()
-    torch.testing.assert_close(bias[:, 1:7], log_g.repeat_interleave(2, 1))
+    torch.testing.assert_close(bias[:, 1:7], (log_g + math.log(3)).repeat_interleave(2, 1))  # E g, E = 3
 
 
 @torch.no_grad()

@@ -85,7 +85,7 @@ def reference_forward(model, batch, *, use_gate=True):
         x = state.gate_input
         x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         g = torch.softmax(model.gate.fc2(torch.relu(model.gate.fc1(x))), dim=-1)
-        key_weight[:, 1 : 1 + k] = g.repeat_interleave(model.prompts_per_expert, dim=1)
+        key_weight[:, 1 : 1 + k] = model.gate_gain * g.repeat_interleave(model.prompts_per_expert, dim=1)
     valid = torch.cat([torch.ones(b, 1 + k, dtype=torch.bool), batch["attention_mask"].bool()], 1)
     allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & valid[:, None, :]
     config = model.base.config
@@ -216,7 +216,7 @@ def test_gate_reads_question_only_and_sink_is_never_gated(tokenizer):
     bias = model.key_bias(log_g, length)[:, 0, 0]
     assert (bias[:, 0] == 0).all(), "the sink must never be gated"
     assert (bias[:, 1 + k :] == 0).all(), "text keys must never be gated"
-    torch.testing.assert_close(bias[:, 1 : 1 + k], log_g.repeat_interleave(model.prompts_per_expert, 1))
+    torch.testing.assert_close(bias[:, 1 : 1 + k], (log_g + math.log(model.gate_gain)).repeat_interleave(model.prompts_per_expert, 1))
     scale = model.prompt_scale(log_g.exp(), length)[..., 0]
     assert (scale[:, 0] == 1).all() and (scale[:, 1 + k :] == 1).all()
 
