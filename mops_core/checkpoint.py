@@ -38,6 +38,11 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
 
 
+# What a checkpoint written before a setting existed ran with, where the default has changed since:
+# such a checkpoint keeps meaning what it meant.
+PREDATED = {"gate-scale": "one", "gate-input": "prompts+question", "prompt-lr": 1e-3}
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -47,7 +52,7 @@ class Checkpoint:
     @property
     def settings(self) -> Settings:
         try:
-            return Settings.from_flat(self.config["settings"], context=f"checkpoint {self.path}")
+            return Settings.from_flat({**PREDATED, **self.config["settings"]}, context=f"checkpoint {self.path}")
         except SettingsError as exc:
             raise CheckpointError(f"{self.path / CONFIG_FILE}: {exc}") from exc
 

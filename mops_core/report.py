@@ -98,7 +98,7 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -133,7 +133,10 @@ def plot_curve(
     if integer_x:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and rounds are whole numbers
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if len(series) > 6:  # many lines: the legend beside the plot, not over it
+        fig.set_size_inches(10, 4)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    elif len(series) > 1:
         ax.legend()
     return _save(fig, path)
 

@@ -117,17 +117,29 @@ def cell_tasks(results: dict) -> list[str]:
 Runner = Callable[..., dict]
 
 
-def finished_record(cell: Cell, folder: Path) -> dict | None:
-    path = folder / CELL_FILE
-    if not path.exists():
-        return None
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # a damaged marker: run the cell again
-    if not same_settings(saved.get("settings", {}), cell.settings) or saved.get("method") != cell.method:
-        return None
-    return {**saved, "variants": list(cell.variants)}  # the grid may give a finished run more names
+def finished_cells(out_dir: Path) -> list[dict]:
+    """Every finished cell under `out_dir/cells/`, whatever its folder is called."""
+    found = []
+    for path in sorted((Path(out_dir) / "cells").glob(f"*/{CELL_FILE}")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue  # a damaged marker: the cell runs again
+    return found
+
+
+def finished_record(cell: Cell, finished: Sequence[dict]) -> dict | None:
+    """The finished run of this cell: same kind, method and settings (a key it predates at its default).
+
+    Matched on content, not on the folder name, so that changed defaults or added settings never
+    make a finished run count for other settings, nor hide one that still matches.
+    """
+    for saved in finished:
+        if saved.get("kind") == cell.kind and saved.get("method") == cell.method and same_settings(
+            saved.get("settings", {}), cell.settings, gated=cell.method == "mops"
+        ):
+            return {**saved, "variants": list(cell.variants), "study": cell.study}  # the grid may give a run more names
+    return None
 
 
 def run_grid(
@@ -144,11 +156,12 @@ def run_grid(
     records: list[dict] = []
     failures: list[tuple[Cell, str]] = []
     started = time.perf_counter()
+    finished = finished_cells(out_dir)
     for number, cell in enumerate(grid, 1):
         folder = out_dir / "cells" / cell.id
-        done = finished_record(cell, folder)
+        done = finished_record(cell, finished)
         if done is not None:
-            console.print(f"[dim]cell {number}/{len(grid)} {cell.id}: finished before, skipped[/dim]")
+            console.print(f"[dim]cell {number}/{len(grid)} {done['id']}: finished before, skipped[/dim]")
             records.append(done)
             continue
         named = ", ".join(v for v in cell.variants if v != "default")
@@ -234,12 +247,15 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         return 2
     if args.dry_run or args.tables:
-        finished = [r for c in grid if (r := finished_record(c, out / "cells" / c.id)) is not None]
+        matches = {cell.id: finished_record(cell, finished_cells(out)) for cell in grid}
+        finished = [r for r in matches.values() if r is not None]
         if args.dry_run:
             for cell in grid:
-                state = "finished" if any(r["id"] == cell.id for r in finished) else "to run"
+                state = "finished" if matches[cell.id] is not None else "to run"
                 console.print(f"{cell.id:48s} {cell.study:18s} {state:8s} {', '.join(cell.variants)}", soft_wrap=True)
-        if args.tables:
+        if args.tables and not finished:
+            console.print(f"no finished cell of this grid in {out}; nothing written")
+        elif args.tables:
             write_outputs(finished, out, meta={"profile": profile.name}, show=True)
         return 0
     console.print(f"benchmark '{profile.name}': {profile.description}; {len(grid)} cells -> {out}")

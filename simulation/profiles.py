@@ -73,6 +73,9 @@ PAPER = Profile(
     sweep_baseline=True,
 )
 
+# The paper's literal choices, spelled out so that the ablation means the same whatever the defaults are.
+PAPER_GATE = {"prompt-lr": 1e-3, "gate-scale": "one", "gate-input": "prompts+question", "gate-balance": 0.0}
+
 ABLATION = Profile(
     name="ablation",
     description="issue 9: what makes the mixture pay, centralized, SmolLM2, Dolly, SparseGPT 75%, two seeds",
@@ -85,11 +88,12 @@ ABLATION = Profile(
     centralized={"steps": 100},
     seeds=(0, 1),
     variants={
-        "paper (one lr)": {"prompt-lr": 1e-3},
-        "prompt lr x RMS": {},
-        "+ balance": {"gate-balance": 0.05},
-        "+ question input": {"gate-input": "question"},
-        "+ E g": {"gate-scale": "experts"},
+        "paper (one lr)": PAPER_GATE,
+        "prompt lr x RMS": {**PAPER_GATE, "prompt-lr": 0.0},
+        "+ balance": {**PAPER_GATE, "prompt-lr": 0.0, "gate-balance": 0.05},
+        "+ question input": {**PAPER_GATE, "prompt-lr": 0.0, "gate-input": "question"},
+        "+ E g": {**PAPER_GATE, "prompt-lr": 0.0, "gate-scale": "experts"},
+        "defaults": {},
     },
 )
 
@@ -114,13 +118,12 @@ class Cell:
 
     @property
     def id(self) -> str:
-        """Readable and unique: the hash of the settings that differ from the defaults.
+        """Readable and unique: the folder a new run of this cell writes (its full settings hashed).
 
-        A setting added later (at a default that keeps the old behaviour) leaves the ids of
-        finished cells alone; whether a finished cell still matches is `same_settings`' call.
+        Finished runs are found by their content (`same_settings`), not by this name, so a
+        setting added later leaves them usable.
         """
-        changed = {k: v for k, v in self.settings.items() if DEFAULTS.get(k, object()) != v}
-        digest = hashlib.sha256(json.dumps([self.kind, self.method, changed], sort_keys=True).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(json.dumps([self.kind, self.method, self.settings], sort_keys=True).encode()).hexdigest()[:8]
         compression = self.compression.replace(":", "-")
         return f"{self.kind[:4]}-{self.method}-{self.dataset}-{compression}-{digest}"
 
@@ -128,9 +131,13 @@ class Cell:
 DEFAULTS = Settings().to_flat()
 
 
-def same_settings(saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Whether a finished cell ran with these settings; a key it predates must be at its default."""
-    return all(saved.get(k, DEFAULTS.get(k)) == v for k, v in current.items()) and set(saved) <= set(current)
+def same_settings(saved: dict[str, Any], current: dict[str, Any], *, gated: bool = True) -> bool:
+    """Whether a finished run ran with these settings; a key it predates must be at its default.
+
+    For an ungated method the gate's settings do not act, so they do not count either.
+    """
+    keys = [k for k in current if gated or k not in GATE_ONLY]
+    return all(saved.get(k, DEFAULTS.get(k)) == current[k] for k in keys) and set(saved) <= set(current)
 
 
 # Settings that act only on a gated model: a baseline cell keeps their defaults, so that variants

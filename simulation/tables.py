@@ -189,6 +189,8 @@ def write_csv(records: Sequence[dict], path: Path) -> Path:
 def write_figures(records: Sequence[dict], folder: Path) -> list[Path]:
     """Curves per cell group, Fig. 4 per MoPs cell, Figs. 2 and 3 from the sweeps."""
     written = []
+    for stale in folder.glob("gate-*.png"):  # heatmaps of cells no longer in the grid would mislead
+        stale.unlink()
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in records:
         if r["study"] == "main":

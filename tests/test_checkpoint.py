@@ -6,6 +6,7 @@ from helpers import tiny_base, tiny_settings
 
 from mops_core import checkpoint
 from mops_core.checkpoint import CheckpointError
+from mops_core.config import Settings
 from mops_core.centralized import build_model
 
 
@@ -95,3 +96,12 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, tokenizer, monkey
         checkpoint.save(path, model, settings, [], extra={"step": 2})
     assert json.loads((path / checkpoint.CONFIG_FILE).read_text())["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"], "no temporary leftovers"
+
+
+def test_a_checkpoint_older_than_a_changed_default_keeps_its_meaning(tmp_path):
+    from mops_core.checkpoint import Checkpoint
+
+    settings = Settings.from_flat({"gate-scale": "experts"}).to_flat()
+    older = {k: v for k, v in settings.items() if k not in ("gate-scale", "gate-input", "prompt-lr")}
+    assert Checkpoint(tmp_path, {"settings": older}, {}).settings.mops.gate_scale == "one"
+    assert Checkpoint(tmp_path, {"settings": settings}, {}).settings.mops.gate_scale == "experts"
