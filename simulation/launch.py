@@ -13,6 +13,7 @@ leaves running in the background once the run is over.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -122,14 +123,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=str(PROJECT / "runs" / "federated"), help="where results go")
     parser.add_argument("--run-config", action="append", default=[], help="settings, as for `flwr run --run-config`")
     args = parser.parse_args(argv)
-    return launch(
-        {"out-dir": str(Path(args.out_dir).resolve()), "min-available-nodes": args.supernodes},
+    out = Path(args.out_dir).resolve()
+    before = finished_rounds(out)
+    code = launch(
+        {"out-dir": str(out), "min-available-nodes": args.supernodes},
         extra_run_config=args.run_config,
         supernodes=args.supernodes,
         client_cpus=args.client_cpus,
         client_gpus=args.client_gpus,
         flwr_home=args.flwr_home,
     )
+    after = finished_rounds(out)
+    resuming = any("resume" in text and "true" in text for text in args.run_config)
+    if code == 0 and (after is None or (after == before and not resuming)):
+        # `flwr run` exits 0 even when the ServerApp raised (it prints "Exit Code: 700"): say so.
+        print(f"error: the run wrote no new round to {out}/results.json; see the ServerApp's error above", file=sys.stderr)
+        return 1
+    return code
+
+
+def finished_rounds(out_dir: Path) -> int | None:
+    """The last round results.json in `out_dir` holds, None when there is none."""
+    try:
+        rounds = json.loads((out_dir / "results.json").read_text()).get("rounds") or []
+    except (OSError, ValueError):
+        return None
+    return rounds[-1]["round"] if rounds else None
 
 
 if __name__ == "__main__":
