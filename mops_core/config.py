@@ -133,6 +133,9 @@ class TrainConfig:
         "learning rate of the injected prompts; 0 = lr x the RMS of their starting hidden states, so that they "
         "move at the pace of their scale (set it to lr for the paper's single rate)",
     )
+    gate_lr_scale: float = field(
+        1.0, "the gate's learning rate during tuning, as a multiple of lr; 0 keeps the pretrained gate fixed"
+    )
     gate_balance: float = field(0.0, "weight of KL(running mean gate || uniform): keeps every expert in use")
     gate_sharpness: float = field(0.0, "weight of the mean per-sample gate entropy: each input picks few experts")
     weight_decay: float = field(0.0, "AdamW weight decay")
@@ -162,7 +165,9 @@ class TrainConfig:
                 raise setting_error(name, f"must be a positive number, got {value}")
         if self.weight_decay < 0:
             raise setting_error("weight_decay", f"must be 0 or more, got {self.weight_decay}")
-        for name in ("activation_cache_mb", "activation_cache_disk_mb", "prompt_lr", "gate_balance", "gate_sharpness"):
+        for name in (
+            "activation_cache_mb", "activation_cache_disk_mb", "prompt_lr", "gate_lr_scale", "gate_balance", "gate_sharpness"
+        ):
             if not getattr(self, name) >= 0:
                 raise setting_error(name, f"must be 0 or more, got {getattr(self, name)}")
 

@@ -85,10 +85,14 @@ def prompt_learning_rate(model: MoPsModel, cfg: TrainConfig) -> float:
 
 
 def make_mops_optimizer(model: MoPsModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the experts (at the prompt learning rate) and the gate (at lr)."""
+    """AdamW over the experts (at the prompt learning rate) and the gate (at lr x gate-lr-scale).
+
+    A gate at scale 0 is left out of the optimizer altogether, so that it keeps its pretrained
+    routing exactly (and clients send back the gate they received).
+    """
     groups = [{"params": [model.prompts], "lr": prompt_learning_rate(model, cfg)}]
-    if model.gate is not None:
-        groups.append({"params": list(model.gate.parameters()), "lr": cfg.lr})
+    if model.gate is not None and cfg.gate_lr_scale > 0:
+        groups.append({"params": list(model.gate.parameters()), "lr": cfg.lr * cfg.gate_lr_scale})
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

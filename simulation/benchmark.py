@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="base model (hub id, local dir, or 'smollm2'); default: the profile's")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every cell (repeatable)")
     parser.add_argument("--only", choices=("centralized", "federated"), help="run one kind of cell")
+    parser.add_argument("--variants", help="comma-separated names of the profile's variants to run (default: all)")
     parser.add_argument("--supernodes", type=int, help="simulated clients of federated cells (default: the profile's)")
     parser.add_argument("--client-cpus", type=int, default=2, help="CPUs per ClientApp actor")
     parser.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per ClientApp actor (e.g. 0.25)")
@@ -239,6 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         profile = replace(profile, model=args.model)
     if args.supernodes:
         profile = replace(profile, supernodes=args.supernodes, federated={**profile.federated, "min-available-nodes": args.supernodes})
+    if args.variants:
+        names = [name.strip() for name in args.variants.split(",") if name.strip()]
+        unknown = [name for name in names if name not in profile.variants]
+        if unknown or not names:
+            console.print(f"[red]error:[/red] --variants: {unknown or names} not among profile '{profile.name}''s variants: "
+                          f"{', '.join(profile.variants)}", soft_wrap=True)
+            return 2
+        profile = replace(profile, variants={name: profile.variants[name] for name in names})
     out = args.out or PROJECT / "runs" / f"benchmark-{profile.name}"
     kinds = (args.only,) if args.only else ("centralized", "federated")
     try:

@@ -47,9 +47,9 @@ QUICK = Profile(
     model="smollm2",
     datasets=("dolly",),
     compressions=("sparsegpt:0.75", "sparsegpt:2:4"),
-    common={"eval-samples": 128},
-    centralized={"steps": 150},
-    federated={"num-server-rounds": 3, "local-steps": 10, "fraction-train": 0.1, "min-available-nodes": 100},
+    common={"eval-samples": 64},
+    centralized={"steps": 100},
+    federated={"num-server-rounds": 2, "local-steps": 10, "fraction-train": 0.1, "min-available-nodes": 100},
     supernodes=100,
     inject_layers=(5, 15),
     prompts_per_expert=(5, 20),
@@ -94,6 +94,9 @@ ABLATION = Profile(
         "+ question input": {**PAPER_GATE, "prompt-lr": 0.0, "gate-input": "question"},
         "+ E g": {**PAPER_GATE, "prompt-lr": 0.0, "gate-scale": "experts"},
         "defaults": {},
+        "defaults, gate lr x0.1": {"gate-lr-scale": 0.1},
+        "defaults, fixed gate": {"gate-lr-scale": 0.0},
+        "defaults + balance 0.5": {"gate-balance": 0.5},
     },
 )
 
@@ -144,7 +147,7 @@ def same_settings(saved: dict[str, Any], current: dict[str, Any], *, gated: bool
 # of the gate share one baseline run instead of recomputing identical ones.
 GATE_ONLY = (
     "gating", "gate-hidden", "gate-input-norm", "gate-input", "gate-scale", "gate-temperature", "gate-floor", "gate-noise",
-    "gate-balance", "gate-sharpness", "gate-pretrain-steps", "gate-pretrain-samples", "gate-pretrain-lr",
+    "gate-lr-scale", "gate-balance", "gate-sharpness", "gate-pretrain-steps", "gate-pretrain-samples", "gate-pretrain-lr",
 )
 
 

@@ -52,6 +52,15 @@ def test_a_wrong_setting_fails_before_any_cell_runs(capsys):
         parse_sets(["lr"])
 
 
+def test_variants_option_runs_the_named_variants_and_names_the_known_ones(capsys):
+    assert main(["--profile", "ablation", "--variants", "defaults", "--dry-run"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cent-")]
+    assert len(listed) == 4 and all(line.rstrip().endswith("defaults") for line in listed)  # 2 methods x 2 seeds
+    assert main(["--profile", "ablation", "--variants", "defaults,fast gate", "--dry-run"]) == 2
+    message = capsys.readouterr().out
+    assert "fast gate" in message and "paper (one lr)" in message
+
+
 def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
     grid = cells(tiny_profile)
     assert [(c.method, c.study) for c in grid] == [("prompt", "main"), ("mops", "main"), ("mops", "inject-layer")]

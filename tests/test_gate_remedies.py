@@ -119,6 +119,25 @@ def test_automatic_prompt_lr_follows_the_prompts_scale(tokenizer):
     assert fixed.param_groups[0]["lr"] == 5e-3
 
 
+def test_gate_lr_scale_slows_or_fixes_the_gate_while_the_prompts_train(tokenizer):
+    from helpers import toy_records
+
+    from mops_core.data import TASKS, Formatter
+
+    model = make_model(tokenizer)
+    half = make_mops_optimizer(model, TrainConfig(lr=1e-3, gate_lr_scale=0.5))
+    assert half.param_groups[1]["lr"] == pytest.approx(5e-4)
+    gate_before = {k: v.clone() for k, v in model.gate.state_dict().items()}
+    prompts_before = model.prompts.detach().clone()
+    fixed = make_mops_optimizer(model, TrainConfig(lr=1e-2, gate_lr_scale=0.0, weight_decay=0.1))
+    assert len(fixed.param_groups) == 1
+    examples = Formatter(tokenizer, 64, TASKS["dolly"]).examples(toy_records(TASKS["dolly"][:3], 2))
+    train_steps(model, examples, 3, fixed, pad_id=tokenizer.pad_token_id, batch_size=2, progress=False)
+    for key, value in model.gate.state_dict().items():
+        assert torch.equal(value, gate_before[key]), key
+    assert not torch.equal(model.prompts.detach(), prompts_before)
+
+
 def test_regulariser_leaves_the_recorded_loss_alone_and_is_off_by_default(tokenizer):
     assert GateRegulariser.from_config(TrainConfig()) is None
     gate = torch.tensor([[0.9, 0.05, 0.05]], requires_grad=True)
@@ -130,7 +149,7 @@ def test_regulariser_leaves_the_recorded_loss_alone_and_is_off_by_default(tokeni
 @pytest.mark.parametrize(
     "key, value, words",
     [("gate-floor", 0.5, "1/experts"), ("gate-temperature", 0.0, "above 0"), ("gate-noise", -1.0, "0 or more"),
-     ("gate-balance", -0.1, "0 or more"), ("gate-input", "mean", "gate-input")],
+     ("gate-balance", -0.1, "0 or more"), ("gate-lr-scale", -1.0, "0 or more"), ("gate-input", "mean", "gate-input")],
 )
 def test_impossible_remedy_settings_name_the_key(key, value, words):
     with pytest.raises(SettingsError, match=key.replace("-", "[-_]")) as info:

@@ -1,0 +1,79 @@
+"""Wall time of the default federated main job: this checkout against an earlier commit.
+
+    python benchmarks/main_job.py --before 3316f70 [--rounds 3] [--order after,before]
+
+Checks out `--before` into a temporary git worktree and runs the same main job there and here
+(`python -m simulation.launch` with the demo's settings from each checkout's pyproject.toml, the
+same interpreter, the same data and model cache), one after the other, each in its own Flower
+home and results folder. It prints each run's wall time, the seconds of each round as its
+results.json recorded them, and the ratio. The two runs share nothing that one could warm for
+the other except the dequantised base, which both load from the model cache: run a demo once
+beforehand so that neither pays for dequantising.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def run_main_job(checkout: Path, work: Path, rounds: int | None) -> dict:
+    out = work / "results"
+    command = [sys.executable, "-m", "simulation.launch", "--out-dir", str(out), "--flwr-home", str(work / "flwr")]
+    if rounds:
+        command += ["--run-config", f"num-server-rounds={rounds}"]
+    started = time.perf_counter()
+    code = subprocess.run(command, cwd=checkout).returncode
+    wall = time.perf_counter() - started
+    try:
+        history = json.loads((out / "results.json").read_text()).get("rounds") or []
+    except (OSError, ValueError):
+        history = []
+    return {"code": code, "wall": wall, "rounds": history}
+
+
+def round_seconds(history: list[dict]) -> list[float]:
+    """Each training round's seconds (sampling, client training, aggregation), as the server logged them."""
+    return [float(r.get("seconds", float("nan"))) for r in history if r.get("round", 0) > 0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", required=True, help="git commit to compare against (e.g. the one before a speed-up)")
+    parser.add_argument("--rounds", type=int, help="num-server-rounds for both (default: each pyproject's)")
+    parser.add_argument("--order", default="after,before", help="which runs first (the first may warm the OS file cache)")
+    args = parser.parse_args()
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="mops-main-job-") as tmp:
+        tmp_path = Path(tmp)
+        worktree = tmp_path / "before-checkout"
+        subprocess.run(["git", "worktree", "add", "--detach", str(worktree), args.before], cwd=PROJECT, check=True)
+        try:
+            for name in args.order.split(","):
+                checkout = PROJECT if name == "after" else worktree
+                print(f"--- {name}: {checkout} ---", flush=True)
+                results[name] = run_main_job(checkout, tmp_path / name, args.rounds)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=PROJECT, check=False)
+
+    print(f"\nmain job, before = {args.before}, after = this checkout")
+    for name, result in results.items():
+        last = result["rounds"][-1] if result["rounds"] else {}
+        per_round = ", ".join(f"{s:.1f}" for s in round_seconds(result["rounds"]))
+        print(f"  {name:6s} exit {result['code']}  wall {result['wall']:7.1f} s  rounds [{per_round}] s  "
+              f"last round {last.get('round', '-')}, ppl {last.get('perplexity', '-')}")
+    if all(r["code"] == 0 for r in results.values()) and len(results) == 2:
+        print(f"  after / before wall time: {results['after']['wall'] / results['before']['wall']:.2f}x")
+    return 0 if all(r["code"] == 0 for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
