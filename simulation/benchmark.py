@@ -1,6 +1,6 @@
 """MoPs against FedPrompt and the centralized baselines: the paper's tables and figures, one command.
 
-    python -m simulation.benchmark --profile quick            # SmolLM2, about an hour on 2 cores
+    python -m simulation.benchmark --profile quick            # SmolLM2, 85 min on a 2-core CPU
     python -m simulation.benchmark --profile paper --model meta-llama/Llama-2-7b-hf --client-gpus 0.25
     python -m simulation.benchmark --profile quick --tables   # redraw tables and figures only
 
@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
-from mops_core import atomic, centralized, peft_baselines
+from mops_core import atomic, centralized, checkpoint, peft_baselines
 from mops_core.config import Settings
 from mops_core.evaluate import gate_collapse
 from mops_core.settings import SettingsError
@@ -77,7 +77,7 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict
     common = {
         "id": cell.id, "kind": cell.kind, "method": cell.method, "study": cell.study, "variants": list(cell.variants),
         "dataset": cell.dataset, "compression": cell.compression, "settings": cell.settings,
-        "dir": str(folder), "wall_seconds": wall_seconds,
+        "dir": str(folder), "wall_seconds": wall_seconds, "inject_layer": resolved_inject_layer(folder),
     }
     if cell.kind == "centralized":
         after, losses = results["after"], results["train"]["losses"]
@@ -104,6 +104,14 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict
             "curve": {"x": [r["round"] for r in rounds], "y": [r["perplexity"] for r in rounds], "label": "test perplexity"},
         }
     return {**common, **row, **(gate_collapse(row["gate_matrix"]) or {})}
+
+
+def resolved_inject_layer(folder: Path) -> int | None:
+    """The layer a prompt run injected at (inject-layer -1 is a share of the depth), from its checkpoint."""
+    try:
+        return int(json.loads((folder / "checkpoint" / checkpoint.CONFIG_FILE).read_text())["inject_layer"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # PEFT baselines keep no MoPs checkpoint
 
 
 def cell_tasks(results: dict) -> list[str]:

@@ -234,17 +234,31 @@ def _sweep(records: Sequence[dict], study: str, label: str, path: Path) -> Path 
     if not swept:
         return None
     anchor = swept[0]
-    points: dict[str, dict[float, float]] = {}
-    for r in records:
-        same_place = r["kind"] == "centralized" and r["dataset"] == anchor["dataset"] and r["compression"] == anchor["compression"]
-        if same_place and r["study"] in (study, "main") and r["method"] in ("mops", "prompt"):
-            points.setdefault(METHOD_NAMES[r["method"]], {})[r["settings"][study]] = r["perplexity"]
+    points = sweep_points(records, study)
     series = {m: [v for _, v in sorted(p.items())] for m, p in points.items()}
     xs = {m: sorted(p) for m, p in points.items()}
     return report.plot_curve(
         series, path, x=xs, xlabel=label, ylabel="test perplexity",
         title=f"centralized, {anchor['dataset']}, {anchor['compression']}",
     )
+
+
+def sweep_points(records: Sequence[dict], study: str) -> dict[str, dict[float, float]]:
+    """{method name: {swept value: perplexity}} at the sweep's dataset and compression.
+
+    The main cell joins at its own value; an automatic inject-layer (-1) counts as the layer
+    the run resolved it to.
+    """
+    anchor = next(r for r in records if r["study"] == study)
+    points: dict[str, dict[float, float]] = {}
+    for r in records:
+        same_place = r["kind"] == "centralized" and r["dataset"] == anchor["dataset"] and r["compression"] == anchor["compression"]
+        if same_place and r["study"] in (study, "main") and r["method"] in ("mops", "prompt"):
+            value = r["settings"][study]
+            if study == "inject-layer" and r.get("inject_layer") is not None:
+                value = r["inject_layer"]
+            points.setdefault(METHOD_NAMES[r["method"]], {})[value] = r["perplexity"]
+    return points
 
 
 def _variants_figure(records: Sequence[dict], kind: str, baseline: str, path: Path) -> Path | None:

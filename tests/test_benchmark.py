@@ -13,7 +13,7 @@ from mops_core.data import TASKS, Formatter, collate
 from mops_core.peft_baselines import PeftBaseline
 from simulation import tables
 from simulation.benchmark import CELL_FILE, federated_runner, main, parse_sets, run_grid
-from simulation.profiles import QUICK, Profile, cells
+from simulation.profiles import PROFILES, QUICK, Profile, cells
 
 TINY = {
     "experts": 3, "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 60, "max-length": 64,
@@ -53,6 +53,7 @@ def test_a_wrong_setting_fails_before_any_cell_runs(capsys):
 
 
 def test_variants_option_runs_the_named_variants_and_names_the_known_ones(capsys):
+    assert not [name for profile in PROFILES.values() for name in profile.variants if "," in name]  # the separator
     assert main(["--profile", "ablation", "--variants", "defaults", "--dry-run"]) == 0
     listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cent-")]
     assert len(listed) == 4 and all(line.rstrip().endswith("defaults") for line in listed)  # 2 methods x 2 seeds
@@ -75,6 +76,7 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
         assert (out / "cells" / r["id"] / CELL_FILE).exists()
     assert by_method["mops"]["trainable_parameters"] > by_method["prompt"]["trainable_parameters"] == 3 * 2 * 32
     assert len(by_method["mops"]["expert_share"]) == 3 and by_method["prompt"].get("expert_share") is None
+    assert [r["inject_layer"] for r in results] == [2, 2, 1]  # read back from each run's checkpoint
 
     # Table 2 in tables.md holds the results file's numbers, gain and gain in %.
     markdown = (out / "tables.md").read_text()
@@ -111,6 +113,16 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
 
     _, failed = run_grid(changed, out, centralized_runner=note, progress=False)
     assert len(ran) == 3 and len(failed) == 3 and not set(ran) & {r["id"] for r in records}
+
+
+def test_sweep_places_an_automatic_inject_layer_at_the_layer_it_resolved_to():
+    def rec(method, study, layer, resolved, ppl):
+        return {"kind": "centralized", "dataset": "dolly", "compression": "none", "method": method, "study": study,
+                "settings": {"inject-layer": layer}, "inject_layer": resolved, "perplexity": ppl}
+
+    records = [rec("mops", "main", -1, 9, 10.0), rec("prompt", "main", -1, 9, 11.0), rec("mops", "inject-layer", 5, 5, 12.0),
+               rec("mops", "inject-layer", 15, None, 13.0)]
+    assert tables.sweep_points(records, "inject-layer") == {"MoPs": {5: 12.0, 9: 10.0, 15: 13.0}, "prompt tuning": {9: 11.0}}
 
 
 def test_peft_baseline_scores_like_the_plain_model_before_training(pretrained_base, tokenizer):
