@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,13 +30,18 @@ def run_main_job(checkout: Path, work: Path, rounds: int | None) -> dict:
     command = [sys.executable, "-m", "simulation.launch", "--out-dir", str(out), "--flwr-home", str(work / "flwr")]
     if rounds:
         command += ["--run-config", f"num-server-rounds={rounds}"]
+    # The worktree lies outside the project's folder, where ../shared/data would not be found.
+    data = PROJECT.parent / "shared" / "data"
+    env = {**os.environ, **({"MOPS_DATA_DIR": str(data)} if data.is_dir() and "MOPS_DATA_DIR" not in os.environ else {})}
     started = time.perf_counter()
-    code = subprocess.run(command, cwd=checkout).returncode
+    code = subprocess.run(command, cwd=checkout, env=env).returncode
     wall = time.perf_counter() - started
     try:
         history = json.loads((out / "results.json").read_text()).get("rounds") or []
     except (OSError, ValueError):
         history = []
+    if code == 0 and not history:  # `flwr run` exits 0 after a ServerApp error
+        code = 1
     return {"code": code, "wall": wall, "rounds": history}
 
 
