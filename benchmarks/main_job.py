@@ -22,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from simulation.launch import PROJECT, with_shared_data  # noqa: E402
 
 
 def run_main_job(checkout: Path, work: Path, rounds: int | None) -> dict:
@@ -30,11 +32,8 @@ def run_main_job(checkout: Path, work: Path, rounds: int | None) -> dict:
     command = [sys.executable, "-m", "simulation.launch", "--out-dir", str(out), "--flwr-home", str(work / "flwr")]
     if rounds:
         command += ["--run-config", f"num-server-rounds={rounds}"]
-    # The worktree lies outside the project's folder, where ../shared/data would not be found.
-    data = PROJECT.parent / "shared" / "data"
-    env = {**os.environ, **({"MOPS_DATA_DIR": str(data)} if data.is_dir() and "MOPS_DATA_DIR" not in os.environ else {})}
     started = time.perf_counter()
-    code = subprocess.run(command, cwd=checkout, env=env).returncode
+    code = subprocess.run(command, cwd=checkout, env=with_shared_data(os.environ)).returncode  # the worktree has no ../shared
     wall = time.perf_counter() - started
     try:
         history = json.loads((out / "results.json").read_text()).get("rounds") or []

@@ -108,10 +108,10 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict
 
 def resolved_inject_layer(folder: Path) -> int | None:
     """The layer a prompt run injected at (inject-layer -1 is a share of the depth), from its checkpoint."""
-    try:
-        return int(json.loads((folder / "checkpoint" / checkpoint.CONFIG_FILE).read_text())["inject_layer"])
-    except (OSError, ValueError, KeyError, TypeError):
+    path = folder / "checkpoint"
+    if not path.is_dir():
         return None  # PEFT baselines keep no MoPs checkpoint
+    return int(checkpoint.read(path).config["inject_layer"])
 
 
 def cell_tasks(results: dict) -> list[str]:

@@ -71,6 +71,17 @@ def stop_local_superlink(flwr_home: Path) -> None:
                 pass
 
 
+def with_shared_data(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with MOPS_DATA_DIR at the project's ../shared/data, unless it names one already.
+
+    The app may run from a copy elsewhere (a FAB, a git worktree), where ../shared/data would not be found.
+    """
+    data = PROJECT.parent / "shared" / "data"
+    if "MOPS_DATA_DIR" not in env and data.is_dir():
+        return {**env, "MOPS_DATA_DIR": str(data)}
+    return dict(env)
+
+
 def launch(
     overrides: Mapping[str, Any] | None = None,
     *,
@@ -95,9 +106,7 @@ def launch(
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         **(env or {}),
     }
-    data = PROJECT.parent / "shared" / "data"
-    if "MOPS_DATA_DIR" not in full_env and data.is_dir():
-        full_env["MOPS_DATA_DIR"] = str(data)
+    full_env = with_shared_data(full_env)
     command = [
         str(bin_dir / "flwr"), "run", str(PROJECT), "--stream",
         "--federation-config", federation_config(supernodes, client_cpus, client_gpus),
