@@ -178,6 +178,11 @@ class FederatedConfig:
     fraction_train: float = field(0.1, "share of the connected nodes sampled each round (paper: 10 of 100)")
     min_available_nodes: int = field(100, "round 1 waits until this many nodes are connected")
     local_steps: int = field(10, "optimizer steps each sampled client runs per round (paper: 250)")
+    expert_aggregation: Literal["examples", "gate"] = field(
+        "examples",
+        "how the server averages each expert's prompts: weighted by examples (FedAvg, the paper), or by "
+        "examples x the client's mean gate score on that expert, so an expert learns from the clients that used it",
+    )
     alpha: float = field(0.5, "Dirichlet concentration of the non-i.i.d. task split over clients (lower = more skewed)")
     min_partition_size: int = field(5, "smallest client training set the Dirichlet split may produce")
     out_dir: str = field("runs/federated", "where checkpoints, results.json and figures go")

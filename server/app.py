@@ -96,6 +96,7 @@ def run(grid: Grid, settings: Settings) -> History:
         round_offset=max(done, 0),
         fraction_train=fed.fraction_train,
         min_available_nodes=fed.min_available_nodes,
+        expert_weighting=fed.expert_aggregation if model.gate is not None else "examples",
     )
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

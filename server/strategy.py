@@ -4,7 +4,10 @@ Flower's FedAvg averages whatever arrays come back and stops aggregating when on
 inconsistent. Ours sends only the trainable adapter arrays (experts and gate; the base and
 the frozen input prompts never travel), drops a bad reply (wrong keys or shapes, NaN/inf, no
 usable example count) with a log line naming the node and the problem, and averages the
-rest. Nodes are sampled by their data partition with a seeded RNG, so a resumed run trains
+rest. With `expert_weighting="gate"` each expert's prompts are averaged with weights
+examples x the client's mean gate score on that expert: in plain FedAvg an expert that one
+client of ten used gets a tenth of that client's change, diluted by nine unchanged copies;
+weighted by use, it keeps what the clients that routed to it learned. Nodes are sampled by their data partition with a seeded RNG, so a resumed run trains
 the same clients in the same rounds as an uninterrupted one.
 """
 
@@ -12,12 +15,15 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Literal
 import time
 from collections.abc import Iterable
+
+import numpy as np
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -51,8 +57,14 @@ def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
     return nodes
 
 
-def reply_problem(content: RecordDict, expected: dict[str, tuple[int, ...]], weight_key: str) -> str | None:
-    """Why a training reply cannot be averaged, or None."""
+EXPERTS_KEY = "prompts"  # (E, prompts per expert, width): axis 0 is the expert
+GATE_METRIC = "gate"  # a client's mean gate score per expert over its local steps
+
+
+def reply_problem(
+    content: RecordDict, expected: dict[str, tuple[int, ...]], weight_key: str, gate_experts: int | None = None
+) -> str | None:
+    """Why a training reply cannot be averaged, or None (`gate_experts`: E when experts are averaged by gate)."""
     if len(content.array_records) != 1:
         return f"expected one ArrayRecord, got {len(content.array_records)}"
     if len(content.metric_records) != 1:
@@ -71,7 +83,26 @@ def reply_problem(content: RecordDict, expected: dict[str, tuple[int, ...]], wei
         values = value if isinstance(value, list) else [value]
         if not all(math.isfinite(v) for v in values):
             return f"metric '{key}' is not finite"
+    if gate_experts is not None:
+        gate = metrics.get(GATE_METRIC)
+        if not isinstance(gate, list) or len(gate) != gate_experts:
+            return f"'{GATE_METRIC}' must list one mean score per expert ({gate_experts}), got {gate!r}"
+        if min(gate) < 0 or sum(gate) <= 0:
+            return f"'{GATE_METRIC}' scores must be non-negative with a positive sum, got {gate!r}"
     return None
+
+
+def gate_weighted_experts(replies: list[Message], weight_key: str) -> np.ndarray:
+    """Each expert's prompts averaged over the replies with weights examples x the reply's gate on it."""
+    total = norm = None
+    for msg in replies:
+        metrics = next(iter(msg.content.metric_records.values()))
+        prompts = next(iter(msg.content.array_records.values()))[EXPERTS_KEY].numpy().astype(np.float64)
+        weight = float(metrics[weight_key]) * np.asarray(metrics[GATE_METRIC], dtype=np.float64)
+        weight = weight.reshape((-1,) + (1,) * (prompts.ndim - 1))
+        total = prompts * weight if total is None else total + prompts * weight
+        norm = weight if norm is None else norm + weight
+    return (total / norm).astype(np.float32)
 
 
 class MoPsFedAvg(FedAvg):
@@ -84,6 +115,7 @@ class MoPsFedAvg(FedAvg):
         round_offset: int = 0,
         fraction_train: float = 0.1,
         min_available_nodes: int = 2,
+        expert_weighting: Literal["examples", "gate"] = "examples",
     ) -> None:
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
@@ -94,6 +126,11 @@ class MoPsFedAvg(FedAvg):
         self.partitions = partitions or {}  # node id -> partition id
         self.round_offset = round_offset
         self.rounds: dict[int, RoundLog] = {}
+        if expert_weighting not in ("examples", "gate"):
+            raise ValueError(f"expert_weighting must be 'examples' or 'gate', got {expert_weighting!r}")
+        if expert_weighting == "gate" and EXPERTS_KEY not in expected:
+            raise ValueError(f"expert_weighting='gate' needs the '{EXPERTS_KEY}' array among the averaged ones")
+        self.gate_experts = expected[EXPERTS_KEY][0] if expert_weighting == "gate" else None
 
     def round_number(self, server_round: int) -> int:
         """The run's round number: Flower counts from 1 again when a run resumes."""
@@ -130,7 +167,7 @@ class MoPsFedAvg(FedAvg):
                 continue
             for record in msg.content.array_records.values():
                 round_log.bytes_up += record.count_bytes()
-            problem = reply_problem(msg.content, self.expected, self.weighted_by_key)
+            problem = reply_problem(msg.content, self.expected, self.weighted_by_key, self.gate_experts)
             keys = set(next(iter(msg.content.metric_records.values())).keys()) if problem is None else None
             if problem is None and metric_keys is not None and keys != metric_keys:
                 problem = f"its metrics {sorted(keys)} differ from the other replies' {sorted(metric_keys)}"
@@ -149,6 +186,8 @@ class MoPsFedAvg(FedAvg):
         # A fixed summation order makes the average bit-reproducible, whatever order Ray replies in.
         accepted.sort(key=lambda m: (self.partitions.get(m.metadata.src_node_id, math.inf), m.metadata.src_node_id))
         arrays, metrics = super().aggregate_train(server_round, accepted)
+        if arrays is not None and self.gate_experts is not None:
+            arrays[EXPERTS_KEY] = Array(gate_weighted_experts(accepted, self.weighted_by_key))
         round_log.client_metrics = dict(metrics or {})
         round_log.seconds = time.perf_counter() - round_log.started
         return arrays, metrics

@@ -100,7 +100,22 @@ ABLATION = Profile(
     },
 )
 
-PROFILES = {p.name: p for p in (QUICK, PAPER, ABLATION)}
+FEDERATED_ABLATION = Profile(
+    name="fed-ablation",
+    description="issue 9, federated: FedPrompt vs MoPs with experts averaged by examples or by gate, SmolLM2, Dolly, 75%",
+    model="smollm2",
+    datasets=("dolly",),
+    compressions=("sparsegpt:0.75",),
+    centralized_methods=(),
+    federated_methods=FEDERATED_METHODS,
+    common=QUICK.common,
+    federated=QUICK.federated,  # the quick profile's federated cells are this profile's seed-0 defaults
+    supernodes=QUICK.supernodes,
+    seeds=(0, 1),
+    variants={"defaults": {}, "gate-weighted experts": {"expert-aggregation": "gate"}},
+)
+
+PROFILES = {p.name: p for p in (QUICK, PAPER, ABLATION, FEDERATED_ABLATION)}
 
 
 @dataclass(frozen=True)
@@ -148,6 +163,7 @@ def same_settings(saved: dict[str, Any], current: dict[str, Any], *, gated: bool
 GATE_ONLY = (
     "gating", "gate-hidden", "gate-input-norm", "gate-input", "gate-scale", "gate-temperature", "gate-floor", "gate-noise",
     "gate-lr-scale", "gate-balance", "gate-sharpness", "gate-pretrain-steps", "gate-pretrain-samples", "gate-pretrain-lr",
+    "expert-aggregation",
 )
 
 

@@ -83,9 +83,11 @@ def test_main_job_trains_mops_across_clients_and_perplexity_falls(mops_run):
 
 def test_fedprompt_runs_the_same_way_without_a_gate(fed):
     out = fed["root"] / "fedprompt"
-    results = run(fed, out, method="fedprompt")
+    # Averaging experts by gate means nothing without a gate: FedPrompt averages by examples and accepts every reply.
+    results = run(fed, out, method="fedprompt", **{"expert-aggregation": "gate"})
     rounds = results["rounds"]
     assert rounds[-1]["perplexity"] < rounds[0]["perplexity"]
+    assert all(r["accepted"] == 3 and not r["dropped"] for r in rounds[1:])
     assert rounds[-1]["client_gate_share"] is None and rounds[-1]["gate_entropy"] is None
     tensors = load_file(str(out / "checkpoint" / "adapter_model.safetensors"))
     assert set(tensors) == {"input_prompts", "prompts"}

@@ -45,6 +45,40 @@ def test_aggregate_is_the_example_weighted_mean_of_the_prompt_and_gate_arrays():
     assert agg_metrics["train-loss"] == pytest.approx((1 * 10 + 2 * 30 + 3 * 60) / 100)
 
 
+def test_gate_weighting_averages_each_expert_by_examples_times_its_gate_score_and_the_gate_by_examples():
+    updates = {1: arrays(1), 2: arrays(2), 3: arrays(3)}
+    weights = {1: 10, 2: 30, 3: 60}
+    gates = {1: [0.8, 0.1, 0.1], 2: [0.1, 0.1, 0.8], 3: [0.3, 0.3, 0.4]}
+    replies = [reply(n, updates[n], {**metrics(weights[n]), "gate": gates[n]}) for n in updates]
+    agg, _ = strategy(expert_weighting="gate").aggregate_train(1, replies)
+    for e in range(3):  # expert by expert, written out
+        w = {n: weights[n] * gates[n][e] for n in updates}
+        expected = sum(updates[n]["prompts"][e].astype(np.float64) * w[n] for n in updates) / sum(w.values())
+        np.testing.assert_allclose(agg["prompts"].numpy()[e], expected, rtol=1e-6, atol=1e-7)
+    plain, _ = strategy().aggregate_train(1, replies)
+    for key in SHAPES:
+        if key != "prompts":
+            np.testing.assert_array_equal(agg[key].numpy(), plain[key].numpy())
+    assert not np.allclose(agg["prompts"].numpy(), plain["prompts"].numpy())
+
+
+def test_gate_weighting_with_the_same_gate_everywhere_is_plain_fedavg():
+    replies = [reply(n, arrays(n), metrics(10 * n)) for n in (1, 2, 3)]
+    gated, _ = strategy(expert_weighting="gate").aggregate_train(1, replies)
+    plain, _ = strategy().aggregate_train(1, replies)
+    np.testing.assert_allclose(gated["prompts"].numpy(), plain["prompts"].numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("gate, problem", [([0.5, 0.5], "one mean score per expert (3)"), ([0.0, 0.0, 0.0], "positive sum"), ([1.2, -0.1, -0.1], "non-negative")])
+def test_gate_weighting_drops_a_reply_whose_gate_scores_cannot_weigh_the_experts(gate, problem):
+    s = strategy(expert_weighting="gate")
+    good = [reply(1, arrays(1), metrics(10)), reply(2, arrays(2), metrics(20))]
+    s.aggregate_train(1, [*good, reply(77, arrays(9), {**metrics(5), "gate": gate})])
+    assert s.rounds[1].accepted == 2 and problem in s.rounds[1].dropped[0]
+    with pytest.raises(ValueError, match="expert_weighting must be"):
+        strategy(expert_weighting="tasks")
+
+
 BAD = {
     "wrong keys": (lambda: {**arrays(9), "base.model.embed_tokens.weight": np.zeros((2, 2), np.float32)}, metrics(5), "unexpected base.model.embed_tokens.weight"),
     "missing key": (lambda: {k: v for k, v in arrays(9).items() if k != "gate.fc2.bias"}, metrics(5), "missing gate.fc2.bias"),
