@@ -4,31 +4,33 @@ Flower's FedAvg averages whatever arrays come back and stops aggregating when on
 inconsistent. Ours sends only the trainable adapter arrays (experts and gate; the base and
 the frozen input prompts never travel), drops a bad reply (wrong keys or shapes, NaN/inf, no
 usable example count) with a log line naming the node and the problem, and averages the
-rest. With `expert_weighting="gate"` each expert's prompts are averaged with weights
-examples x the client's mean gate score on that expert: in plain FedAvg an expert that one
-client of ten used gets a tenth of that client's change, diluted by nine unchanged copies;
-weighted by use, it keeps what the clients that routed to it learned. Nodes are sampled by their data partition with a seeded RNG, so a resumed run trains
+rest. Nodes are sampled by their data partition with a seeded RNG, so a resumed run trains
 the same clients in the same rounds as an uninterrupted one.
+
+With `expert_weighting="gate"` each expert's prompts are averaged with weights examples x the
+client's mean gate score on that expert. In plain FedAvg an expert that one client of ten
+used gets a tenth of that client's change, diluted by nine nearly unchanged copies; weighted
+by use, it keeps what the clients that routed to it learned.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Literal
 import time
 from collections.abc import Iterable
-
-import numpy as np
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import Literal
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from mops_core.checkpoint import tensor_problems
+from mops_core.model import PROMPTS as EXPERTS_KEY  # (E, prompts per expert, width): axis 0 is the expert
 
 
 @dataclass
@@ -57,7 +59,6 @@ def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
     return nodes
 
 
-EXPERTS_KEY = "prompts"  # (E, prompts per expert, width): axis 0 is the expert
 GATE_METRIC = "gate"  # a client's mean gate score per expert over its local steps
 
 
