@@ -40,6 +40,9 @@ def build_model(settings: Settings, base: PreTrainedModel, tokenizer: PreTrained
     torch.manual_seed(settings.train.seed)
     model = MoPsModel(base, settings.mops, sink_token_id(tokenizer)).to(base.device)
     train = settings.train
+    # P1's starting point (pretraining or a loaded start state replaces it); here because the text init needs the tokenizer.
+    text_ids = tokenizer(train.input_prompt_text, add_special_tokens=False)["input_ids"] if train.input_prompt_init == "text" else None
+    model.init_input_prompts(torch.Generator().manual_seed(train.seed), text_ids)
     if train.activation_cache:
         model.activation_cache = ActivationCache(
             model, tokenizer_identity(tokenizer), directory=cache_root(settings.model) / "activations",
@@ -57,9 +60,7 @@ class StartState:
 def prepare_start_state(
     model: MoPsModel, data: PreparedData, settings: Settings, *, pad_id: int, progress: bool = True
 ) -> StartState:
-    """Input prompts (sampled, then tuned and frozen), prompts from them, gate pretrained."""
-    generator = torch.Generator().manual_seed(settings.train.seed)
-    model.init_input_prompts(generator)
+    """Input prompts (as `build_model` started them) tuned and frozen, prompts from them, gate pretrained."""
     stats = pretrain_input_prompts(model, data.train, settings.train, pad_id=pad_id, progress=progress)
     accuracy = pretrain_gate(model, data.train, settings.train, pad_id=pad_id, progress=progress)
     return StartState(stats.mean_loss, accuracy)

@@ -140,6 +140,15 @@ class TrainConfig:
     gate_sharpness: float = field(0.0, "weight of the mean per-sample gate entropy: each input picks few experts")
     weight_decay: float = field(0.0, "AdamW weight decay")
     batch_size: int = field(1, "samples per optimizer step")
+    input_prompt_init: Literal["vocab", "text"] = field(
+        "vocab",
+        "how the input prompts P1 start: embeddings of random vocabulary tokens, or of input-prompt-text's "
+        "tokens repeated to fill them (PEFT's SAMPLE_VOCAB and TEXT inits)",
+    )
+    input_prompt_text: str = field(
+        "You are a helpful assistant. Read the instruction and any context, then answer it well.",
+        "the text whose token embeddings start P1 when input-prompt-init is 'text'",
+    )
     input_prompt_steps: int = field(20, "steps of plain prompt tuning of the frozen input prompts P1 (paper: 20)")
     input_prompt_lr: float = field(1e-3, "learning rate of input-prompt pretraining")
     gate_pretrain_steps: int = field(200, "steps of gate pretraining on instructions with task labels (0 = skip)")
@@ -163,6 +172,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise setting_error(name, f"must be a positive number, got {value}")
+        if self.input_prompt_init == "text" and not self.input_prompt_text.strip():
+            raise setting_error("input_prompt_text", "must hold some text when input-prompt-init is 'text'")
         if self.weight_decay < 0:
             raise setting_error("weight_decay", f"must be 0 or more, got {self.weight_decay}")
         for name in (

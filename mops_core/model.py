@@ -25,6 +25,7 @@ so training starts exactly from the input-prompt-tuned model.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from dataclasses import dataclass
 
@@ -126,10 +127,21 @@ class MoPsModel(nn.Module):
     # ------------------------------------------------------------------ initialisation
 
     @torch.no_grad()
-    def init_input_prompts(self, generator: torch.Generator | None = None) -> None:
-        """Input prompts start as embeddings of random vocabulary tokens (PEFT's sample-vocab init)."""
+    def init_input_prompts(self, generator: torch.Generator | None = None, token_ids: Sequence[int] | None = None) -> None:
+        """Input prompts start as token embeddings, so that they begin where the model expects inputs.
+
+        Random vocabulary tokens by default (PEFT's SAMPLE_VOCAB); with `token_ids`, those tokens
+        repeated to fill the K positions (PEFT's TEXT init): a coherent text disturbs a small,
+        pruned model less than 70 random words do.
+        """
         vocab = self.base.model.embed_tokens.weight
-        ids = torch.randint(0, vocab.shape[0], (self.num_prompts,), generator=generator)
+        if token_ids is None:
+            ids = torch.randint(0, vocab.shape[0], (self.num_prompts,), generator=generator)
+        else:
+            if not token_ids:
+                raise ValueError("the input prompts' init text has no tokens")
+            repeats = -(-self.num_prompts // len(token_ids))
+            ids = torch.tensor((list(token_ids) * repeats)[: self.num_prompts], dtype=torch.long)
         self.input_prompts.copy_(vocab[ids.to(vocab.device)].float())
 
     @torch.no_grad()

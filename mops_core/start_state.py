@@ -28,7 +28,7 @@ from .model import INPUT_PROMPTS, MoPsModel
 
 # Settings that change the start state; everything else (rounds, local steps, lr, ...) does not.
 _TRAIN_KEYS = (
-    "seed", "batch_size", "input_prompt_steps", "input_prompt_lr",
+    "seed", "batch_size", "input_prompt_init", "input_prompt_text", "input_prompt_steps", "input_prompt_lr",
     "gate_pretrain_steps", "gate_pretrain_samples", "gate_pretrain_lr", "eval_batch_size",
 )
 

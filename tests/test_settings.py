@@ -24,6 +24,8 @@ def test_kebab_and_snake_keys_and_string_values_are_coerced():
         ({"gating": "softmax"}, "setting 'gating': must be one of 'attention', 'hidden', 'none'"),
         ({"test-fraction": 1.5}, "setting 'test-fraction': must be between 0 and 1"),
         ({"max-length": 8}, "setting 'max-length': must be at least 32"),
+        ({"input-prompt-init": "text", "input-prompt-text": " "}, "setting 'input-prompt-text': must hold some text"),
+        ({"expert-aggregation": "tasks"}, "setting 'expert-aggregation': must be one of 'examples', 'gate'"),
     ],
 )
 def test_bad_settings_name_the_key(values, message):

@@ -63,6 +63,24 @@ def test_input_prompt_pretraining_moves_p1_only_and_prompts_start_from_it(tokeni
     torch.testing.assert_close(model.prompts.reshape(-1, model.width), model.prompt_states_entering_injection())
 
 
+def test_text_init_starts_p1_as_the_texts_token_embeddings_repeated_and_keys_its_own_start_state(tokenizer, pretrained_base):
+    from mops_core.start_state import start_state_key
+
+    text = "ab c"
+    vocab = tiny_settings()
+    texted = tiny_settings(**{"input-prompt-init": "text", "input-prompt-text": text})
+    model = build_model(texted, copy.deepcopy(pretrained_base), tokenizer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert 1 < len(ids) < model.num_prompts  # so that the text must repeat
+    expected = [ids[i % len(ids)] for i in range(model.num_prompts)]
+    embeddings = model.base.model.embed_tokens.weight
+    torch.testing.assert_close(model.input_prompts, embeddings[torch.tensor(expected)].float())
+    sampled = build_model(vocab, copy.deepcopy(pretrained_base), tokenizer).input_prompts
+    assert not torch.equal(sampled, model.input_prompts)
+    keys = {start_state_key(s, "base") for s in (vocab, texted, texted.replace(input_prompt_text="Be brief."))}
+    assert len(keys) == 3, "a start state made from another P1 init must not be reused"
+
+
 def test_divergence_stops_with_the_step_named(tokenizer, pretrained_base):
     settings = tiny_settings(samples=60)
     data = toy_data(tokenizer, settings)
