@@ -97,20 +97,19 @@ ABLATION = Profile(
         "defaults + gate lr x0.1": {"gate-lr-scale": 0.1},
         "defaults + fixed gate": {"gate-lr-scale": 0.0},
         "defaults + balance 0.5": {"gate-balance": 0.5},
+        "defaults + text P1": {"input-prompt-init": "text"},
     },
 )
 
-FEDERATED_ABLATION = Profile(
+# The quick profile's federated cells at 75% (its seed-0 runs serve as this profile's defaults), two seeds.
+FEDERATED_ABLATION = replace(
+    QUICK,
     name="fed-ablation",
     description="issue 9, federated: FedPrompt vs MoPs with experts averaged by examples or by gate, SmolLM2, Dolly, 75%",
-    model="smollm2",
-    datasets=("dolly",),
     compressions=("sparsegpt:0.75",),
     centralized_methods=(),
-    federated_methods=FEDERATED_METHODS,
-    common=QUICK.common,
-    federated=QUICK.federated,  # the quick profile's federated cells are this profile's seed-0 defaults
-    supernodes=QUICK.supernodes,
+    inject_layers=(),
+    prompts_per_expert=(),
     seeds=(0, 1),
     variants={"defaults": {}, "gate-weighted experts": {"expert-aggregation": "gate"}},
 )
