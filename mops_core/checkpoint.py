@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import atomic
-from .config import Settings
+from .config import PREDATED, Settings
 from .loading import base_fingerprint
 from .model import MoPsModel
 from .settings import SettingsError
@@ -36,11 +36,6 @@ VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
-
-
-# What a checkpoint written before a setting existed ran with, where the default has changed since:
-# such a checkpoint keeps meaning what it meant.
-PREDATED = {"gate-scale": "one", "gate-input": "prompts+question", "prompt-lr": 1e-3}
 
 
 @dataclass

@@ -16,6 +16,10 @@ from .settings import build, check_unique_fields, field, setting_error, split_by
 
 EMBEDDED_MODEL = "smollm2"
 
+# What a run saved before a setting existed ran with, where the default has changed since: such a
+# checkpoint or benchmark cell keeps meaning what it meant.
+PREDATED = {"gate-scale": "one", "gate-input": "prompts+question", "prompt-lr": 1e-3, "input-prompt-init": "vocab"}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -141,9 +145,9 @@ class TrainConfig:
     weight_decay: float = field(0.0, "AdamW weight decay")
     batch_size: int = field(1, "samples per optimizer step")
     input_prompt_init: Literal["vocab", "text"] = field(
-        "vocab",
-        "how the input prompts P1 start: embeddings of random vocabulary tokens, or of input-prompt-text's "
-        "tokens repeated to fill them (PEFT's SAMPLE_VOCAB and TEXT inits)",
+        "text",
+        "how the input prompts P1 start: embeddings of input-prompt-text's tokens repeated to fill them, or of "
+        "random vocabulary tokens (PEFT's TEXT and SAMPLE_VOCAB inits)",
     )
     input_prompt_text: str = field(
         "You are a helpful assistant. Read the instruction and any context, then answer it well.",

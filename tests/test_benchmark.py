@@ -13,7 +13,7 @@ from mops_core.data import TASKS, Formatter, collate
 from mops_core.peft_baselines import PeftBaseline
 from simulation import tables
 from simulation.benchmark import CELL_FILE, federated_runner, main, parse_sets, run_grid
-from simulation.profiles import PROFILES, QUICK, Profile, cells
+from simulation.profiles import PROFILES, QUICK, Profile, cells, same_settings
 
 TINY = {
     "experts": 3, "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 60, "max-length": 64,
@@ -43,6 +43,17 @@ def test_profiles_spell_out_comparable_cells():
     differing = {k for c in row for k, v in c.settings.items() if v != row[0].settings[k]}
     assert differing <= {"method"}
     assert {c.settings["inject-layer"] for c in grid if c.study == "inject-layer"} == set(QUICK.inject_layers)
+
+
+def test_a_finished_run_that_predates_a_setting_is_matched_by_what_it_ran_with():
+    from mops_core.config import Settings
+
+    current = Settings().to_flat()
+    assert current["input-prompt-init"] == "text"  # the default now; runs that predate the key started P1 from vocab
+    saved = {k: v for k, v in current.items() if k not in ("input-prompt-init", "gate-hidden")}
+    assert not same_settings(saved, current)
+    assert same_settings(saved, {**current, "input-prompt-init": "vocab"})  # gate-hidden kept its default: matched
+    assert not same_settings(saved, {**current, "input-prompt-init": "vocab", "gate-hidden": 64})
 
 
 def test_a_wrong_setting_fails_before_any_cell_runs(capsys):

@@ -67,7 +67,7 @@ def test_text_init_starts_p1_as_the_texts_token_embeddings_repeated_and_keys_its
     from mops_core.start_state import start_state_key
 
     text = "ab c"
-    vocab = tiny_settings()
+    vocab = tiny_settings(**{"input-prompt-init": "vocab"})
     texted = tiny_settings(**{"input-prompt-init": "text", "input-prompt-text": text})
     model = build_model(texted, copy.deepcopy(pretrained_base), tokenizer)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
