@@ -111,3 +111,24 @@ def test_cli_train_then_eval_end_to_end(tmp_path, tiny_model_dir, toy_data_dir):
 def test_cli_reports_bad_settings_without_a_traceback(capsys, toy_data_dir):
     assert main(["train", "--experts", "zero", "--data-dir", str(toy_data_dir)]) == 2
     assert "setting 'experts': expected an integer" in capsys.readouterr().out
+
+
+def test_a_bfloat16_base_keeps_prompts_and_gate_float32_and_the_loss_near_float32(tokenizer, pretrained_base):
+    """`dtype = "bfloat16"` halves the frozen base only; what trains, and its optimizer, stay float32."""
+    from mops_core.data import collate
+
+    settings = tiny_settings(samples=60)
+    data = toy_data(tokenizer, settings)
+    batch = collate(data.train[:4], tokenizer.pad_token_id)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_model(settings, copy.deepcopy(pretrained_base).to(dtype), tokenizer)
+        with torch.no_grad():
+            model.prompts.normal_(generator=torch.Generator().manual_seed(0))
+        model(**batch).loss.backward()
+        params = model.trainable_parameters()
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params), dtype
+        results[dtype] = model(**batch).loss.item(), torch.cat([p.grad.flatten() for p in params])
+    (loss32, grad32), (loss16, grad16) = results[torch.float32], results[torch.bfloat16]
+    assert loss16 == pytest.approx(loss32, rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(grad32, grad16, dim=0) > 0.99
