@@ -9,6 +9,7 @@ import torch
 from helpers import toy_records
 
 from mops_core.centralized import sink_token_id
+from mops_core.config import Settings
 from mops_core.data import TASKS, Formatter, collate
 from mops_core.peft_baselines import PeftBaseline
 from simulation import tables
@@ -46,8 +47,6 @@ def test_profiles_spell_out_comparable_cells():
 
 
 def test_a_finished_run_that_predates_a_setting_is_matched_by_what_it_ran_with():
-    from mops_core.config import Settings
-
     current = Settings().to_flat()
     assert current["input-prompt-init"] == "text"  # the default now; runs that predate the key started P1 from vocab
     saved = {k: v for k, v in current.items() if k not in ("input-prompt-init", "gate-hidden")}
