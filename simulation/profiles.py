@@ -149,6 +149,8 @@ class Cell:
 
 
 DEFAULTS = Settings().to_flat()
+# What a saved run that lacks a key ran with: the default of its day.
+_WITHOUT_KEY = {**DEFAULTS, **PREDATED}
 
 
 def same_settings(saved: dict[str, Any], current: dict[str, Any], *, gated: bool = True) -> bool:
@@ -157,8 +159,7 @@ def same_settings(saved: dict[str, Any], current: dict[str, Any], *, gated: bool
     For an ungated method the gate's settings do not act, so they do not count either.
     """
     keys = [k for k in current if gated or k not in GATE_ONLY]
-    before = {**DEFAULTS, **PREDATED}
-    return all(saved.get(k, before.get(k)) == current[k] for k in keys) and set(saved) <= set(current)
+    return all(saved.get(k, _WITHOUT_KEY.get(k)) == current[k] for k in keys) and set(saved) <= set(current)
 
 
 # Settings that act only on a gated model: a baseline cell keeps their defaults, so that variants

@@ -7,7 +7,7 @@ from helpers import tiny_settings, toy_records
 
 from mops_core.centralized import build_model, prepare_start_state
 from mops_core.cli import main
-from mops_core.data import TASKS, Formatter, PreparedData, sample_and_split
+from mops_core.data import TASKS, Formatter, PreparedData, collate, sample_and_split
 from mops_core.evaluate import evaluate
 from mops_core.train import TrainingError, make_optimizer, train_steps
 
@@ -114,9 +114,7 @@ def test_cli_reports_bad_settings_without_a_traceback(capsys, toy_data_dir):
 
 
 def test_a_bfloat16_base_keeps_prompts_and_gate_float32_and_the_loss_near_float32(tokenizer, pretrained_base):
-    """`dtype = "bfloat16"` halves the frozen base only; what trains, and its optimizer, stay float32."""
-    from mops_core.data import collate
-
+    """`dtype = "bfloat16"` halves the frozen base only; what trains, and its gradients, stay float32."""
     settings = tiny_settings(samples=60)
     data = toy_data(tokenizer, settings)
     batch = collate(data.train[:4], tokenizer.pad_token_id)
@@ -125,10 +123,11 @@ def test_a_bfloat16_base_keeps_prompts_and_gate_float32_and_the_loss_near_float3
         model = build_model(settings, copy.deepcopy(pretrained_base).to(dtype), tokenizer)
         with torch.no_grad():
             model.prompts.normal_(generator=torch.Generator().manual_seed(0))
-        model(**batch).loss.backward()
+        loss = model(**batch).loss
+        loss.backward()
         params = model.trainable_parameters()
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params), dtype
-        results[dtype] = model(**batch).loss.item(), torch.cat([p.grad.flatten() for p in params])
+        results[dtype] = loss.item(), torch.cat([p.grad.flatten() for p in params])
     (loss32, grad32), (loss16, grad16) = results[torch.float32], results[torch.bfloat16]
     assert loss16 == pytest.approx(loss32, rel=1e-2)
     assert torch.nn.functional.cosine_similarity(grad32, grad16, dim=0) > 0.99
