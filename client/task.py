@@ -54,7 +54,14 @@ def dirichlet_split(data: DataConfig, num_partitions: int, alpha: float, min_siz
         min_partition_size=min_size, self_balancing=False, shuffle=True, seed=data.data_seed,
     )
     partitioner.dataset = table
-    return tuple(tuple(partitioner.load_partition(i)["idx"]) for i in range(num_partitions))
+    try:
+        return tuple(tuple(partitioner.load_partition(i)["idx"]) for i in range(num_partitions))
+    except ValueError as exc:  # flwr-datasets gives up after 10 draws and names only alpha
+        raise ValueError(
+            f"no Dirichlet(alpha={alpha}) split of {len(records)} training samples over {num_partitions} clients "
+            f"gives every client at least {min_size} (min-partition-size) in 10 draws ({exc}); "
+            "raise alpha, lower min-partition-size, or run fewer supernodes"
+        ) from exc
 
 
 def partition(settings: Settings, partition_id: int, num_partitions: int) -> Partition:

@@ -36,13 +36,18 @@ def discover(grid: Grid, minimum: int, timeout: float) -> dict[int, dict]:
     nodes = wait_for_nodes(grid, minimum)
     asks = [Message(RecordDict({"config": ConfigRecord()}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
     found: dict[int, dict] = {}
+    reasons: list[str] = []
     for reply in grid.send_and_receive(asks, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             log(WARNING, "node %d did not report its partition: %s", node, reply.error.reason)
+            reasons.append(reply.error.reason)
             continue
         metrics = next(iter(reply.content.metric_records.values()))
         found[node] = {k: metrics[k] for k in ("partition-id", "num-partitions", "num-examples", "task-counts")}
+    if not found:  # every round would fail the same way: stop before training nothing
+        why = "; ".join(dict.fromkeys(r.strip().splitlines()[-1] for r in reasons if r.strip())) or "no reply in time"
+        raise RuntimeError(f"none of the {len(nodes)} nodes could report its data partition: {why}")
     log(INFO, "%d nodes hold %d training samples in all", len(found), sum(f["num-examples"] for f in found.values()))
     return found
 

@@ -153,3 +153,50 @@ def test_configure_train_sends_only_the_trainable_arrays_and_the_run_round(monke
     assert set(content["arrays"].keys()) == set(SHAPES)
     assert content["config"]["server-round"] == 4 and content["config"]["start-state"] == "abc"
     assert s.rounds[4].bytes_down == 2 * payload.count_bytes()
+
+
+class AnsweringGrid(FakeGrid):
+    """Answers each message with `answer(node)`, as the nodes' query handlers would."""
+
+    def __init__(self, nodes, answer):
+        super().__init__(nodes)
+        self.answer = answer
+
+    def send_and_receive(self, messages, timeout=None):
+        return [self.answer(m.metadata.dst_node_id) for m in messages]
+
+
+def partition_report(node):
+    meta = Metadata(
+        run_id=1, message_id=f"q{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+        group_id="", created_at=0.0, ttl=60.0, message_type=MessageType.QUERY,
+    )
+    counts = {"partition-id": node, "num-partitions": 3, "num-examples": 4, "task-counts": [4, 0]}
+    return Message(RecordDict({"metrics": MetricRecord(counts)}), metadata=meta)
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def test_discovery_goes_on_without_a_node_that_cannot_report_its_partition(server_identity):
+    from server.app import discover
+
+    grid = AnsweringGrid([1, 2, 3], lambda n: reply(n, error="disk full") if n == 2 else partition_report(n))
+    found = discover(grid, 3, timeout=1.0)
+    assert sorted(found) == [1, 3] and found[3]["partition-id"] == 3 and found[1]["task-counts"] == [4, 0]
+
+
+def test_discovery_stops_the_run_with_the_nodes_reason_when_no_node_can_report_its_partition(server_identity):
+    from server.app import discover
+
+    # Flower wraps a ClientApp's exception: the cause is the reason's last line.
+    reason = "\nException ClientAppException occurred. Message: no Dirichlet(alpha=0.5) split of 15 samples"
+    grid = AnsweringGrid([1, 2, 3], lambda n: reply(n, error=reason))
+    with pytest.raises(RuntimeError, match=r"none of the 3 nodes .*: Exception ClientAppException occurred. Message: no Dirichlet") as err:
+        discover(grid, 3, timeout=1.0)
+    assert str(err.value).count("no Dirichlet") == 1  # the same reason once, not once per node

@@ -1,0 +1,38 @@
+"""The clients' Dirichlet split over tasks (flwr-datasets), on hand-made records."""
+
+import pytest
+
+from client import task
+from mops_core.config import DataConfig
+from mops_core.data import TASKS, Record
+
+DOLLY = TASKS["dolly"]
+
+
+@pytest.fixture
+def records(monkeypatch):
+    """Stand-in training records: `count` per task for the first `tasks` tasks."""
+    task.dirichlet_split.cache_clear()
+
+    def use(count: int, tasks: int = 2) -> DataConfig:
+        made = tuple(Record(f"q{t}-{i}", "", "a", DOLLY[t]) for t in range(tasks) for i in range(count))
+        monkeypatch.setattr(task, "train_records", lambda data: made)
+        return DataConfig(samples=count * tasks)
+
+    yield use
+    task.dirichlet_split.cache_clear()
+
+
+def test_the_split_hands_every_sample_to_exactly_one_client(records):
+    data = records(50, tasks=3)
+    parts = task.dirichlet_split(data, 5, 0.5, 2)
+    handed = sorted(i for part in parts for i in part)
+    assert handed == list(range(150)) and min(len(p) for p in parts) >= 2
+
+
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")
+def test_a_split_no_draw_can_satisfy_names_the_settings_to_change(records):
+    data = records(10)  # 20 samples, 10 clients of at least 2 each: only an even split would do
+    with pytest.raises(ValueError, match=r"alpha=0.01.* 20 training samples over 10 clients .*at least 2 \(min-partition-size\)") as err:
+        task.dirichlet_split(data, 10, 0.01, 2)
+    assert "raise alpha, lower min-partition-size, or run fewer supernodes" in str(err.value)
