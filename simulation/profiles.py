@@ -100,6 +100,7 @@ ABLATION = Profile(
         "defaults + gate lr x0.1": {"gate-lr-scale": 0.1},
         "defaults + fixed gate": {"gate-lr-scale": 0.0},
         "defaults + balance 0.5": {"gate-balance": 0.5},
+        "defaults + floor 0.1": {"gate-floor": 0.1},
         "defaults + vocab P1": {"input-prompt-init": "vocab"},
     },
 )
