@@ -18,7 +18,10 @@ EMBEDDED_MODEL = "smollm2"
 
 # What a run saved before a setting existed ran with, where the default has changed since: such a
 # checkpoint or benchmark cell keeps meaning what it meant.
-PREDATED = {"gate-scale": "one", "gate-input": "prompts+question", "prompt-lr": 1e-3, "input-prompt-init": "vocab"}
+PREDATED = {
+    "gate-scale": "one", "gate-input": "prompts+question", "prompt-lr": 1e-3, "input-prompt-init": "vocab",
+    "expert-aggregation": "examples",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,9 +197,9 @@ class FederatedConfig:
     min_available_nodes: int = field(100, "round 1 waits until this many nodes are connected")
     local_steps: int = field(10, "optimizer steps each sampled client runs per round (paper: 250)")
     expert_aggregation: Literal["examples", "gate"] = field(
-        "examples",
-        "how the server averages each expert's prompts: weighted by examples (FedAvg, the paper), or by "
-        "examples x the client's mean gate score on that expert, so an expert learns from the clients that used it",
+        "gate",
+        "how the server averages each expert's prompts: by examples x the client's mean gate score on that "
+        "expert, so an expert learns from the clients that used it, or by examples alone (FedAvg, the paper)",
     )
     alpha: float = field(0.5, "Dirichlet concentration of the non-i.i.d. task split over clients (lower = more skewed)")
     min_partition_size: int = field(5, "smallest client training set the Dirichlet split may produce")

@@ -115,7 +115,7 @@ FEDERATED_ABLATION = replace(
     inject_layers=(),
     prompts_per_expert=(),
     seeds=(0, 1),
-    variants={"defaults": {}, "gate-weighted experts": {"expert-aggregation": "gate"}},
+    variants={"defaults": {}, "examples-weighted experts": {"expert-aggregation": "examples"}},
 )
 
 PROFILES = {p.name: p for p in (QUICK, PAPER, ABLATION, FEDERATED_ABLATION)}
