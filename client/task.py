@@ -59,7 +59,7 @@ def dirichlet_split(data: DataConfig, num_partitions: int, alpha: float, min_siz
     except ValueError as exc:  # flwr-datasets gives up after 10 draws and names only alpha
         raise ValueError(
             f"no Dirichlet(alpha={alpha}) split of {len(records)} training samples over {num_partitions} clients "
-            f"gives every client at least {min_size} (min-partition-size) in 10 draws ({exc}); "
+            f"gives every client at least {min_size} (min-partition-size) ({exc}); "
             "raise alpha, lower min-partition-size, or run fewer supernodes"
         ) from exc
 

@@ -14,11 +14,16 @@ def arrays(seed, shapes=SHAPES):
     return {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
 
 
-def reply(node, tensors=None, metrics=None, error=None):
-    meta = Metadata(
+def metadata(node, message_type=MessageType.TRAIN):
+    """What a reply from `node` carries besides its content."""
+    return Metadata(
         run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-        group_id="", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN,
+        group_id="", created_at=0.0, ttl=60.0, message_type=message_type,
     )
+
+
+def reply(node, tensors=None, metrics=None, error=None):
+    meta = metadata(node)
     if error:
         return Message(error=Error(code=0, reason=error), metadata=meta)
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in tensors.items()}), "metrics": MetricRecord(metrics)})
@@ -138,12 +143,16 @@ def test_sampling_follows_partitions_not_node_ids_so_a_resumed_run_replays_it():
     assert sorted(run_b[n] for n in resumed.sample(FakeGrid(run_b), 1)) == picks[0][2]
 
 
-def test_configure_train_sends_only_the_trainable_arrays_and_the_run_round(monkeypatch):
+@pytest.fixture
+def server_identity(monkeypatch):
+    """What the ServerApp runtime sets in a real run, so that the server can build messages."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # all set by the ServerApp runtime in a real run
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def test_configure_train_sends_only_the_trainable_arrays_and_the_run_round(server_identity):
     mapping = {11: 0, 12: 1, 13: 2, 14: 3}
     s = strategy(partitions=mapping, fraction_train=0.5, min_available_nodes=4, round_offset=3)
     payload = ArrayRecord({k: Array(v) for k, v in arrays(0).items()})
@@ -167,20 +176,8 @@ class AnsweringGrid(FakeGrid):
 
 
 def partition_report(node):
-    meta = Metadata(
-        run_id=1, message_id=f"q{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-        group_id="", created_at=0.0, ttl=60.0, message_type=MessageType.QUERY,
-    )
     counts = {"partition-id": node, "num-partitions": 3, "num-examples": 4, "task-counts": [4, 0]}
-    return Message(RecordDict({"metrics": MetricRecord(counts)}), metadata=meta)
-
-
-@pytest.fixture
-def server_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+    return Message(RecordDict({"metrics": MetricRecord(counts)}), metadata=metadata(node, MessageType.QUERY))
 
 
 def test_discovery_goes_on_without_a_node_that_cannot_report_its_partition(server_identity):
