@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 import tomllib
@@ -130,7 +131,7 @@ def finished_cells(out_dir: Path) -> list[dict]:
     found = []
     for path in sorted((Path(out_dir) / "cells").glob(f"*/{CELL_FILE}")):
         try:
-            found.append(json.loads(path.read_text()))
+            found.append({**json.loads(path.read_text()), "dir": str(path.parent)})  # where it is now, if moved
         except (OSError, json.JSONDecodeError):
             continue  # a damaged marker: the cell runs again
     return found
@@ -148,6 +149,46 @@ def finished_record(cell: Cell, finished: Sequence[dict]) -> dict | None:
         ):
             return {**saved, "variants": list(cell.variants), "study": cell.study}  # the grid may give a run more names
     return None
+
+
+def shorter_run(cell: Cell, finished: Sequence[dict]) -> dict | None:
+    """The finished run of this federated cell's experiment with the most rounds short of its own."""
+    if cell.kind != "federated":
+        return None
+    rounds = cell.settings["num-server-rounds"]
+    shorter = [
+        saved for saved in finished
+        if saved.get("kind") == cell.kind and saved.get("method") == cell.method
+        and saved.get("settings", {}).get("num-server-rounds", rounds) < rounds
+        and same_settings({**saved["settings"], "num-server-rounds": rounds}, cell.settings, gated=cell.method == "mops")
+    ]
+    return max(shorter, key=lambda saved: saved["settings"]["num-server-rounds"], default=None)
+
+
+def head_start(cell: Cell, folder: Path, finished: Sequence[dict]) -> dict | None:
+    """Seed a new federated cell's folder with its `shorter_run`, to resume from; returns that run's record.
+
+    A federated run resumes exactly where it stopped (nodes are sampled per round from the seed),
+    so asking for 6 rounds of an experiment run for 3 costs only the 3 new rounds. The shorter
+    cell is copied, not moved: it stays finished for the grids that ask for it.
+    """
+    source = None if folder.exists() else shorter_run(cell, finished)  # a started cell resumes its own folder
+    if source is None:
+        return None
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source["dir"], partial, ignore=shutil.ignore_patterns(CELL_FILE))
+    # The run's own record of its settings, so that resuming accepts it: the keys it predates, or that
+    # do not act on its method, were matched above at what they ran with.
+    results = json.loads((partial / "results.json").read_text())
+    kept = ("num-server-rounds", "out-dir", "resume")
+    results["settings"] = {**results["settings"], **{k: v for k, v in cell.settings.items() if k not in kept}}
+    results.setdefault("info", {})["head_start"] = {
+        "cell": source["id"], "rounds": source["settings"]["num-server-rounds"], "wall_seconds": source.get("wall_seconds", 0.0),
+    }
+    atomic.write_json(partial / "results.json", results)
+    partial.rename(folder)
+    return source
 
 
 def run_grid(
@@ -182,12 +223,16 @@ def run_grid(
         try:
             if runner is None:
                 raise CellFailed("no federated runner given")
+            source = head_start(cell, folder, finished)
+            if source is not None:
+                console.print(f"[dim]starting from {source['id']}, finished after round {source['settings']['num-server-rounds']}[/dim]")
             results = runner(cell, folder, progress=progress)
         except (CellFailed, SettingsError, RuntimeError, ValueError, OSError) as exc:
             console.print(f"[red]cell {cell.id} failed: {exc}[/red]")
             failures.append((cell, str(exc)))
             continue
-        row = record(cell, results, folder, time.perf_counter() - cell_started)
+        carried = results.get("info", {}).get("head_start", {}).get("wall_seconds", 0.0)  # what its first rounds took
+        row = record(cell, results, folder, time.perf_counter() - cell_started + carried)
         atomic.write_json(folder / CELL_FILE, row)
         records.append(row)
         write_outputs(records, out_dir, meta={**(meta or {}), "wall_seconds_this_run": time.perf_counter() - started})
@@ -264,11 +309,14 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         return 2
     if args.dry_run or args.tables:
-        matches = {cell.id: finished_record(cell, finished_cells(out)) for cell in grid}
+        saved = finished_cells(out)
+        matches = {cell.id: finished_record(cell, saved) for cell in grid}
         finished = [r for r in matches.values() if r is not None]
         if args.dry_run:
             for cell in grid:
-                state = "finished" if matches[cell.id] is not None else "to run"
+                start = shorter_run(cell, saved)
+                state = ("finished" if matches[cell.id] is not None
+                         else f"to run from round {start['settings']['num-server-rounds']}" if start else "to run")
                 console.print(f"{cell.id:48s} {cell.study:18s} {state:8s} {', '.join(cell.variants)}", soft_wrap=True)
         if args.tables and not finished:
             console.print(f"no finished cell of this grid in {out}; nothing written")

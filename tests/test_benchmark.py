@@ -14,7 +14,7 @@ from mops_core.data import TASKS, Formatter, collate
 from mops_core.peft_baselines import PeftBaseline
 from simulation import tables
 from simulation.benchmark import CELL_FILE, federated_runner, main, parse_sets, run_grid
-from simulation.profiles import PROFILES, QUICK, Profile, cells, same_settings
+from simulation.profiles import PROFILES, QUICK, Cell, Profile, cells, same_settings
 
 TINY = {
     "experts": 3, "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 60, "max-length": 64,
@@ -123,6 +123,45 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
 
     _, failed = run_grid(changed, out, centralized_runner=note, progress=False)
     assert len(ran) == 3 and len(failed) == 3 and not set(ran) & {r["id"] for r in records}
+
+
+def test_more_rounds_of_a_finished_federated_cell_start_from_its_last_round(tmp_path):
+    def cell(method, rounds, **changes):
+        return Cell("federated", method, {**Settings().to_flat(), "num-server-rounds": rounds, **changes})
+
+    found = {}  # cell id -> the rounds its folder held when the runner started
+
+    def fake_flower_run(cell, folder, *, progress):  # resumes like the server: from the rounds on disk
+        path = folder / "results.json"
+        results = json.loads(path.read_text()) if path.exists() else {"settings": cell.settings, "rounds": [], "info": {}}
+        found[cell.id] = [r["round"] for r in results["rounds"]]
+        start = len(results["rounds"])
+        results["rounds"] += [{"round": r, "perplexity": 30.0 - r} for r in range(start, cell.settings["num-server-rounds"] + 1)]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "state.txt").write_text(f"after round {results['rounds'][-1]['round']}")
+        path.write_text(json.dumps(results))
+        return results
+
+    out = tmp_path / "bench"
+    short = [cell("mops", 2), cell("fedprompt", 2, **{"expert-aggregation": "examples"})]
+    first, _ = run_grid(short, out, federated_runner=fake_flower_run, progress=False)
+    assert [found[c.id] for c in short] == [[], []]
+
+    longer = [cell("mops", 4), cell("mops", 4, lr=0.5), cell("fedprompt", 4), cell("mops", 1)]
+    records, failures = run_grid(longer, out, federated_runner=fake_flower_run, progress=False)
+    assert not failures
+    assert found[longer[0].id] == [0, 1, 2]  # resumed after the 2 rounds already run
+    assert found[longer[1].id] == []  # another learning rate: another experiment, from round 0
+    assert found[longer[2].id] == [0, 1, 2]  # the aggregation setting does not act on FedPrompt
+    assert found[longer[3].id] == []  # fewer rounds than any finished run: nothing to start from
+    assert [r["round"] for r in records[0]["rounds"]] == [0, 1, 2, 3, 4]
+    assert records[0]["wall_seconds"] >= first[0]["wall_seconds"]  # the rounds it started from count
+    info = json.loads((out / "cells" / longer[0].id / "results.json").read_text())["info"]
+    assert info["head_start"]["cell"] == short[0].id and info["head_start"]["rounds"] == 2
+    # The shorter cell is copied, not moved: it stays finished and unchanged.
+    assert (out / "cells" / short[0].id / CELL_FILE).exists()
+    assert (out / "cells" / short[0].id / "state.txt").read_text() == "after round 2"
+    assert not list((out / "cells").glob("*.partial"))
 
 
 def test_sweep_places_an_automatic_inject_layer_at_the_layer_it_resolved_to():
