@@ -109,13 +109,13 @@ ABLATION = Profile(
 FEDERATED_ABLATION = replace(
     QUICK,
     name="fed-ablation",
-    description="issue 9, federated: FedPrompt vs MoPs with experts averaged by examples or by gate, SmolLM2, Dolly, 75%",
+    description="issue 9, federated: FedPrompt vs MoPs with experts averaged by gate or by examples, or a gate floor, SmolLM2, Dolly, 75%",
     compressions=("sparsegpt:0.75",),
     centralized_methods=(),
     inject_layers=(),
     prompts_per_expert=(),
     seeds=(0, 1),
-    variants={"defaults": {}, "examples-weighted experts": {"expert-aggregation": "examples"}},
+    variants={"defaults": {}, "examples-weighted experts": {"expert-aggregation": "examples"}, "floor 0.1": {"gate-floor": 0.1}},
 )
 
 PROFILES = {p.name: p for p in (QUICK, PAPER, ABLATION, FEDERATED_ABLATION)}
