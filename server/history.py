@@ -61,8 +61,14 @@ class History:
         return history
 
     def rewind(self, last_round: int) -> None:
-        """Forget rows after `last_round` (results.json may be a round ahead of a checkpoint or behind it)."""
+        """Forget rows after `last_round` (results.json may be a round ahead of a checkpoint or behind it).
+
+        The clock goes on from the kept rows' time, so a resumed run's wall_seconds count the
+        rounds run before it too (the time it lay stopped does not count).
+        """
         self.rounds = [r for r in self.rounds if r["round"] <= last_round]
+        if self.rounds:
+            self.started = time.perf_counter() - self.rounds[-1].get("wall_seconds", 0.0)
 
     def add_round(self, number: int, result: EvalResult, wire: RoundLog | None, eval_seconds: float) -> dict:
         row: dict[str, Any] = {

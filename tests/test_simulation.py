@@ -104,6 +104,8 @@ def test_resume_after_a_round_reaches_the_uninterrupted_state(fed, mops_run):
     resumed = run(fed, out, **{"num-server-rounds": 3, "resume": True})
     assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
     assert resumed["rounds"][2]["perplexity"] > 0, "round 2 must be retrained from the round-1 checkpoint"
+    walls = [r["wall_seconds"] for r in resumed["rounds"]]
+    assert walls == sorted(walls) and walls[1] == first["rounds"][1]["wall_seconds"]  # the clock goes on from round 1
     a = load_file(str(uninterrupted / "checkpoint" / "adapter_model.safetensors"))
     b = load_file(str(out / "checkpoint" / "adapter_model.safetensors"))
     for name in a:
