@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                 start = shorter_run(cell, saved)
                 state = ("finished" if matches[cell.id] is not None
                          else f"to run from round {start['settings']['num-server-rounds']}" if start else "to run")
-                console.print(f"{cell.id:48s} {cell.study:18s} {state:8s} {', '.join(cell.variants)}", soft_wrap=True)
+                console.print(f"{cell.id:48s} {cell.study:18s} {state:20s} {', '.join(cell.variants)}", soft_wrap=True)
         if args.tables and not finished:
             console.print(f"no finished cell of this grid in {out}; nothing written")
         elif args.tables:
