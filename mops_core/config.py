@@ -23,6 +23,11 @@ PREDATED = {
     "expert-aggregation": "examples",
 }
 
+# Settings a resumed federated run may change; any other difference means another experiment.
+RESUMABLE = frozenset({
+    "num-server-rounds", "resume", "round-timeout", "eval-samples", "eval-batch-size", "min-available-nodes", "out-dir",
+})
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:

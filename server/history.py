@@ -14,13 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from mops_core import atomic, report
-from mops_core.config import Settings
+from mops_core.config import RESUMABLE, Settings
 from mops_core.evaluate import EvalResult, gate_collapse
 
 from .strategy import RoundLog
 
-# Settings a resumed run may change; any other difference means another experiment.
-RESUMABLE = {"num-server-rounds", "resume", "round-timeout", "eval-samples", "eval-batch-size", "min-available-nodes", "out-dir"}
 
 
 class ResumeError(RuntimeError):

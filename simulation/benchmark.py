@@ -29,7 +29,7 @@ from typing import Any
 from rich.console import Console
 
 from mops_core import atomic, centralized, checkpoint, peft_baselines
-from mops_core.config import Settings
+from mops_core.config import RESUMABLE, Settings
 from mops_core.evaluate import gate_collapse
 from mops_core.settings import SettingsError
 
@@ -144,11 +144,17 @@ def finished_record(cell: Cell, finished: Sequence[dict]) -> dict | None:
     make a finished run count for other settings, nor hide one that still matches.
     """
     for saved in finished:
-        if saved.get("kind") == cell.kind and saved.get("method") == cell.method and same_settings(
-            saved.get("settings", {}), cell.settings, gated=cell.method == "mops"
-        ):
+        if ran_as(saved, cell):
             return {**saved, "variants": list(cell.variants), "study": cell.study}  # the grid may give a run more names
     return None
+
+
+def ran_as(saved: dict, cell: Cell, **overrides: Any) -> bool:
+    """Whether a finished run is this cell (with `overrides` on its saved settings): kind, method, settings."""
+    settings = {**saved.get("settings", {}), **overrides}
+    return saved.get("kind") == cell.kind and saved.get("method") == cell.method and same_settings(
+        settings, cell.settings, gated=cell.method == "mops"
+    )
 
 
 def shorter_run(cell: Cell, finished: Sequence[dict]) -> dict | None:
@@ -158,9 +164,7 @@ def shorter_run(cell: Cell, finished: Sequence[dict]) -> dict | None:
     rounds = cell.settings["num-server-rounds"]
     shorter = [
         saved for saved in finished
-        if saved.get("kind") == cell.kind and saved.get("method") == cell.method
-        and saved.get("settings", {}).get("num-server-rounds", rounds) < rounds
-        and same_settings({**saved["settings"], "num-server-rounds": rounds}, cell.settings, gated=cell.method == "mops")
+        if saved.get("settings", {}).get("num-server-rounds", rounds) < rounds and ran_as(saved, cell, **{"num-server-rounds": rounds})
     ]
     return max(shorter, key=lambda saved: saved["settings"]["num-server-rounds"], default=None)
 
@@ -181,8 +185,7 @@ def head_start(cell: Cell, folder: Path, finished: Sequence[dict]) -> dict | Non
     # The run's own record of its settings, so that resuming accepts it: the keys it predates, or that
     # do not act on its method, were matched above at what they ran with.
     results = json.loads((partial / "results.json").read_text())
-    kept = ("num-server-rounds", "out-dir", "resume")
-    results["settings"] = {**results["settings"], **{k: v for k, v in cell.settings.items() if k not in kept}}
+    results["settings"] = {**results["settings"], **{k: v for k, v in cell.settings.items() if k not in RESUMABLE}}
     results.setdefault("info", {})["head_start"] = {
         "cell": source["id"], "rounds": source["settings"]["num-server-rounds"], "wall_seconds": source.get("wall_seconds", 0.0),
     }
