@@ -230,13 +230,21 @@ def pretrain_gate(
         raise TrainingError("gate pretraining needs examples with task labels")
     rng = random.Random(cfg.seed)
     chosen = rng.sample(labelled, min(cfg.gate_pretrain_samples, len(labelled)))
-    feats = gate_features(model, chosen, pad_id=pad_id, batch_size=cfg.eval_batch_size, progress=progress).to(model.device)
-    targets = expert_targets(torch.tensor([ex.task_id for ex in chosen]), model.experts).to(model.device)
-    optimizer = torch.optim.AdamW(model.gate.parameters(), lr=cfg.gate_pretrain_lr)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    minibatch = min(32, len(chosen))
-    for _ in tqdm(range(cfg.gate_pretrain_steps), desc="gate pretraining", disable=not progress, leave=False):
-        idx = torch.randint(0, len(chosen), (minibatch,), generator=generator).to(model.device)
+    feats = gate_features(model, chosen, pad_id=pad_id, batch_size=cfg.eval_batch_size, progress=progress)
+    targets = expert_targets(torch.tensor([ex.task_id for ex in chosen]), model.experts)
+    return fit_gate(model, feats, targets, steps=cfg.gate_pretrain_steps, lr=cfg.gate_pretrain_lr, seed=cfg.seed, progress=progress)
+
+
+def fit_gate(
+    model: MoPsModel, feats: torch.Tensor, targets: torch.Tensor, *, steps: int, lr: float, seed: int, progress: bool = False
+) -> float:
+    """Minibatch cross-entropy of the gate's scores against the expert targets; returns train accuracy."""
+    feats, targets = feats.to(model.device), targets.to(model.device)
+    optimizer = torch.optim.AdamW(model.gate.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    minibatch = min(32, len(feats))
+    for _ in tqdm(range(steps), desc="gate pretraining", disable=not progress, leave=False):
+        idx = torch.randint(0, len(feats), (minibatch,), generator=generator).to(model.device)
         loss = F.nll_loss(model.gate_log_probs(model.gate_logits(feats[idx])), targets[idx])
         loss.backward()
         optimizer.step()

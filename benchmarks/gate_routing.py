@@ -1,0 +1,150 @@
+"""Held-out routing accuracy of gate pretraining: which input, how deep, how many instructions.
+
+    python benchmarks/gate_routing.py [--dataset dolly] [--compression sparsegpt:0.75] [--seed 0] \
+        [--inputs question last prompts+question] [--layers 0 12 18] [--samples 512 2048 0] \
+        [--steps 200 1000] [--out runs/bench-gate-routing]
+
+Issue 9 asks which gate input separates the tasks best. The answer is read the way MoPs uses the
+gate: the same frozen (compressed) base and pretrained input prompts P1 as a run with these
+settings, the gate's input computed for every training and test instruction, a fresh gate
+fitted on `samples` training instructions (0 = all of them) for `steps` minibatch steps, and the
+share of test instructions whose top expert is their task's. `--layers 0` is the injection
+layer the settings give; other values read the same input after that many layers (a deeper
+`inject-layer`). One pass through the deepest layer asked for gives every (input, layer)'s
+features; every fit after that takes seconds.
+Prints a table and writes `routing.json` and `routing.png` under `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mops_core import atomic  # noqa: E402
+from mops_core.centralized import build_model  # noqa: E402
+from mops_core.compression.pipeline import prepare_base  # noqa: E402
+from mops_core.config import Settings  # noqa: E402
+from mops_core.data import collate, pad_token_id, prepare  # noqa: E402
+from mops_core.model import MoPsModel  # noqa: E402
+from mops_core.train import expert_targets, fit_gate, pretrain_input_prompts  # noqa: E402
+
+
+@torch.no_grad()
+def features(model: MoPsModel, probes: dict[str, MoPsModel], examples, depths: list[int], *, pad_id: int, batch_size: int):
+    """{(input, depth): (N, d)}: each probe's gate input read from the states entering each depth, in one pass."""
+    entering: dict[int, torch.Tensor] = {}
+    hooks = [
+        model.base.model.layers[d - 1].register_forward_hook(lambda _m, _i, out, d=d: entering.__setitem__(d, out))
+        for d in depths
+    ]
+    chunks: dict[tuple[str, int], list[torch.Tensor]] = {(name, d): [] for name in probes for d in depths}
+    order = sorted(range(len(examples)), key=lambda i: examples[i].question_len)
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="gate features"):
+            batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id, with_response=False)
+            question = batch["question_mask"].to(model.device)
+            state = model.lower(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), question, layers=max(depths))
+            for name, probe in probes.items():
+                for d in depths:
+                    chunks[name, d].append(probe.lower_state(entering[d], state.mask, state.position_embeddings, question).gate_input.cpu())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    unsort = torch.empty(len(order), dtype=torch.long)
+    unsort[torch.tensor(order)] = torch.arange(len(order))
+    return {key: torch.cat(parts)[unsort] for key, parts in chunks.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="dolly")
+    parser.add_argument("--compression", default="sparsegpt:0.75")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--inputs", nargs="+", default=["question", "last", "prompts+question"])
+    parser.add_argument("--layers", nargs="+", type=int, default=[0], help="0 = the settings' injection layer")
+    parser.add_argument("--samples", nargs="+", type=int, default=[512, 2048, 0], help="0 = every training instruction")
+    parser.add_argument("--steps", nargs="+", type=int, default=[200, 1000])
+    parser.add_argument("--out", default="runs/bench-gate-routing")
+    args = parser.parse_args()
+
+    settings = Settings.from_flat({
+        "model": args.model, "dataset": args.dataset, "compression": args.compression, "seed": args.seed,
+        "activation-cache": False,
+    })
+    base, tokenizer = prepare_base(settings, progress=True)
+    data = prepare(settings.data, tokenizer)
+    pad_id = pad_token_id(tokenizer)
+    train = [ex for ex in data.train if ex.task_id >= 0]
+    test = [ex for ex in data.test if ex.task_id >= 0]
+    model = build_model(settings, base, tokenizer)
+    pretrain_input_prompts(model, data.train, settings.train, pad_id=pad_id, progress=True)
+    inject = model.inject_layer
+    print(f"{args.dataset} at {args.compression}: {len(train)} training / {len(test)} test instructions, "
+          f"{len(data.tasks)} tasks, injection layer {inject}", flush=True)
+
+    probes = {name: build_model(settings.replace(gate_input=name), base, tokenizer) for name in args.inputs}
+    for probe in probes.values():
+        probe.input_prompts.data.copy_(model.input_prompts)
+    depths = sorted({layer or inject for layer in args.layers})
+    started = time.perf_counter()
+    chosen = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))]
+    chosen = chosen[: max(args.samples) or len(train)] if 0 not in args.samples else chosen
+    batch = settings.train.eval_batch_size
+    train_feats = features(model, probes, chosen, depths, pad_id=pad_id, batch_size=batch)
+    test_feats = features(model, probes, test, depths, pad_id=pad_id, batch_size=batch)
+    print(f"features of {len(chosen) + len(test)} instructions at layers {depths}: {time.perf_counter() - started:.0f} s", flush=True)
+    train_targets = expert_targets(torch.tensor([ex.task_id for ex in chosen]), model.experts)
+    test_targets = expert_targets(torch.tensor([ex.task_id for ex in test]), model.experts)
+
+    rows = []
+    for (name, depth), feats in train_feats.items():
+        probe = probes[name]
+        start_gate = {k: v.clone() for k, v in probe.gate.state_dict().items()}
+        for samples in args.samples:
+            n = min(samples or len(chosen), len(chosen))
+            for steps in args.steps:
+                probe.gate.load_state_dict(start_gate)
+                fitted = fit_gate(probe, feats[:n], train_targets[:n], steps=steps, lr=settings.train.gate_pretrain_lr, seed=args.seed)
+                with torch.no_grad():
+                    held_out = (probe.gate_logits(test_feats[name, depth]).argmax(-1).cpu() == test_targets).float().mean().item()
+                rows.append({"input": name, "layer": depth, "samples": n, "steps": steps, "train_accuracy": fitted, "routing_accuracy": held_out})
+                print(f"input {name:>16}  layer {depth:>2}  samples {n:>5}  steps {steps:>5}  "
+                      f"train {fitted:.3f}  held-out {held_out:.3f}", flush=True)
+    atomic.write_json(Path(args.out) / "routing.json", {"settings": vars(args), "test": len(test), "rows": rows})
+
+    print(f"\nHeld-out routing accuracy ({len(test)} test instructions; chance {1 / len(data.tasks):.3f})")
+    print("| input | layer | samples | steps | train | held-out |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['input']} | {r['layer']} | {r['samples']} | {r['steps']} | {r['train_accuracy']:.3f} | {r['routing_accuracy']:.3f} |")
+    plot(rows, Path(args.out) / "routing.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in sorted({(r["input"], r["layer"], r["steps"]) for r in rows}):
+        series = sorted((r["samples"], r["routing_accuracy"]) for r in rows if (r["input"], r["layer"], r["steps"]) == key)
+        ax.plot(*zip(*series), marker="o", label=f"{key[0]}, layer {key[1]}, {key[2]} steps")
+    ax.set_xscale("log")
+    ax.set_xlabel("training instructions")
+    ax.set_ylabel("held-out routing accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
