@@ -128,19 +128,24 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """One panel per gate input: accuracy against depth, a line per (instructions, steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in sorted({(r["input"], r["layer"], r["steps"]) for r in rows}):
-        series = sorted((r["samples"], r["routing_accuracy"]) for r in rows if (r["input"], r["layer"], r["steps"]) == key)
-        ax.plot(*zip(*series), marker="o", label=f"{key[0]}, layer {key[1]}, {key[2]} steps")
-    ax.set_xscale("log")
-    ax.set_xlabel("training instructions")
-    ax.set_ylabel("held-out routing accuracy")
-    ax.legend(fontsize=7)
+    inputs = list(dict.fromkeys(r["input"] for r in rows))
+    fits = sorted({(r["samples"], r["steps"]) for r in rows})
+    fig, axes = plt.subplots(1, len(inputs), figsize=(3.2 * len(inputs) + 1.6, 3.4), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], inputs):
+        for i, (samples, steps) in enumerate(fits):
+            series = sorted((r["layer"], r["routing_accuracy"]) for r in rows if (r["input"], r["samples"], r["steps"]) == (name, samples, steps))
+            ax.plot(*zip(*series), marker="o", color=f"C{i}", label=f"{samples} instructions, {steps} steps")
+        ax.set_title(f"gate input: {name}", fontsize=9)
+        ax.set_xlabel("layer read")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out routing accuracy")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
