@@ -2,7 +2,7 @@
 
     python benchmarks/gate_routing.py [--dataset dolly] [--compression sparsegpt:0.75] [--seed 0] \
         [--inputs question last prompts+question] [--layers 0 12 18] [--samples 512 2048 0] \
-        [--steps 200 1000] [--out runs/bench-gate-routing]
+        [--norms rms] [--steps 200 1000] [--out runs/bench-gate-routing]
 
 Issue 9 asks which gate input separates the tasks best. The answer is read the way MoPs uses the
 gate: the same frozen (compressed) base and pretrained input prompts P1 as a run with these
@@ -10,7 +10,9 @@ settings, the gate's input computed for every training and test instruction, a f
 fitted on `samples` training instructions (0 = all of them) for `steps` minibatch steps, and the
 share of test instructions whose top expert is their task's. `--layers 0` is the injection
 layer the settings give; other values read the same input after that many layers (a deeper
-`inject-layer`). One pass through the deepest layer asked for gives every (input, layer)'s
+`inject-layer`). `--norms` compares what the gate does to its input first: `rms` and `none` are
+the `gate-input-norm` settings; `standardise` scales each feature to zero mean and unit variance
+over the training instructions (LLM hidden states carry a few huge dimensions). One pass through the deepest layer asked for gives every (input, layer)'s
 features; every fit after that takes seconds.
 Prints a table and writes `routing.json` and `routing.png` under `--out`.
 """
@@ -37,23 +39,26 @@ from mops_core.train import expert_targets, fit_gate, pretrain_input_prompts  # 
 
 
 @torch.no_grad()
-def features(model: MoPsModel, probes: dict[str, MoPsModel], examples, depths: list[int], *, pad_id: int, batch_size: int):
-    """{(input, depth): (N, d)}: each probe's gate input read from the states entering each depth, in one pass."""
+def features(model: MoPsModel, readers: dict[str, MoPsModel], examples, depths: list[int], *, pad_id: int, batch_size: int):
+    """{(input, depth): (N, d)}: each reader's gate input taken from the states entering each depth, in one pass.
+
+    `model` runs the layers (its P1 is the run's); a reader only says which positions the gate reads.
+    """
     entering: dict[int, torch.Tensor] = {}
     hooks = [
         model.base.model.layers[d - 1].register_forward_hook(lambda _m, _i, out, d=d: entering.__setitem__(d, out))
         for d in depths
     ]
-    chunks: dict[tuple[str, int], list[torch.Tensor]] = {(name, d): [] for name in probes for d in depths}
+    chunks: dict[tuple[str, int], list[torch.Tensor]] = {(name, d): [] for name in readers for d in depths}
     order = sorted(range(len(examples)), key=lambda i: examples[i].question_len)
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="gate features"):
             batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id, with_response=False)
             question = batch["question_mask"].to(model.device)
             state = model.lower(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), question, layers=max(depths))
-            for name, probe in probes.items():
+            for name, reader in readers.items():
                 for d in depths:
-                    chunks[name, d].append(probe.lower_state(entering[d], state.mask, state.position_embeddings, question).gate_input.cpu())
+                    chunks[name, d].append(reader.lower_state(entering[d], state.mask, state.position_embeddings, question).gate_input.cpu())
     finally:
         for hook in hooks:
             hook.remove()
@@ -72,6 +77,7 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", type=int, default=[0], help="0 = the settings' injection layer")
     parser.add_argument("--samples", nargs="+", type=int, default=[512, 2048, 0], help="0 = every training instruction")
     parser.add_argument("--steps", nargs="+", type=int, default=[200, 1000])
+    parser.add_argument("--norms", nargs="+", default=["rms"], choices=["rms", "none", "standardise"])
     parser.add_argument("--out", default="runs/bench-gate-routing")
     args = parser.parse_args()
 
@@ -90,58 +96,65 @@ def main() -> None:
     print(f"{args.dataset} at {args.compression}: {len(train)} training / {len(test)} test instructions, "
           f"{len(data.tasks)} tasks, injection layer {inject}", flush=True)
 
-    probes = {name: build_model(settings.replace(gate_input=name), base, tokenizer) for name in args.inputs}
-    for probe in probes.values():
-        probe.input_prompts.data.copy_(model.input_prompts)
+    readers = {name: build_model(settings.replace(gate_input=name), base, tokenizer) for name in args.inputs}
     depths = sorted({layer or inject for layer in args.layers})
     started = time.perf_counter()
     chosen = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))]
     chosen = chosen[: max(args.samples) or len(train)] if 0 not in args.samples else chosen
     batch = settings.train.eval_batch_size
-    train_feats = features(model, probes, chosen, depths, pad_id=pad_id, batch_size=batch)
-    test_feats = features(model, probes, test, depths, pad_id=pad_id, batch_size=batch)
+    train_feats = features(model, readers, chosen, depths, pad_id=pad_id, batch_size=batch)
+    test_feats = features(model, readers, test, depths, pad_id=pad_id, batch_size=batch)
     print(f"features of {len(chosen) + len(test)} instructions at layers {depths}: {time.perf_counter() - started:.0f} s", flush=True)
     train_targets = expert_targets(torch.tensor([ex.task_id for ex in chosen]), model.experts)
     test_targets = expert_targets(torch.tensor([ex.task_id for ex in test]), model.experts)
 
     rows = []
     for (name, depth), feats in train_feats.items():
-        probe = probes[name]
-        start_gate = {k: v.clone() for k, v in probe.gate.state_dict().items()}
-        for samples in args.samples:
-            n = min(samples or len(chosen), len(chosen))
-            for steps in args.steps:
-                probe.gate.load_state_dict(start_gate)
-                fitted = fit_gate(probe, feats[:n], train_targets[:n], steps=steps, lr=settings.train.gate_pretrain_lr, seed=args.seed)
-                with torch.no_grad():
-                    held_out = (probe.gate_logits(test_feats[name, depth]).argmax(-1).cpu() == test_targets).float().mean().item()
-                rows.append({"input": name, "layer": depth, "samples": n, "steps": steps, "train_accuracy": fitted, "routing_accuracy": held_out})
-                print(f"input {name:>16}  layer {depth:>2}  samples {n:>5}  steps {steps:>5}  "
-                      f"train {fitted:.3f}  held-out {held_out:.3f}", flush=True)
-    atomic.write_json(Path(args.out) / "routing.json", {"settings": vars(args), "test": len(test), "rows": rows})
+        for norm in args.norms:
+            probe = build_model(settings.replace(gate_input=name, gate_input_norm="rms" if norm == "rms" else "none"), base, tokenizer)
+            fit_feats, test_input = feats, test_feats[name, depth]
+            if norm == "standardise":
+                mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
+                fit_feats, test_input = (feats - mean) / std, (test_input - mean) / std
+            start_gate = {k: v.clone() for k, v in probe.gate.state_dict().items()}
+            for samples in args.samples:
+                n = min(samples or len(chosen), len(chosen))
+                for steps in args.steps:
+                    probe.gate.load_state_dict(start_gate)
+                    fitted = fit_gate(probe, fit_feats[:n], train_targets[:n], steps=steps, lr=settings.train.gate_pretrain_lr, seed=args.seed)
+                    with torch.no_grad():
+                        held_out = (probe.gate_logits(test_input).argmax(-1).cpu() == test_targets).float().mean().item()
+                    rows.append({
+                        "input": name, "norm": norm, "layer": depth, "samples": n, "steps": steps,
+                        "train_accuracy": fitted, "routing_accuracy": held_out,
+                    })
+                    print(f"input {name:>16}  norm {norm:>11}  layer {depth:>2}  samples {n:>5}  steps {steps:>5}  "
+                          f"train {fitted:.3f}  held-out {held_out:.3f}", flush=True)
+                    atomic.write_json(Path(args.out) / "routing.json", {"settings": vars(args), "test": len(test), "rows": rows})
 
     print(f"\nHeld-out routing accuracy ({len(test)} test instructions; chance {1 / len(data.tasks):.3f})")
-    print("| input | layer | samples | steps | train | held-out |\n|---|---|---|---|---|---|")
+    print("| input | norm | layer | samples | steps | train | held-out |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['input']} | {r['layer']} | {r['samples']} | {r['steps']} | {r['train_accuracy']:.3f} | {r['routing_accuracy']:.3f} |")
+        print(f"| {r['input']} | {r['norm']} | {r['layer']} | {r['samples']} | {r['steps']} | {r['train_accuracy']:.3f} | {r['routing_accuracy']:.3f} |")
     plot(rows, Path(args.out) / "routing.png")
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """One panel per gate input: accuracy against depth, a line per (instructions, steps)."""
+    """One panel per gate input (and norm): accuracy against depth, a line per (instructions, steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    inputs = list(dict.fromkeys(r["input"] for r in rows))
+    inputs = list(dict.fromkeys((r["input"], r.get("norm", "rms")) for r in rows))
     fits = sorted({(r["samples"], r["steps"]) for r in rows})
     fig, axes = plt.subplots(1, len(inputs), figsize=(3.2 * len(inputs) + 1.6, 3.4), sharey=True, squeeze=False)
-    for ax, name in zip(axes[0], inputs):
+    for ax, (name, norm) in zip(axes[0], inputs):
         for i, (samples, steps) in enumerate(fits):
-            series = sorted((r["layer"], r["routing_accuracy"]) for r in rows if (r["input"], r["samples"], r["steps"]) == (name, samples, steps))
+            series = sorted((r["layer"], r["routing_accuracy"]) for r in rows
+                            if (r["input"], r.get("norm", "rms"), r["samples"], r["steps"]) == (name, norm, samples, steps))
             ax.plot(*zip(*series), marker="o", color=f"C{i}", label=f"{samples} instructions, {steps} steps")
-        ax.set_title(f"gate input: {name}", fontsize=9)
+        ax.set_title(f"gate input: {name}, {norm}", fontsize=9)
         ax.set_xlabel("layer read")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out routing accuracy")
