@@ -12,8 +12,8 @@ share of test instructions whose top expert is their task's. `--layers 0` is the
 layer the settings give; other values read the same input after that many layers (a deeper
 `inject-layer`). `--norms` compares what the gate does to its input first: `rms` and `none` are
 the `gate-input-norm` settings; `standardise` scales each feature to zero mean and unit variance
-over the training instructions (LLM hidden states carry a few huge dimensions). One pass through the deepest layer asked for gives every (input, layer)'s
-features; every fit after that takes seconds.
+over the training instructions (LLM hidden states carry a few huge dimensions). One pass through
+the deepest layer asked for gives every (input, layer)'s features; every fit after that is cheap.
 Prints a table and writes `routing.json` and `routing.png` under `--out`.
 """
 
@@ -100,7 +100,8 @@ def main() -> None:
     depths = sorted({layer or inject for layer in args.layers})
     started = time.perf_counter()
     chosen = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))]
-    chosen = chosen[: max(args.samples) or len(train)] if 0 not in args.samples else chosen
+    if 0 not in args.samples:  # features only for as many instructions as the largest fit uses
+        chosen = chosen[: max(args.samples)]
     batch = settings.train.eval_batch_size
     train_feats = features(model, readers, chosen, depths, pad_id=pad_id, batch_size=batch)
     test_feats = features(model, readers, test, depths, pad_id=pad_id, batch_size=batch)
