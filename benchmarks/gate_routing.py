@@ -12,8 +12,9 @@ share of test instructions whose top expert is their task's. `--layers 0` is the
 layer the settings give; other values read the same input after that many layers (a deeper
 `inject-layer`). `--norms` compares what the gate does to its input first: `rms` and `none` are
 the `gate-input-norm` settings; `standardise` scales each feature to zero mean and unit variance
-over the training instructions (LLM hidden states carry a few huge dimensions). One pass through
-the deepest layer asked for gives every (input, layer)'s features; every fit after that is cheap.
+over all the training instructions whose features were computed, also for smaller fits (LLM
+hidden states carry a few huge dimensions). One pass through the deepest layer asked for gives
+every (input, layer)'s features; every fit after that is cheap.
 Prints a table and writes `routing.json` and `routing.png` under `--out`.
 """
 

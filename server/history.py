@@ -20,7 +20,6 @@ from mops_core.evaluate import EvalResult, gate_collapse
 from .strategy import RoundLog
 
 
-
 class ResumeError(RuntimeError):
     """The run directory cannot be resumed with these settings."""
 
