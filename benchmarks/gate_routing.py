@@ -10,10 +10,9 @@ settings, the gate's input computed for every training and test instruction, a f
 fitted on `samples` training instructions (0 = all of them) for `steps` minibatch steps, and the
 share of test instructions whose top expert is their task's. `--layers 0` is the injection
 layer the settings give; other values read the same input after that many layers (a deeper
-`inject-layer`). `--norms` compares what the gate does to its input first: `rms` and `none` are
-the `gate-input-norm` settings; `standardise` scales each feature to zero mean and unit variance
-over all the training instructions whose features were computed, also for smaller fits (LLM
-hidden states carry a few huge dimensions). One pass through the deepest layer asked for gives
+`inject-layer`). `--norms` compares the `gate-input-norm` settings, what the gate does to its
+input first (`standardise` takes its statistics from the instructions of each fit, as gate
+pretraining does). One pass through the deepest layer asked for gives
 every (input, layer)'s features; every fit after that is cheap.
 Prints a table and writes `routing.json` and `routing.png` under `--out`.
 """
@@ -113,19 +112,16 @@ def main() -> None:
     rows = []
     for (name, depth), feats in train_feats.items():
         for norm in args.norms:
-            probe = build_model(settings.replace(gate_input=name, gate_input_norm="rms" if norm == "rms" else "none"), base, tokenizer)
-            fit_feats, test_input = feats, test_feats[name, depth]
-            if norm == "standardise":
-                mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
-                fit_feats, test_input = (feats - mean) / std, (test_input - mean) / std
+            probe = build_model(settings.replace(gate_input=name, gate_input_norm=norm), base, tokenizer)
             start_gate = {k: v.clone() for k, v in probe.gate.state_dict().items()}
             for samples in args.samples:
                 n = min(samples or len(chosen), len(chosen))
                 for steps in args.steps:
                     probe.gate.load_state_dict(start_gate)
-                    fitted = fit_gate(probe, fit_feats[:n], train_targets[:n], steps=steps, lr=settings.train.gate_pretrain_lr, seed=args.seed)
+                    probe.gate.fit_input_statistics(feats[:n])  # as gate pretraining does
+                    fitted = fit_gate(probe, feats[:n], train_targets[:n], steps=steps, lr=settings.train.gate_pretrain_lr, seed=args.seed)
                     with torch.no_grad():
-                        held_out = (probe.gate_logits(test_input).argmax(-1).cpu() == test_targets).float().mean().item()
+                        held_out = (probe.gate_logits(test_feats[name, depth]).argmax(-1).cpu() == test_targets).float().mean().item()
                     rows.append({
                         "input": name, "norm": norm, "layer": depth, "samples": n, "steps": steps,
                         "train_accuracy": fitted, "routing_accuracy": held_out,

@@ -190,7 +190,7 @@ def load_adapter_tensors(
     problem = tensor_problems(tensors, expected)
     if problem:
         raise CheckpointError(f"{source}: {problem}")
-    params = dict(model.named_parameters())
+    live = model.adapter_tensors()
     with torch.no_grad():
         for name, tensor in tensors.items():
-            params[name].copy_(torch.as_tensor(tensor).to(params[name].device, params[name].dtype))
+            live[name].copy_(torch.as_tensor(tensor).to(live[name].device, live[name].dtype))

@@ -64,8 +64,10 @@ class MoPsConfig:
         -1, "0-based index of the first decoder layer that sees the trainable prompts (-1 = floor(0.31 L))"
     )
     gate_hidden: int = field(128, "width d_g of the gating MLP")
-    gate_input_norm: Literal["rms", "none"] = field(
-        "rms", "normalise the gate's input (the mean hidden state) to unit RMS, or feed it raw"
+    gate_input_norm: Literal["rms", "none", "standardise"] = field(
+        "rms",
+        "what the gate does to its input first: scale it to unit RMS, feed it raw, or standardise every "
+        "dimension by its mean and spread over the gate-pretraining instructions",
     )
     gate_input: Literal["prompts+question", "question", "last"] = field(
         "question",

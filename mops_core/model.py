@@ -24,9 +24,9 @@ so training starts exactly from the input-prompt-tuned model.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
-
 from dataclasses import dataclass
 
 import torch
@@ -45,22 +45,56 @@ GATE_PREFIX = "gate."
 
 
 def is_federated_key(name: str) -> bool:
-    """Trained after pretraining, hence averaged across clients: experts and gate."""
+    """What the server sends and averages each round: the experts and the gate.
+
+    The gate's input statistics ('standardise') ride along: fixed after pretraining, they are
+    the same in every reply and average to themselves, and a client needs nothing but the
+    message to use them.
+    """
     return name == PROMPTS or name.startswith(GATE_PREFIX)
 
 
 class Gate(nn.Module):
-    """g = softmax(W2 relu(W1 avg_emb)); returns the logits, callers take (log-)softmax."""
+    """g = softmax(W2 relu(W1 norm(x))); returns the logits, callers take (log-)softmax.
 
-    def __init__(self, width: int, hidden: int, experts: int):
+    `norm` is what the gate does to its input first. LLM hidden states carry a few dimensions
+    hundreds of times larger than the rest, and the task signal sits in the small ones: 'rms'
+    scales the whole vector to unit RMS (the huge dimensions still dominate), 'none' feeds it
+    raw, 'standardise' takes every dimension to zero mean and unit variance over the
+    gate-pretraining instructions (held-out routing on Dolly: 0.45 with rms, 0.62 standardised;
+    README, "Making the mixture pay"). Its statistics are buffers: they travel with the gate
+    (checkpoints, start states, federated messages) but are never trained.
+    """
+
+    def __init__(self, width: int, hidden: int, experts: int, norm: str = "rms"):
         super().__init__()
+        self.norm = norm
+        if norm == "standardise":  # identity until `fit_input_statistics`
+            self.register_buffer("input_mean", torch.zeros(width))
+            self.register_buffer("input_scale", torch.ones(width))
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, experts)
         # Zero output layer: every expert starts with the same score, 1/E.
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
+    @torch.no_grad()
+    def fit_input_statistics(self, feats: torch.Tensor) -> None:
+        """Take the per-dimension mean and scale of 'standardise' from these gate inputs (N, d)."""
+        if self.norm != "standardise":
+            return
+        if feats.shape[0] < 2 or not torch.isfinite(feats).all():
+            raise ValueError(f"standardising the gate's input needs at least 2 finite inputs, got {feats.shape[0]}")
+        mean, std = feats.float().mean(0), feats.float().std(0)
+        self.input_mean.copy_(mean)
+        # A dimension that (nearly) never varies is not blown up from its rounding noise.
+        self.input_scale.copy_(torch.maximum(std, 1e-6 * mean.abs() + 1e-12))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm == "rms":
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        elif self.norm == "standardise":
+            x = (x - self.input_mean) / self.input_scale
         return self.fc2(F.relu(self.fc1(x)))
 
 
@@ -101,7 +135,7 @@ class MoPsModel(nn.Module):
         self.sink_token_id = int(sink_token_id)
         self.input_prompts = nn.Parameter(torch.zeros(self.num_prompts, self.width), requires_grad=False)
         self.prompts = nn.Parameter(torch.zeros(cfg.experts, cfg.prompts_per_expert, self.width))
-        self.gate = Gate(self.width, cfg.gate_hidden, cfg.experts) if self.gating != "none" else None
+        self.gate = Gate(self.width, cfg.gate_hidden, cfg.experts, cfg.gate_input_norm) if self.gating != "none" else None
         self.activation_cache = None  # an activations.ActivationCache, attached by whoever trains
 
     # ------------------------------------------------------------------ state
@@ -114,9 +148,14 @@ class MoPsModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.base.model.embed_tokens.weight.dtype
 
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor MoPs adds to the base, parameters and buffers, live (what loads copy into)."""
+        named = itertools.chain(self.named_parameters(), self.named_buffers())
+        return {name: t for name, t in named if not name.startswith("base.")}
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor MoPs adds to the base (what a checkpoint stores)."""
-        return {name: p.detach() for name, p in self.named_parameters() if not name.startswith("base.")}
+        return {name: t.detach() for name, t in self.adapter_tensors().items()}
 
     def federated_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.adapter_state_dict().items() if is_federated_key(k)}
@@ -221,8 +260,6 @@ class MoPsModel(nn.Module):
     def gate_logits(self, gate_input: torch.Tensor) -> torch.Tensor:
         if self.gate is None:
             raise RuntimeError("this model has no gate (gating = 'none')")
-        if self.cfg.gate_input_norm == "rms":
-            gate_input = gate_input * torch.rsqrt(gate_input.pow(2).mean(-1, keepdim=True) + 1e-6)
         return self.gate(gate_input)
 
     def gate_log_probs(self, gate_logits: torch.Tensor) -> torch.Tensor:

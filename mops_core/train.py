@@ -222,15 +222,25 @@ def expert_targets(task_ids: torch.Tensor, experts: int) -> torch.Tensor:
 def pretrain_gate(
     model: MoPsModel, examples: Sequence[Example], cfg: TrainConfig, *, pad_id: int, progress: bool = True
 ) -> float | None:
-    """Stage 2: teach the gate expert i <-> task i from instructions alone; returns train accuracy."""
-    if model.gate is None or cfg.gate_pretrain_steps == 0:
+    """Stage 2: teach the gate expert i <-> task i from instructions alone; returns train accuracy.
+
+    A standardising gate takes its input statistics from the same instructions first; it needs
+    no labels for that, so it gets them even when gate pretraining is skipped.
+    """
+    if model.gate is None:
         return None
-    labelled = [ex for ex in examples if ex.task_id >= 0]
-    if not labelled:
-        raise TrainingError("gate pretraining needs examples with task labels")
+    fit = cfg.gate_pretrain_steps > 0
+    if not fit and model.gate.norm != "standardise":
+        return None
+    pool = [ex for ex in examples if ex.task_id >= 0] if fit else list(examples)
+    if not pool:
+        raise TrainingError("gate pretraining needs examples with task labels" if fit else "no training examples")
     rng = random.Random(cfg.seed)
-    chosen = rng.sample(labelled, min(cfg.gate_pretrain_samples, len(labelled)))
+    chosen = rng.sample(pool, min(cfg.gate_pretrain_samples, len(pool)))
     feats = gate_features(model, chosen, pad_id=pad_id, batch_size=cfg.eval_batch_size, progress=progress)
+    model.gate.fit_input_statistics(feats)
+    if not fit:
+        return None
     targets = expert_targets(torch.tensor([ex.task_id for ex in chosen]), model.experts)
     return fit_gate(model, feats, targets, steps=cfg.gate_pretrain_steps, lr=cfg.gate_pretrain_lr, seed=cfg.seed, progress=progress)
 

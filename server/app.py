@@ -90,7 +90,8 @@ def run(grid: Grid, settings: Settings) -> History:
     report.plot_partitions({f["partition-id"]: f["task-counts"] for f in nodes.values()}, data.tasks, out / "client_tasks.png")
     payload = model.federated_state_dict()
     history.info.update(
-        trainable_parameters=sum(t.numel() for t in payload.values()),
+        trainable_parameters=sum(p.numel() for p in model.trainable_parameters()),
+        message_parameters=sum(t.numel() for t in payload.values()),
         tasks=list(data.tasks),
         base_parameters=sum(p.numel() for p in model.base.parameters()),
     )

@@ -102,6 +102,7 @@ ABLATION = Profile(
         "defaults + balance 0.5": {"gate-balance": 0.5},
         "defaults + floor 0.1": {"gate-floor": 0.1},
         "defaults + vocab P1": {"input-prompt-init": "vocab"},
+        "defaults + standardised gate input": {"gate-input-norm": "standardise"},
     },
 )
 

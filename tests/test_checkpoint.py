@@ -19,16 +19,18 @@ def trained_model(tokenizer, seed=0, **flat):
     return settings, model
 
 
-def test_round_trip_restores_every_tensor_and_the_settings(tmp_path, tokenizer):
-    settings, model = trained_model(tokenizer)
+@pytest.mark.parametrize("norm, statistics", [("rms", set()), ("standardise", {"gate.input_mean", "gate.input_scale"})])
+def test_round_trip_restores_every_tensor_and_the_settings(tmp_path, tokenizer, norm, statistics):
+    settings, model = trained_model(tokenizer, **{"gate-input-norm": norm})
     checkpoint.save(tmp_path / "ck", model, settings, ["a", "b", "c"], extra={"step": 7})
     ckpt = checkpoint.read(tmp_path / "ck")
     assert ckpt.settings == settings and ckpt.tasks == ["a", "b", "c"] and ckpt.config["step"] == 7
-    _, fresh = trained_model(tokenizer)
+    _, fresh = trained_model(tokenizer, **{"gate-input-norm": norm})
     checkpoint.load_into(ckpt, fresh)
     for name, tensor in model.adapter_state_dict().items():
         torch.testing.assert_close(fresh.adapter_state_dict()[name], tensor, atol=0, rtol=0)
-    assert set(ckpt.tensors) == {"input_prompts", "prompts", "gate.fc1.weight", "gate.fc1.bias", "gate.fc2.weight", "gate.fc2.bias"}
+    gate = {"gate.fc1.weight", "gate.fc1.bias", "gate.fc2.weight", "gate.fc2.bias"}
+    assert set(ckpt.tensors) == {"input_prompts", "prompts"} | gate | statistics
 
 
 def test_corrupt_or_incomplete_checkpoints_are_refused(tmp_path, tokenizer):

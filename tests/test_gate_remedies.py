@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import random
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from test_model import QLENS, TEXTS, batch_of, make_model
 from mops_core.config import MoPsConfig, Settings, TrainConfig
 from mops_core.model import MoPsModel
 from mops_core.settings import SettingsError
-from mops_core.train import GateRegulariser, make_mops_optimizer, train_steps
+from mops_core.train import GateRegulariser, fit_gate, gate_features, make_mops_optimizer, pretrain_gate, train_steps
 
 
 def with_cfg(model: MoPsModel, **changes) -> MoPsModel:
@@ -183,3 +184,74 @@ def test_scaled_gate_at_uniform_is_the_ungated_baseline(tokenizer, gating):
     torch.testing.assert_close(scaled(**batch, return_logits=True).logits[real], expected, atol=1e-5, rtol=1e-5)
     paper = with_cfg(scaled, gate_scale="one")
     assert not torch.allclose(paper(**batch, return_logits=True).logits[real], expected, atol=1e-3)
+
+
+def gate_model(tokenizer, norm: str) -> MoPsModel:
+    cfg = MoPsConfig(experts=3, prompts_per_expert=2, inject_layer=2, gate_hidden=16, gate_input_norm=norm)
+    return MoPsModel(tiny_base(len(tokenizer)), cfg, sink_token_id=tokenizer.bos_token_id)
+
+
+def signal_beside_a_huge_dimension(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate inputs whose task shows in dimensions 1-3 while dimension 0, like an LLM's massive
+    activations, is hundreds of times larger and says nothing about the task."""
+    generator = torch.Generator().manual_seed(seed)
+    tasks = torch.randint(0, 3, (n,), generator=generator)
+    feats = torch.randn(n, 32, generator=generator)
+    feats[torch.arange(n), 1 + tasks] += 4.0
+    feats[:, 0] = 300 + 100 * torch.randn(n, generator=generator)
+    return feats, tasks
+
+
+def test_a_standardised_gate_routes_a_task_signal_that_rms_drowns(tokenizer):
+    train, train_tasks = signal_beside_a_huge_dimension(256, seed=0)
+    test, test_tasks = signal_beside_a_huge_dimension(256, seed=1)
+    accuracy = {}
+    for norm in ("rms", "standardise"):
+        model = gate_model(tokenizer, norm)
+        model.gate.fit_input_statistics(train)
+        fit_gate(model, train, train_tasks, steps=500, lr=1e-3, seed=0)
+        with torch.no_grad():
+            accuracy[norm] = (model.gate_logits(test).argmax(-1) == test_tasks).float().mean().item()
+    assert accuracy["standardise"] > 0.95 and accuracy["rms"] < 0.6, accuracy
+
+
+@torch.no_grad()
+def test_a_standardised_gate_sees_the_same_input_whatever_each_dimensions_unit(tokenizer):
+    feats, _ = signal_beside_a_huge_dimension(64, seed=0)
+    scale, shift = torch.logspace(-3, 3, 32), torch.linspace(-50, 50, 32)
+    model = gate_model(tokenizer, "standardise")
+    model.gate.fc2.weight.normal_()
+    model.gate.fit_input_statistics(feats)
+    logits = model.gate_logits(feats)
+    model.gate.fit_input_statistics(feats * scale + shift)
+    torch.testing.assert_close(model.gate_logits(feats * scale + shift), logits, atol=2e-3, rtol=0)  # float32 rounding
+    model.gate.input_mean.zero_()  # what 'none' would see: another input altogether
+    assert not torch.allclose(model.gate_logits(feats * scale + shift), logits, atol=0.1)
+
+
+def test_the_input_statistics_travel_with_the_gate_and_are_never_trained(tokenizer):
+    model = gate_model(tokenizer, "standardise")
+    statistics = {"gate.input_mean", "gate.input_scale"}
+    assert statistics <= set(model.federated_state_dict())
+    assert all(p is not model.gate.input_mean and p is not model.gate.input_scale for p in model.trainable_parameters())
+    assert not statistics & set(gate_model(tokenizer, "rms").adapter_state_dict())
+    with pytest.raises(ValueError, match="at least 2 finite"):
+        model.gate.fit_input_statistics(torch.full((4, 32), math.nan))
+    assert torch.equal(model.gate.input_scale, torch.ones(32)), "a refused fit leaves the statistics alone"
+
+
+def test_gate_pretraining_fits_the_statistics_even_when_it_skips_the_fit(tokenizer):
+    from helpers import toy_records
+
+    from mops_core.data import TASKS, Formatter
+
+    examples = Formatter(tokenizer, 64, TASKS["dolly"]).examples(toy_records(TASKS["dolly"][:3], 4))
+    for steps in (0, 5):
+        model = gate_model(tokenizer, "standardise")
+        fc1 = model.gate.fc1.weight.detach().clone()
+        cfg = TrainConfig(gate_pretrain_steps=steps, gate_pretrain_samples=8, seed=0)
+        accuracy = pretrain_gate(model, examples, cfg, pad_id=tokenizer.pad_token_id, progress=False)
+        feats = gate_features(model, random.Random(0).sample(examples, 8), pad_id=tokenizer.pad_token_id)
+        torch.testing.assert_close(model.gate.input_mean, feats.mean(0))
+        torch.testing.assert_close(model.gate.input_scale, feats.std(0))
+        assert (accuracy is None) == (steps == 0) and torch.equal(model.gate.fc1.weight, fc1) == (steps == 0)

@@ -73,7 +73,8 @@ def test_main_job_trains_mops_across_clients_and_perplexity_falls(mops_run):
     info = results["info"]
     assert sorted(info["clients"]) == ["0", "1", "2"]
     assert sum(sum(c) for c in info["clients"].values()) == 126  # 90% of 140, all handed out
-    raw = info["trainable_parameters"] * 4 * 3  # float32 experts + gate to 3 clients
+    assert info["message_parameters"] == info["trainable_parameters"]  # an RMS gate has no statistics to send
+    raw = info["message_parameters"] * 4 * 3  # float32 experts + gate to 3 clients
     assert raw <= rounds[1]["bytes_down"] < raw + 3 * 2048  # plus the records' own headers
     for name in ("perplexity.png", "client_tasks.png", "gate_heatmap.png"):
         assert (out / name).stat().st_size > 0
