@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -33,9 +32,9 @@ from mops_core import atomic  # noqa: E402
 from mops_core.centralized import build_model  # noqa: E402
 from mops_core.compression.pipeline import prepare_base  # noqa: E402
 from mops_core.config import Settings  # noqa: E402
-from mops_core.data import collate, pad_token_id, prepare  # noqa: E402
+from mops_core.data import pad_token_id, prepare  # noqa: E402
 from mops_core.model import MoPsModel  # noqa: E402
-from mops_core.train import expert_targets, fit_gate, pretrain_input_prompts  # noqa: E402
+from mops_core.train import expert_targets, fit_gate, pretrain_input_prompts, question_batches  # noqa: E402
 
 
 @torch.no_grad()
@@ -49,22 +48,19 @@ def features(model: MoPsModel, readers: dict[str, MoPsModel], examples, depths: 
         model.base.model.layers[d - 1].register_forward_hook(lambda _m, _i, out, d=d: entering.__setitem__(d, out))
         for d in depths
     ]
-    chunks: dict[tuple[str, int], list[torch.Tensor]] = {(name, d): [] for name in readers for d in depths}
-    order = sorted(range(len(examples)), key=lambda i: examples[i].question_len)
+    feats = {(name, d): torch.empty(len(examples), model.width) for name in readers for d in depths}
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="gate features"):
-            batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id, with_response=False)
-            question = batch["question_mask"].to(model.device)
-            state = model.lower(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), question, layers=max(depths))
+        for rows, batch in question_batches(examples, pad_id=pad_id, batch_size=batch_size, progress=True):
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            question = batch["question_mask"]
+            state = model.lower(batch["input_ids"], batch["attention_mask"], question, layers=max(depths))
             for name, reader in readers.items():
                 for d in depths:
-                    chunks[name, d].append(reader.lower_state(entering[d], state.mask, state.position_embeddings, question).gate_input.cpu())
+                    feats[name, d][rows] = reader.lower_state(entering[d], state.mask, state.position_embeddings, question).gate_input.cpu()
     finally:
         for hook in hooks:
             hook.remove()
-    unsort = torch.empty(len(order), dtype=torch.long)
-    unsort[torch.tensor(order)] = torch.arange(len(order))
-    return {key: torch.cat(parts)[unsort] for key, parts in chunks.items()}
+    return feats
 
 
 def main() -> None:

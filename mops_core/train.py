@@ -192,25 +192,28 @@ def pretrain_input_prompts(
     return stats
 
 
+def question_batches(
+    examples: Sequence[Example], *, pad_id: int, batch_size: int, progress: bool = False
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """The examples' instructions alone (no response), shortest first so that batches pad little.
+
+    Yields each batch with the positions in `examples` its rows came from.
+    """
+    order = sorted(range(len(examples)), key=lambda i: examples[i].question_len)
+    for start in tqdm(range(0, len(order), batch_size), desc="gate features", disable=not progress, leave=False):
+        rows = order[start : start + batch_size]
+        yield rows, collate([examples[i] for i in rows], pad_id, with_response=False)
+
+
 @torch.no_grad()
 def gate_features(
     model: MoPsModel, examples: Sequence[Example], *, pad_id: int, batch_size: int = 16, progress: bool = False
 ) -> torch.Tensor:
-    """The gate's input for each example's question (the frozen layers' mean hidden state)."""
-    if not examples:
-        return torch.empty(0, model.width)
-    feats = []
-    order = sorted(range(len(examples)), key=lambda i: examples[i].question_len)
-    chunks = range(0, len(order), batch_size)
-    for start in tqdm(chunks, desc="gate features", disable=not progress, leave=False):
-        chunk = [examples[i] for i in order[start : start + batch_size]]
-        batch = collate(chunk, pad_id, with_response=False)
-        state = model.lower(
-            batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), batch["question_mask"].to(model.device)
-        )
-        feats.append(state.gate_input.cpu())
+    """The gate's input for each example's question, from the frozen layers below the injection point."""
     out = torch.empty(len(examples), model.width)
-    out[torch.tensor(order)] = torch.cat(feats)
+    for rows, batch in question_batches(examples, pad_id=pad_id, batch_size=batch_size, progress=progress):
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        out[rows] = model.lower(batch["input_ids"], batch["attention_mask"], batch["question_mask"]).gate_input.cpu()
     return out
 
 

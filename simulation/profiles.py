@@ -103,6 +103,7 @@ ABLATION = Profile(
         "defaults + floor 0.1": {"gate-floor": 0.1},
         "defaults + vocab P1": {"input-prompt-init": "vocab"},
         "defaults + standardised gate input": {"gate-input-norm": "standardise"},
+        "defaults + standardised gate input + balance 0.5": {"gate-input-norm": "standardise", "gate-balance": 0.5},
     },
 )
 
