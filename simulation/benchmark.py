@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or PROJECT / "runs" / f"benchmark-{profile.name}"
     kinds = (args.only,) if args.only else ("centralized", "federated")
     try:
-        grid = cells(profile, parse_sets(args.set), kinds=kinds)
+        sets = parse_sets(args.set)
+        grid = cells(profile, sets, kinds=kinds)
     except SettingsError as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         return 2
@@ -326,16 +327,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.tables:
             write_outputs(finished, out, meta={"profile": profile.name}, show=True)
         return 0
-    console.print(f"benchmark '{profile.name}': {profile.description}; {len(grid)} cells -> {out}")
+    overrides = " ".join(f"{key}={value}" for key, value in sets.items())
+    console.print(f"benchmark '{profile.name}': {profile.description}" + (f"; with {overrides}" if overrides else "")
+                  + f"; {len(grid)} cells -> {out}", soft_wrap=True)
     started = time.perf_counter()
     records, failures = run_grid(
         grid, out,
         federated_runner=federated_runner(profile.supernodes, args.client_cpus, args.client_gpus),
         progress=not args.no_progress,
-        meta={"profile": profile.name, "overrides": parse_sets(args.set)},
+        meta={"profile": profile.name, "overrides": sets},
     )
     wall = time.perf_counter() - started
-    write_outputs(records, out, meta={"profile": profile.name, "overrides": parse_sets(args.set), "wall_seconds_this_run": wall}, show=True)
+    write_outputs(records, out, meta={"profile": profile.name, "overrides": sets, "wall_seconds_this_run": wall}, show=True)
     console.print(f"{len(records)} of {len(grid)} cells finished in {wall / 60:.1f} min; results in {out}")
     for cell, problem in failures:
         console.print(f"[red]failed: {cell.id}: {problem}[/red] (rerun the same command to retry it)")
