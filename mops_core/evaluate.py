@@ -24,6 +24,8 @@ class TaskScore:
     perplexity: float
     tokens: int
     samples: int
+    gate_entropy: float | None = None  # mean per-sample entropy of g over this task's samples (nats)
+    routing_accuracy: float | None = None  # share of this task's samples whose top expert is the task's own
 
 
 @dataclass
@@ -108,7 +110,9 @@ def evaluate(
     tokens = torch.zeros(n_tasks, dtype=torch.long)
     samples = torch.zeros(n_tasks, dtype=torch.long)
     gate_sum = torch.zeros(n_tasks, model.experts, dtype=torch.float64)
-    entropy_sum, routed_right, gated = 0.0, 0, 0
+    entropy_sum = torch.zeros(n_tasks, dtype=torch.float64)
+    routed_right = torch.zeros(n_tasks, dtype=torch.float64)
+    gated = 0
 
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
     chunks = range(0, len(order), batch_size)
@@ -123,13 +127,17 @@ def evaluate(
         if out.gate is not None:
             gate = out.gate.double().cpu()
             gate_sum.index_add_(0, task_ids, gate)
-            entropy_sum += -(gate * gate.clamp_min(1e-12).log()).sum(-1).sum().item()
-            routed_right += (gate.argmax(-1) == expert_targets(task_ids, model.experts)).sum().item()
+            entropy_sum.index_add_(0, task_ids, -(gate * gate.clamp_min(1e-12).log()).sum(-1))
+            routed_right.index_add_(0, task_ids, (gate.argmax(-1) == expert_targets(task_ids, model.experts)).double())
             gated += len(chunk)
 
     total_tokens = int(tokens.sum())
     per_task = {
-        task: TaskScore(_perplexity(nll[i].item(), int(tokens[i])), int(tokens[i]), int(samples[i]))
+        task: TaskScore(
+            _perplexity(nll[i].item(), int(tokens[i])), int(tokens[i]), int(samples[i]),
+            gate_entropy=entropy_sum[i].item() / int(samples[i]) if gated else None,
+            routing_accuracy=routed_right[i].item() / int(samples[i]) if gated else None,
+        )
         for i, task in enumerate(tasks)
         if samples[i] > 0
     }
@@ -144,6 +152,6 @@ def evaluate(
         tasks=list(tasks),
         per_task=per_task,
         gate_matrix=matrix,
-        gate_entropy=entropy_sum / gated if gated else None,
-        routing_accuracy=routed_right / gated if gated else None,
+        gate_entropy=entropy_sum.sum().item() / gated if gated else None,
+        routing_accuracy=routed_right.sum().item() / gated if gated else None,
     )

@@ -14,7 +14,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from .evaluate import EvalResult  # noqa: E402
+from .evaluate import EvalResult, TaskScore  # noqa: E402
 
 console = Console()
 
@@ -46,15 +46,23 @@ def eval_table(result: EvalResult, title: str = "test split", before: EvalResult
     return table
 
 
-def gate_matrix_table(tasks, matrix, entropy, accuracy, present=None) -> Table:
+def gate_matrix_table(tasks, matrix, entropy, accuracy, per_task: Mapping[str, TaskScore] | None = None) -> Table:
+    """With `per_task` (an evaluation's), only its tasks are shown, each with its own entropy per
+    input and routing accuracy: one task can route well while another drifts."""
     experts = len(matrix[0])
     table = Table(title="mean gate score per task (rows) and expert (columns)")
     table.add_column("task")
     for e in range(experts):
         table.add_column(f"E{e}", justify="right")
+    if per_task is not None:
+        table.add_column("entropy", justify="right")
+        table.add_column("routed", justify="right")
     for task, row in zip(tasks, matrix):
-        if present is None or task in present:
+        if per_task is None:
             table.add_row(task, *(f"{v:.2f}" for v in row))
+        elif task in per_task:
+            score = per_task[task]
+            table.add_row(task, *(f"{v:.2f}" for v in row), _fmt(score.gate_entropy, 2), _fmt(score.routing_accuracy, 2))
     table.caption = f"mean entropy {_fmt(entropy)} nats (uniform {math.log(experts):.3f}); routing accuracy {_fmt(accuracy)}"
     return table
 
@@ -141,8 +149,14 @@ def plot_curve(
     return _save(fig, path)
 
 
-def plot_bars(groups: Mapping[str, Mapping[str, tuple[float, float | None]]], path: str | Path, *, ylabel: str, title: str) -> Path:
-    """Grouped bars with error bars: {group: {series: (mean, sd or None)}}."""
+def plot_bars(
+    groups: Mapping[str, Mapping[str, tuple[float, float | None]]], path: str | Path, *, ylabel: str, title: str,
+    signed: bool = False,
+) -> Path:
+    """Grouped bars with error bars: {group: {series: (mean, sd or None)}}.
+
+    `signed` values (gains) are drawn from a line at 0; otherwise the axis zooms onto the values.
+    """
     names = list(dict.fromkeys(name for bars in groups.values() for name in bars))
     width = 0.8 / max(1, len(names))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(groups) + 2), 4))
@@ -152,11 +166,14 @@ def plot_bars(groups: Mapping[str, Mapping[str, tuple[float, float | None]]], pa
         sds = [bars.get(name, (math.nan, None))[1] or 0.0 for bars in groups.values()]
         ax.bar(xs, means, width, yerr=sds, capsize=3, label=name)
     finite = [m for bars in groups.values() for m, _ in bars.values() if m is not None and math.isfinite(m)]
-    if finite:  # perplexities differ by little: show the differences, not the distance from 0
+    if signed:
+        ax.axhline(0.0, color="black", linewidth=0.8)
+    elif finite:  # perplexities differ by little: show the differences, not the distance from 0
         low, high = min(finite), max(finite)
         pad = max(0.05 * (high - low), 0.01 * high)
         ax.set_ylim(low - 3 * pad, high + 3 * pad)
-    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    long_names = max(len(name) for name in groups) > 16 if groups else False  # task names: slant them
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8, rotation=25 if long_names else 0, ha="right" if long_names else "center")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")

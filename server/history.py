@@ -73,6 +73,8 @@ class History:
             "perplexity": result.perplexity,
             "loss": result.loss,
             "per_task": {t: s.perplexity for t, s in result.per_task.items()},
+            "task_gate_entropy": {t: s.gate_entropy for t, s in result.per_task.items()},
+            "task_routing": {t: s.routing_accuracy for t, s in result.per_task.items()},
             "gate_entropy": result.gate_entropy,
             "routing_accuracy": result.routing_accuracy,
             "gate_matrix": result.gate_matrix,

@@ -86,6 +86,8 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict
             "tasks": results["tasks"], "perplexity_start": results["before"]["perplexity"], "perplexity": after["perplexity"],
             "routing_accuracy_start": results["before"]["routing_accuracy"], "prompt_lr": results.get("prompt_lr"),
             "per_task": {t: s["perplexity"] for t, s in after["per_task"].items()}, "steps": results["train"]["steps"],
+            "task_gate_entropy": {t: s.get("gate_entropy") for t, s in after["per_task"].items()},
+            "task_routing": {t: s.get("routing_accuracy") for t, s in after["per_task"].items()},
             "trainable_parameters": results.get("trainable_parameters"), "bytes_communicated": 0,
             "gate_matrix": after["gate_matrix"], "gate_entropy": after["gate_entropy"], "routing_accuracy": after["routing_accuracy"],
             "curve": {"x": list(range(1, len(losses) + 1)), "y": losses, "label": "training loss (smoothed)"},
@@ -95,7 +97,7 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict
         last = rounds[-1]
         row = {
             "tasks": list(cell_tasks(results)), "perplexity_start": rounds[0]["perplexity"], "perplexity": last["perplexity"],
-            "per_task": last.get("per_task"),
+            "per_task": last.get("per_task"), "task_gate_entropy": last.get("task_gate_entropy"), "task_routing": last.get("task_routing"),
             "steps": sum(r.get("accepted", 0) for r in rounds) * cell.settings["local-steps"],  # client steps in all
             "trainable_parameters": results.get("info", {}).get("trainable_parameters"),
             "bytes_communicated": sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in rounds),

@@ -162,6 +162,54 @@ def gate_diagnostics(records: Sequence[dict]) -> Grid | None:
     return Grid("Gate collapse diagnostics (MoPs, test split)", headers, rows, f"nats; uniform = {math.log(experts):.2f}")
 
 
+def _task_mean(runs: Sequence[dict], field: str, task: str) -> float | None:
+    values = [r[field][task] for r in runs if (r.get(field) or {}).get(task) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _own_expert_share(runs: Sequence[dict], task: str) -> float | None:
+    """The mean gate score a task's test samples give the expert pretrained for it (expert i <-> task i)."""
+    shares = []
+    for r in runs:
+        if r.get("gate_matrix") and task in r["tasks"]:
+            i = r["tasks"].index(task)
+            shares.append(r["gate_matrix"][i][i % len(r["gate_matrix"][i])])
+    return sum(shares) / len(shares) if shares else None
+
+
+def per_task_gains(records: Sequence[dict], kind: str, baseline: str) -> dict[Key, dict[str, dict[str, float | None]]]:
+    """(dataset, compression, variant) -> task -> baseline and MoPs perplexity (means over seeds),
+    MoPs' gain in %, and what its gate did with the task's test samples."""
+    gains: dict[Key, dict[str, dict[str, float | None]]] = {}
+    for key, methods in _main(records, kind).items():
+        base, mops = methods.get(baseline) or [], methods.get("mops") or []
+        for task in dict.fromkeys(t for r in mops for t in r.get("per_task") or {}):
+            b, m = _task_mean(base, "per_task", task), _task_mean(mops, "per_task", task)
+            gains.setdefault(key, {})[task] = {
+                "baseline": b, "mops": m, "gain_pct": 100 * (b - m) / b if b and m is not None else None,
+                "entropy": _task_mean(mops, "task_gate_entropy", task), "own_expert": _own_expert_share(mops, task),
+                "routing": _task_mean(mops, "task_routing", task),
+            }
+    return gains
+
+
+def per_task_comparison(records: Sequence[dict], kind: str, baseline: str, title: str) -> Grid | None:
+    """Where the mixture wins and loses: each task's perplexity, and whether the gate sent it to its expert."""
+    gains = per_task_gains(records, kind, baseline)
+    if not gains:
+        return None
+    label_headers, label = _labels(gains)
+    rows = [
+        [*label(key), task, _num(g["baseline"]), _num(g["mops"]),
+         "-" if g["gain_pct"] is None else f"{g['gain_pct']:+.1f}%",
+         _num(g["entropy"], 2), _num(g["own_expert"], 2), _num(g["routing"], 2)]
+        for key, tasks in gains.items() for task, g in tasks.items()
+    ]
+    headers = [*label_headers, "task", METHOD_NAMES[baseline], "MoPs", "gain %", "entropy/sample", "own expert", "routing acc."]
+    return Grid(title, headers, rows, "test perplexity, means over seeds; gain > 0 = MoPs lower; own expert = the task's mean "
+                                      "gate score on the expert pretrained for it; entropy in nats")
+
+
 def _study_value(record: dict):
     return record["settings"].get(record["study"]) if record["study"] in record["settings"] else None
 
@@ -172,6 +220,8 @@ def all_tables(records: Sequence[dict]) -> list[Grid]:
         comparison(records, "federated", "fedprompt", "Table 3: federated, FedPrompt vs MoPs"),
         peft_comparison(records, "Table 4: centralized, prompt tuning, MoPs, LoRA and IA3 at equal steps"),
         gate_diagnostics(records),
+        per_task_comparison(records, "centralized", "prompt", "Per task, centralized: prompt tuning vs MoPs"),
+        per_task_comparison(records, "federated", "fedprompt", "Per task, federated: FedPrompt vs MoPs"),
     ]
     return [g for g in grids if g is not None]
 
@@ -217,9 +267,10 @@ def write_figures(records: Sequence[dict], folder: Path) -> list[Path]:
                 present=[t for t, e in zip(r["tasks"], r.get("task_entropy") or []) if e is not None] or None,
             ))
     for kind, baseline in (("centralized", "prompt"), ("federated", "fedprompt")):
-        path = _variants_figure(records, kind, baseline, folder / f"variants-{kind}.png")
-        if path:
-            written.append(path)
+        for draw, name in ((_variants_figure, "variants"), (_per_task_figure, "per-task")):
+            path = draw(records, kind, baseline, folder / f"{name}-{kind}.png")
+            if path:
+                written.append(path)
     for study, label, figure in (("inject-layer", "L_int (inject-layer)", "fig2-inject-layer.png"),
                                  ("prompts-per-expert", "prompts per expert", "fig3-prompts-per-expert.png")):
         path = _sweep(records, study, label, folder / figure)
@@ -271,3 +322,21 @@ def _variants_figure(records: Sequence[dict], kind: str, baseline: str, path: Pa
         label = variant if len({k[:2] for k in table}) == 1 else f"{variant}\n{dataset} {compression}"
         groups[label] = {METHOD_NAMES[m]: _ppl(methods.get(m)) for m in (baseline, "mops") if methods.get(m)}
     return report.plot_bars(groups, path, ylabel="test perplexity", title=f"{kind}: variants (mean ± sd over seeds)")
+
+
+def _per_task_figure(records: Sequence[dict], kind: str, baseline: str, path: Path) -> Path | None:
+    """MoPs' gain over the baseline per task (%), one bar per variant: where routing pays and where it costs."""
+    gains = per_task_gains(records, kind, baseline)
+    if not gains:
+        return None
+    places = len({key[:2] for key in gains}) > 1
+    groups: dict[str, dict[str, tuple[float, None]]] = {}
+    for (dataset, compression, variant), tasks in gains.items():
+        name = f"{variant} ({dataset} {compression})" if places else variant
+        for task, g in tasks.items():
+            if g["gain_pct"] is not None:
+                groups.setdefault(task, {})[name] = (g["gain_pct"], None)
+    if not groups:
+        return None
+    return report.plot_bars(groups, path, ylabel="MoPs gain over the baseline (%)", signed=True,
+                            title=f"{kind}: per task, above 0 = MoPs lower perplexity")

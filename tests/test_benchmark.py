@@ -95,10 +95,22 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
     base, mops = by_method["prompt"]["perplexity"], by_method["mops"]["perplexity"]
     assert numbers[:4] == pytest.approx([by_method["prompt"]["perplexity_start"], base, mops, base - mops], abs=2e-3)
     assert numbers[4] == pytest.approx(100 * (base - mops) / base, abs=0.05)  # printed as +x.y%
+    # The per-task table: each task's perplexities from the records, its gain, and the gate's routing of that task.
+    section = markdown.split("### Per task, centralized")[1]
+    mops_run = by_method["mops"]
+    for i, task in enumerate(mops_run["tasks"]):
+        row = next(line for line in section.splitlines() if line.startswith(f"| dolly | none | {task} |"))
+        b, m = by_method["prompt"]["per_task"][task], mops_run["per_task"][task]
+        numbers = [float(x) for x in re.findall(r"[-+]?\d+\.\d+", row)]
+        own = mops_run["gate_matrix"][i][i % len(mops_run["expert_share"])]
+        assert numbers[:2] == pytest.approx([b, m], abs=6e-4), row
+        assert numbers[2] == pytest.approx(100 * (b - m) / b, abs=0.05), row  # printed as +x.y%
+        assert numbers[3:] == pytest.approx([mops_run["task_gate_entropy"][task], own, mops_run["task_routing"][task]], abs=0.006)
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 4 and csv_lines[0].startswith("id,kind,method")
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert "curve-centralized-dolly-none.png" in figures and "fig2-inject-layer.png" in figures
+    assert "per-task-centralized.png" in figures
     assert any(name.startswith("gate-cent-mops") for name in figures)
 
     # Resume: finished cells are skipped; a changed setting is a new cell that runs.

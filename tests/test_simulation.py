@@ -70,6 +70,8 @@ def test_main_job_trains_mops_across_clients_and_perplexity_falls(mops_run):
         assert r["sampled"] == r["accepted"] == 3 and not r["dropped"] and r["failed"] == 0
         assert r["bytes_down"] > 0 and r["bytes_up"] == r["bytes_down"]
         assert len(r["client_gate_share"]) == 7
+        # what the gate did with each task's test samples
+        assert set(r["task_routing"]) == set(r["per_task"]) == set(r["task_gate_entropy"])
     info = results["info"]
     assert sorted(info["clients"]) == ["0", "1", "2"]
     assert sum(sum(c) for c in info["clients"].values()) == 126  # 90% of 140, all handed out
@@ -90,6 +92,7 @@ def test_fedprompt_runs_the_same_way_without_a_gate(fed):
     assert rounds[-1]["perplexity"] < rounds[0]["perplexity"]
     assert all(r["accepted"] == 3 and not r["dropped"] for r in rounds[1:])
     assert rounds[-1]["client_gate_share"] is None and rounds[-1]["gate_entropy"] is None
+    assert set(rounds[-1]["task_routing"].values()) == {None}
     tensors = load_file(str(out / "checkpoint" / "adapter_model.safetensors"))
     assert set(tensors) == {"input_prompts", "prompts"}
 

@@ -47,6 +47,21 @@ def test_gate_pretraining_routes_held_out_instructions_by_task(tokenizer, pretra
     diagonal = [held_out.gate_matrix[i][i] for i in range(3)]
     assert min(diagonal) > 0.5, held_out.gate_matrix
 
+    # Per task, against the gate scored on the questions alone (the gate-pretraining path, no forward pass).
+    from mops_core.train import gate_features
+
+    with torch.no_grad():
+        scores = model.gate_scores(gate_features(model, data.test, pad_id=tokenizer.pad_token_id))
+    task_ids = torch.tensor([ex.task_id for ex in data.test])
+    for i, task in enumerate(data.tasks):
+        mine = scores[task_ids == i]
+        score = held_out.per_task[task]
+        assert score.routing_accuracy == pytest.approx((mine.argmax(-1) == i).double().mean().item(), abs=1e-9)
+        assert score.gate_entropy == pytest.approx(-(mine * mine.log()).sum(-1).mean().item(), rel=1e-4)
+    weights = [held_out.per_task[t].samples for t in data.tasks]
+    overall = sum(w * held_out.per_task[t].routing_accuracy for w, t in zip(weights, data.tasks)) / sum(weights)
+    assert overall == pytest.approx(held_out.routing_accuracy)
+
 
 def test_input_prompt_pretraining_moves_p1_only_and_prompts_start_from_it(tokenizer, pretrained_base):
     settings = tiny_settings(samples=60, **{"input-prompt-steps": 5, "input-prompt-lr": 1e-2})
