@@ -281,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every cell (repeatable)")
     parser.add_argument("--only", choices=("centralized", "federated"), help="run one kind of cell")
     parser.add_argument("--variants", help="comma-separated names of the profile's variants to run (default: all)")
+    parser.add_argument("--seeds", help="comma-separated seeds of every main cell, e.g. 0,1,2,3 (default: the profile's)")
     parser.add_argument("--supernodes", type=int, help="simulated clients of federated cells (default: the profile's)")
     parser.add_argument("--client-cpus", type=int, default=2, help="CPUs per ClientApp actor")
     parser.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per ClientApp actor (e.g. 0.25)")
@@ -298,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         profile = replace(profile, model=args.model)
     if args.supernodes:
         profile = replace(profile, supernodes=args.supernodes, federated={**profile.federated, "min-available-nodes": args.supernodes})
+    if args.seeds:
+        try:
+            seeds = tuple(dict.fromkeys(int(seed) for seed in args.seeds.split(",")))
+        except ValueError:
+            console.print(f"[red]error:[/red] --seeds: expected comma-separated integers, got {args.seeds!r}", soft_wrap=True)
+            return 2
+        profile = replace(profile, seeds=seeds)
     if args.variants:
         names = [name.strip() for name in args.variants.split(",") if name.strip()]
         unknown = [name for name in names if name not in profile.variants]

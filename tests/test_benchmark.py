@@ -62,11 +62,16 @@ def test_a_wrong_setting_fails_before_any_cell_runs(capsys):
         parse_sets(["lr"])
 
 
-def test_variants_option_runs_the_named_variants_and_names_the_known_ones(capsys):
+def test_variants_and_seeds_options_choose_the_cells_and_name_what_is_wrong(capsys):
     assert not [name for profile in PROFILES.values() for name in profile.variants if "," in name]  # the separator
     assert main(["--profile", "ablation", "--variants", "defaults", "--dry-run"]) == 0
     listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cent-")]
     assert len(listed) == 4 and all(line.rstrip().endswith("defaults") for line in listed)  # 2 methods x 2 seeds
+    assert main(["--profile", "ablation", "--variants", "defaults", "--seeds", "0,1,2", "--dry-run"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cent-")]
+    assert len(listed) == 6 and len({line.split()[0] for line in listed}) == 6  # 2 methods x 3 seeds, all distinct
+    assert main(["--profile", "ablation", "--seeds", "0,one", "--dry-run"]) == 2
+    assert "--seeds" in capsys.readouterr().out
     assert main(["--profile", "ablation", "--variants", "defaults,fast gate", "--dry-run"]) == 2
     message = capsys.readouterr().out
     assert "fast gate" in message and "paper (one lr)" in message
