@@ -163,8 +163,9 @@ def plot_bars(
     for j, name in enumerate(names):
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(groups))]
         means = [bars.get(name, (math.nan, None))[0] for bars in groups.values()]
-        sds = [bars.get(name, (math.nan, None))[1] or 0.0 for bars in groups.values()]
-        ax.bar(xs, means, width, yerr=sds, capsize=3, label=name)
+        sds = [bars.get(name, (math.nan, None))[1] for bars in groups.values()]
+        spread = None if all(sd is None for sd in sds) else [sd or 0.0 for sd in sds]  # no caps where none was measured
+        ax.bar(xs, means, width, yerr=spread, capsize=3, label=name)
     finite = [m for bars in groups.values() for m, _ in bars.values() if m is not None and math.isfinite(m)]
     if signed:
         ax.axhline(0.0, color="black", linewidth=0.8)
