@@ -217,8 +217,9 @@ def gate_features(
     return out
 
 
-def expert_targets(task_ids: torch.Tensor, experts: int) -> torch.Tensor:
-    """Expert i <-> task i (the paper's one-to-one assignment), wrapping if tasks outnumber experts."""
+def expert_targets(task_ids: torch.Tensor | int, experts: int) -> torch.Tensor | int:
+    """Expert i <-> task i (the paper's one-to-one assignment), wrapping if tasks outnumber experts.
+    Takes a tensor of task ids or one id."""
     return task_ids % experts
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.table import Table
 
 from mops_core import atomic, report
+from mops_core.train import expert_targets
 
 CSV_COLUMNS = (
     "id", "kind", "method", "study", "dataset", "compression", "model", "seed", "inject-layer", "experts",
@@ -164,17 +165,17 @@ def gate_diagnostics(records: Sequence[dict]) -> Grid | None:
 
 def _task_mean(runs: Sequence[dict], field: str, task: str) -> float | None:
     values = [r[field][task] for r in runs if (r.get(field) or {}).get(task) is not None]
-    return sum(values) / len(values) if values else None
+    return _mean_sd(values)[0] if values else None
 
 
 def _own_expert_share(runs: Sequence[dict], task: str) -> float | None:
-    """The mean gate score a task's test samples give the expert pretrained for it (expert i <-> task i)."""
+    """The mean gate score a task's test samples give the expert pretrained for it."""
     shares = []
     for r in runs:
         if r.get("gate_matrix") and task in r["tasks"]:
             i = r["tasks"].index(task)
-            shares.append(r["gate_matrix"][i][i % len(r["gate_matrix"][i])])
-    return sum(shares) / len(shares) if shares else None
+            shares.append(r["gate_matrix"][i][expert_targets(i, len(r["gate_matrix"][i]))])
+    return _mean_sd(shares)[0] if shares else None
 
 
 def per_task_gains(records: Sequence[dict], kind: str, baseline: str) -> dict[Key, dict[str, dict[str, float | None]]]:
