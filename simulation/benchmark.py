@@ -259,6 +259,14 @@ def write_outputs(records: Sequence[dict], out_dir: Path, *, meta: dict | None =
 # ---------------------------------------------------------------------- command line
 
 
+def grid_summary(grid: Sequence[Cell]) -> str:
+    """What the cells really run once --model, --set and --seeds have acted: a profile's prose cannot know."""
+    def values(key: str) -> str:
+        return ", ".join(dict.fromkeys(str(cell.settings[key]) for cell in grid))
+
+    return f"model {values('model')}; data {values('dataset')}; compression {values('compression')}; seeds {values('seed')}"
+
+
 def parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
     """--set key=value (TOML values: 1e-3, true, "text"; bare words are strings)."""
     values: dict[str, Any] = {}
@@ -327,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         matches = {cell.id: finished_record(cell, saved) for cell in grid}
         finished = [r for r in matches.values() if r is not None]
         if args.dry_run:
+            console.print(grid_summary(grid), soft_wrap=True)
             for cell in grid:
                 start = shorter_run(cell, saved)
                 state = ("finished" if matches[cell.id] is not None
@@ -339,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     overrides = " ".join(f"{key}={value}" for key, value in sets.items())
     console.print(f"benchmark '{profile.name}': {profile.description}" + (f"; with {overrides}" if overrides else "")
-                  + f"; {len(grid)} cells -> {out}", soft_wrap=True)
+                  + f"; {len(grid)} cells -> {out}\n{grid_summary(grid)}", soft_wrap=True)
     started = time.perf_counter()
     records, failures = run_grid(
         grid, out,

@@ -81,7 +81,7 @@ PAPER_GATE = {
 
 ABLATION = Profile(
     name="ablation",
-    description="issue 9: what makes the mixture pay, centralized, SmolLM2, Dolly, SparseGPT 75%, two seeds",
+    description="issue 9: what makes the mixture pay, centralized prompt tuning against MoPs variants",
     model="smollm2",
     datasets=("dolly",),
     compressions=("sparsegpt:0.75",),
@@ -111,7 +111,7 @@ ABLATION = Profile(
 FEDERATED_ABLATION = replace(
     QUICK,
     name="fed-ablation",
-    description="issue 9, federated: FedPrompt vs MoPs with experts averaged by gate or by examples, or a gate floor, SmolLM2, Dolly, 75%",
+    description="issue 9, federated: FedPrompt vs MoPs with experts averaged by gate or by examples, or a gate floor",
     compressions=("sparsegpt:0.75",),
     centralized_methods=(),
     inject_layers=(),

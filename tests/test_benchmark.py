@@ -70,6 +70,9 @@ def test_variants_and_seeds_options_choose_the_cells_and_name_what_is_wrong(caps
     assert main(["--profile", "ablation", "--variants", "defaults", "--seeds", "0,1,2", "--dry-run"]) == 0
     listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cent-")]
     assert len(listed) == 6 and len({line.split()[0] for line in listed}) == 6  # 2 methods x 3 seeds, all distinct
+    assert main(["--profile", "ablation", "--variants", "defaults", "--set", "dataset=sni", "--seeds", "2,3", "--dry-run"]) == 0
+    summary = capsys.readouterr().out.splitlines()[0]  # the grid as it runs, not as the profile describes it
+    assert summary == "model smollm2; data sni; compression sparsegpt:0.75; seeds 2, 3"
     assert main(["--profile", "ablation", "--seeds", "0,one", "--dry-run"]) == 2
     assert "--seeds" in capsys.readouterr().out
     assert main(["--profile", "ablation", "--variants", "defaults,fast gate", "--dry-run"]) == 2
