@@ -22,7 +22,7 @@ from .compression.pipeline import prepare_base
 from .config import Settings
 from .data import PreparedData, pad_token_id, prepare
 from .evaluate import EvalResult, evaluate
-from .loading import cache_root
+from .loading import base_fingerprint, cache_root
 from .model import MoPsModel
 from .train import GateRegulariser, make_mops_optimizer, pretrain_gate, pretrain_input_prompts, train_steps
 
@@ -121,6 +121,7 @@ def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> di
     results = {
         "settings": settings.to_flat(),
         "tasks": list(data.tasks),
+        "base_fingerprint": base_fingerprint(base),
         "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
         "prompt_lr": optimizer.param_groups[0]["lr"],
         "start": {"input_prompt_loss": start.input_prompt_loss, "gate_train_accuracy": start.gate_train_accuracy},

@@ -69,7 +69,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .centralized import evaluate_plain_base
     from .compression.pipeline import compress_base
     from .data import prepare
-    from .loading import load_base
+    from .loading import base_fingerprint, load_base
 
     settings = _settings_from_args(args)
     if settings.compression.compression == "none":
@@ -91,7 +91,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     where = "from the cache" if compression.from_cache else "computed now"
     report.console.print(
         f"{settings.compression.compression} ({compression.backend or where}): "
-        f"overall sparsity {compression.sparsity:.4f}, {compression.seconds:.0f} s ({where})\n"
+        f"overall sparsity {compression.sparsity:.4f}, {compression.seconds:.0f} s ({where}); "
+        f"base fingerprint {base_fingerprint(base)}\n"
         f"test perplexity on {after.samples} samples: dense {before.perplexity:.3f} -> compressed {after.perplexity:.3f}"
     )
     if args.out:

@@ -25,6 +25,7 @@ from .compression.pipeline import prepare_base
 from .config import Settings
 from .data import IGNORE_INDEX, pad_token_id, prepare
 from .evaluate import evaluate
+from .loading import base_fingerprint
 from .model import MoPsOutput
 from .train import make_optimizer, train_steps
 
@@ -113,6 +114,7 @@ def run(settings: Settings, kind: str, out_dir: str | Path, *, progress: bool = 
         "settings": settings.to_flat(),
         "method": kind,
         "tasks": list(data.tasks),
+        "base_fingerprint": base_fingerprint(base),
         "trainable_parameters": trainable,
         "before": before.to_dict(),
         "after": after.to_dict(),

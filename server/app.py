@@ -23,6 +23,7 @@ from mops_core.centralized import build_model, evaluate_test
 from mops_core.compression.pipeline import prepare_base
 from mops_core.config import Settings
 from mops_core.data import pad_token_id, prepare
+from mops_core.loading import base_fingerprint
 from mops_core.start_state import prepare_or_load, tensor_sha
 
 from .history import History, ResumeError, progress_line
@@ -93,6 +94,7 @@ def run(grid: Grid, settings: Settings) -> History:
         trainable_parameters=sum(p.numel() for p in model.trainable_parameters()),
         message_parameters=sum(t.numel() for t in payload.values()),
         tasks=list(data.tasks),
+        base_fingerprint=base_fingerprint(model.base),
         base_parameters=sum(p.numel() for p in model.base.parameters()),
     )
     strategy = MoPsFedAvg(

@@ -75,10 +75,16 @@ def federated_runner(supernodes: int, client_cpus: int, client_gpus: float, flwr
 
 def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict:
     """One row of results.json: the cell, its settings, and the numbers the tables and figures use."""
+    saved = checkpoint_config(folder)
     common = {
         "id": cell.id, "kind": cell.kind, "method": cell.method, "study": cell.study, "variants": list(cell.variants),
         "dataset": cell.dataset, "compression": cell.compression, "settings": cell.settings,
-        "dir": str(folder), "wall_seconds": wall_seconds, "inject_layer": resolved_inject_layer(folder),
+        "dir": str(folder), "wall_seconds": wall_seconds,
+        # inject-layer -1 is a share of the depth: the layer the run used is in its checkpoint.
+        "inject_layer": int(saved["inject_layer"]) if "inject_layer" in saved else None,
+        # Runs before results carried it keep it only in their checkpoint (PEFT baselines have none).
+        "base_fingerprint": results.get("base_fingerprint") or results.get("info", {}).get("base_fingerprint")
+        or saved.get("base_fingerprint"),
     }
     if cell.kind == "centralized":
         after, losses = results["after"], results["train"]["losses"]
@@ -109,12 +115,10 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict
     return {**common, **row, **(gate_collapse(row["gate_matrix"]) or {})}
 
 
-def resolved_inject_layer(folder: Path) -> int | None:
-    """The layer a prompt run injected at (inject-layer -1 is a share of the depth), from its checkpoint."""
+def checkpoint_config(folder: Path) -> dict:
+    """What a prompt run's checkpoint says of itself; {} for PEFT baselines, which keep no MoPs checkpoint."""
     path = folder / "checkpoint"
-    if not path.is_dir():
-        return None  # PEFT baselines keep no MoPs checkpoint
-    return int(checkpoint.read(path).config["inject_layer"])
+    return checkpoint.read(path).config if path.is_dir() else {}
 
 
 def cell_tasks(results: dict) -> list[str]:
@@ -133,9 +137,12 @@ def finished_cells(out_dir: Path) -> list[dict]:
     found = []
     for path in sorted((Path(out_dir) / "cells").glob(f"*/{CELL_FILE}")):
         try:
-            found.append({**json.loads(path.read_text()), "dir": str(path.parent)})  # where it is now, if moved
-        except (OSError, json.JSONDecodeError):
-            continue  # a damaged marker: the cell runs again
+            saved = {**json.loads(path.read_text()), "dir": str(path.parent)}  # where it is now, if moved
+            if "base_fingerprint" not in saved:  # finished before cells recorded it
+                saved["base_fingerprint"] = checkpoint_config(path.parent).get("base_fingerprint")
+        except (OSError, json.JSONDecodeError, checkpoint.CheckpointError):
+            continue  # a damaged marker or checkpoint: the cell runs again
+        found.append(saved)
     return found
 
 
@@ -246,14 +253,22 @@ def run_grid(
 
 def write_outputs(records: Sequence[dict], out_dir: Path, *, meta: dict | None = None, show: bool = False) -> list[tables.Grid]:
     grids = tables.all_tables(records)
-    atomic.write_json(out_dir / "results.json", {**(meta or {}), "cells": list(records)})
+    warnings = tables.mixed_bases(records)
+    atomic.write_json(out_dir / "results.json", {**(meta or {}), "warnings": warnings, "cells": list(records)})
     tables.write_csv(records, out_dir / "results.csv")
-    atomic.write_bytes(out_dir / "tables.md", "\n".join(g.markdown() for g in grids).encode())
+    atomic.write_bytes(out_dir / "tables.md", "\n".join([*(f"**Warning:** {w}\n" for w in warnings), *(g.markdown() for g in grids)]).encode())
     tables.write_figures(records, out_dir / "figures")
     if show:
         for grid in grids:
             console.print(grid.rich())
+    if show or warnings:
+        show_warnings(warnings)
     return grids
+
+
+def show_warnings(warnings: Sequence[str]) -> None:
+    for warning in warnings:
+        console.print(f"[red]warning:[/red] {warning}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------- command line
@@ -341,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                 state = ("finished" if matches[cell.id] is not None
                          else f"to run from round {start['settings']['num-server-rounds']}" if start else "to run")
                 console.print(f"{cell.id:48s} {cell.study:18s} {state:20s} {', '.join(cell.variants)}", soft_wrap=True)
+            show_warnings(tables.mixed_bases(finished))
         if args.tables and not finished:
             console.print(f"no finished cell of this grid in {out}; nothing written")
         elif args.tables:

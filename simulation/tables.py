@@ -14,12 +14,13 @@ from pathlib import Path
 from rich.table import Table
 
 from mops_core import atomic, report
+from mops_core.config import BASE_SETTINGS
 from mops_core.train import expert_targets
 
 CSV_COLUMNS = (
     "id", "kind", "method", "study", "dataset", "compression", "model", "seed", "inject-layer", "experts",
     "prompts-per-expert", "lr", "steps", "num-server-rounds", "local-steps", "perplexity_start", "perplexity",
-    "trainable_parameters", "bytes_communicated", "gate_entropy", "routing_accuracy", "wall_seconds", "dir",
+    "trainable_parameters", "bytes_communicated", "gate_entropy", "routing_accuracy", "wall_seconds", "base_fingerprint", "dir",
 )
 METHOD_NAMES = {"prompt": "prompt tuning", "mops": "MoPs", "lora": "LoRA", "ia3": "IA3", "fedprompt": "FedPrompt"}
 
@@ -225,6 +226,30 @@ def all_tables(records: Sequence[dict]) -> list[Grid]:
         per_task_comparison(records, "federated", "fedprompt", "Per task, federated: FedPrompt vs MoPs"),
     ]
     return [g for g in grids if g is not None]
+
+
+def mixed_bases(records: Sequence[dict]) -> list[str]:
+    """Cells whose settings call for one compressed base but that ran on different ones.
+
+    SparseGPT is deterministic on one machine, but a base pruned again elsewhere (another CPU's
+    float rounding, another library version) can differ: the Dolly base at 75% once started 7%
+    apart. Paired comparisons across such cells measure the bases, not the methods.
+    """
+    groups: dict[tuple, dict[str, list[str]]] = {}
+    for r in records:
+        if r.get("base_fingerprint"):
+            key = tuple(str(r["settings"].get(k)) for k in BASE_SETTINGS)
+            groups.setdefault(key, {}).setdefault(r["base_fingerprint"], []).append(r["id"])
+    warnings = []
+    for bases in groups.values():
+        if len(bases) > 1:
+            listing = "; ".join(f"base {fingerprint[:8]}: {', '.join(ids)}" for fingerprint, ids in bases.items())
+            warnings.append(
+                f"cells with the same base settings ran on {len(bases)} different compressed bases ({listing}). "
+                "Their numbers are not comparable: keep one base's cells, delete the others' folders and run the same "
+                "command again (`mops compress` with the cells' settings prints the fingerprint of the base your cache holds)."
+            )
+    return warnings
 
 
 def write_csv(records: Sequence[dict], path: Path) -> Path:

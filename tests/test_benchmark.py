@@ -13,7 +13,7 @@ from mops_core.config import Settings
 from mops_core.data import TASKS, Formatter, collate
 from mops_core.peft_baselines import PeftBaseline
 from simulation import tables
-from simulation.benchmark import CELL_FILE, federated_runner, main, parse_sets, run_grid
+from simulation.benchmark import CELL_FILE, federated_runner, main, parse_sets, run_grid, write_outputs
 from simulation.profiles import PROFILES, QUICK, Cell, Profile, cells, same_settings
 
 TINY = {
@@ -95,6 +95,8 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
     assert by_method["mops"]["trainable_parameters"] > by_method["prompt"]["trainable_parameters"] == 3 * 2 * 32
     assert len(by_method["mops"]["expert_share"]) == 3 and by_method["prompt"].get("expert_share") is None
     assert [r["inject_layer"] for r in results] == [2, 2, 1]  # read back from each run's checkpoint
+    assert len({r["base_fingerprint"] for r in results}) == 1 and re.fullmatch(r"[0-9a-f]{32}", results[0]["base_fingerprint"])
+    assert "Warning" not in (out / "tables.md").read_text()
 
     # Table 2 in tables.md holds the results file's numbers, gain and gain in %.
     markdown = (out / "tables.md").read_text()
@@ -131,9 +133,19 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
     marker = out / "cells" / records[0]["id"] / CELL_FILE
     saved = json.loads(marker.read_text())
     del saved["settings"]["gate-scale"]
+    fingerprint = saved.pop("base_fingerprint")  # and before cells recorded their base: the checkpoint tells
     marker.write_text(json.dumps(saved))
     again, _ = run_grid(grid, out, centralized_runner=refuse, progress=False)
-    assert len(again) == 3
+    assert len(again) == 3 and again[0]["base_fingerprint"] == fingerprint
+    # A cell that ran on another pruning of the same base is named, in the tables and the results file.
+    saved["base_fingerprint"] = "f" * 32
+    marker.write_text(json.dumps(saved))
+    again, _ = run_grid(grid, out, centralized_runner=refuse, progress=False)
+    write_outputs(again, out)
+    warnings = json.loads((out / "results.json").read_text())["warnings"]
+    assert len(warnings) == 1 and "2 different compressed bases" in warnings[0]
+    assert f"base ffffffff: {records[0]['id']}" in warnings[0] and records[1]["id"] in warnings[0]
+    assert (out / "tables.md").read_text().startswith(f"**Warning:** {warnings[0]}")
     changed = cells(tiny_profile, {"steps": 9})
     ran = []
 
@@ -182,6 +194,22 @@ def test_more_rounds_of_a_finished_federated_cell_start_from_its_last_round(tmp_
     assert (out / "cells" / short[0].id / CELL_FILE).exists()
     assert (out / "cells" / short[0].id / "state.txt").read_text() == "after round 2"
     assert not list((out / "cells").glob("*.partial"))
+
+
+def test_cells_are_held_to_one_base_only_where_their_settings_call_for_one():
+    def rec(cell_id, fingerprint, **settings):
+        return {"id": cell_id, "base_fingerprint": fingerprint, "settings": {**Settings().to_flat(), **settings}}
+
+    assert tables.mixed_bases([
+        rec("a", "1" * 32, compression="sparsegpt:0.75"), rec("b", "2" * 32, compression="sparsegpt:0.5"),
+        rec("c", "3" * 32, compression="sparsegpt:0.75", **{"calibration-samples": 64}),
+        rec("d", None, compression="sparsegpt:0.75"),  # a cell that never recorded its base is not judged
+        rec("e", "1" * 32, compression="sparsegpt:0.75", seed=1, lr=0.5),  # seed and training do not decide the base
+    ]) == []
+    warnings = tables.mixed_bases([
+        rec("a", "1" * 32, dataset="sni"), rec("b", "2" * 32, dataset="sni"), rec("c", "1" * 32, dataset="sni", seed=3),
+    ])
+    assert len(warnings) == 1 and "base 11111111: a, c; base 22222222: b" in warnings[0]
 
 
 def test_sweep_places_an_automatic_inject_layer_at_the_layer_it_resolved_to():

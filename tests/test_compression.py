@@ -93,6 +93,27 @@ def test_sparsegpt_matches_a_plain_column_by_column_reference(pattern):
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_sparsegpt_in_float64_does_not_depend_on_the_order_its_hessian_was_summed_in():
+    """Threads (their number, the CPU) sum X X^T in different orders; SparseGPT's solve amplifies the difference."""
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(64, 128, generator=g)
+    # Activations of a deep layer are strongly correlated: few directions, a little noise (H ill-conditioned).
+    X = torch.randn(256, 16, generator=g) @ torch.randn(16, 128, generator=g) + 1e-2 * torch.randn(256, 128, generator=g)
+    order = torch.randperm(X.shape[0], generator=g)
+
+    def apart(dtype):
+        Xd = X.to(dtype)
+        H, H_other_order = Xd.T @ Xd, Xd[order].T @ Xd[order]
+        assert not torch.equal(H, H_other_order)  # the same sum, rounded differently
+        a, b = (sparsegpt_prune(W.double(), h, Pattern(sparsity=0.75)) for h in (H, H_other_order))
+        return ((a != 0) != (b != 0)).sum().item(), (torch.linalg.norm(a - b) / torch.linalg.norm(a)).item()
+
+    flips32, rel32 = apart(torch.float32)
+    flips64, rel64 = apart(torch.float64)
+    assert flips64 == 0 and rel64 < 1e-11, (flips64, rel64)
+    assert rel32 > 1e3 * rel64 and rel32 > 1e-6, (flips32, rel32)  # what float64 buys: float32 rounding, amplified
+
+
 def test_compression_spec_errors_are_specific():
     assert parse("sparsegpt:2:4").pattern == Pattern(n=2, m=4)
     assert parse("WANDA:0.75").pattern == Pattern(sparsity=0.75)
@@ -124,6 +145,11 @@ def test_pruned_weights_stay_zero_through_training_and_the_cache(compression, pr
     settings, base, report = compressed(pretrained_base, tokenizer, toy_data_dir, tmp_path, compression)
     target = settings.compression.spec.pattern.ratio
     assert not report.from_cache and report.sparsity == pytest.approx(target, abs=1e-3)
+    # Blocks pruned in float64 come back in the base's dtype, all they did not prune bit for bit.
+    dense = dict(pretrained_base.named_parameters())
+    for name, param in base.named_parameters():
+        assert param.dtype == dense[name].dtype, name
+        assert name.endswith("proj.weight") or torch.equal(param, dense[name]), name
     masks = zero_masks(base)
     model = build_model(settings, base, tokenizer)
     examples = Formatter(tokenizer, 64, TASKS["dolly"]).examples(toy_records(TASKS["dolly"], 3))
@@ -158,6 +184,17 @@ def test_a_corrupt_or_mismatched_cache_is_refused_by_name(pretrained_base, token
     (path / "compression.json").write_text(json.dumps(meta))
     with pytest.raises(CompressionCacheError, match="records another compression"):
         compressed(pretrained_base, tokenizer, toy_data_dir, tmp_path)
+
+
+def test_float32_pruning_keeps_the_cache_entries_made_before_the_precision_was_a_setting():
+    from mops_core.config import Settings
+
+    keys = {}
+    for dtype in ("float64", "float32"):
+        path, determining = cache_dir(Settings.from_flat({"compression": "sparsegpt:0.5", "prune-dtype": dtype}), "0" * 32)
+        keys[dtype] = (path, determining["compression"])
+    assert keys["float64"][0] != keys["float32"][0] and keys["float64"][1]["prune_dtype"] == "float64"
+    assert keys["float32"][1] == {k: v for k, v in keys["float64"][1].items() if k != "prune_dtype"}  # the old key's content
 
 
 def test_int8_stays_close_to_fp32_and_passes_gradients_to_the_prompts(pretrained_base, tokenizer, toy_data_dir, tmp_path):

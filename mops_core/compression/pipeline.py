@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import atomic
-from ..config import Settings
+from ..config import CALIBRATION_DATA, Settings
 from ..data import TASKS, Formatter, load_records, sample_and_split
 from ..loading import base_fingerprint, cache_root, load_base
 from .int8 import quantize_int8
@@ -84,10 +84,13 @@ def calibration_ids(settings: Settings, tokenizer: PreTrainedTokenizerBase, sink
 
 
 def cache_dir(settings: Settings, source_fingerprint: str) -> tuple[Path, dict]:
+    compression = dataclasses.asdict(settings.compression)
+    if compression["prune_dtype"] == "float32":  # as every base was pruned before the setting: those entries stay valid
+        del compression["prune_dtype"]
     determining = {
         "source": source_fingerprint,
-        "compression": dataclasses.asdict(settings.compression),
-        "calibration_data": {k: getattr(settings.data, k) for k in ("dataset", "samples", "test_fraction", "max_length", "data_seed")},
+        "compression": compression,
+        "calibration_data": {k: getattr(settings.data, k) for k in CALIBRATION_DATA},
     }
     key = hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:24]
     method = settings.compression.compression.replace(":", "-")
@@ -154,7 +157,8 @@ def compress_base(
         sink = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         calibration = calibration_ids(settings, tokenizer, sink) if spec.calibrated else None
         stats = prune_model(
-            model, calibration, spec, blocksize=cfg.sparsegpt_blocksize, damp=cfg.sparsegpt_damp, progress=progress
+            model, calibration, spec, blocksize=cfg.sparsegpt_blocksize, damp=cfg.sparsegpt_damp,
+            dtype=getattr(torch, cfg.prune_dtype), progress=progress,
         )
         seconds = time.perf_counter() - started
         meta = {

@@ -83,10 +83,14 @@ def wanda_prune(weight: torch.Tensor, input_sq_norms: torch.Tensor, pattern: Pat
 def sparsegpt_prune(
     weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, blocksize: int = 128, damp: float = 0.01
 ) -> torch.Tensor:
-    """SparseGPT on one matrix; `hessian` is X X^T (any positive scale) over calibration inputs."""
-    W = weight.detach().clone().float()
+    """SparseGPT on one matrix; `hessian` is X X^T (any positive scale) over calibration inputs.
+
+    Computes in float64 when given a float64 Hessian, else in float32 (see `layerwise` for why).
+    """
+    work = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+    W = weight.detach().clone().to(work)
     rows, cols = W.shape
-    H = hessian.detach().clone().float()
+    H = hessian.detach().clone().to(work)
     if pattern.structured and blocksize % pattern.m:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M = {pattern.m}")
     dead = torch.diag(H) == 0  # inputs that never fire: their weights go, at no cost
