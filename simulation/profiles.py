@@ -156,13 +156,18 @@ DEFAULTS = Settings().to_flat()
 _WITHOUT_KEY = {**DEFAULTS, **PREDATED}
 
 
+def ran_with(saved: dict[str, Any], key: str) -> Any:
+    """A saved run's setting; for a key it predates, what it ran with then."""
+    return saved.get(key, _WITHOUT_KEY.get(key))
+
+
 def same_settings(saved: dict[str, Any], current: dict[str, Any], *, gated: bool = True) -> bool:
     """Whether a finished run ran with these settings; a key it predates must be at what it ran with then.
 
     For an ungated method the gate's settings do not act, so they do not count either.
     """
     keys = [k for k in current if gated or k not in GATE_ONLY]
-    return all(saved.get(k, _WITHOUT_KEY.get(k)) == current[k] for k in keys) and set(saved) <= set(current)
+    return all(ran_with(saved, k) == current[k] for k in keys) and set(saved) <= set(current)
 
 
 # Settings that act only on a gated model: a baseline cell keeps their defaults, so that variants

@@ -210,6 +210,11 @@ def test_cells_are_held_to_one_base_only_where_their_settings_call_for_one():
         rec("a", "1" * 32, dataset="sni"), rec("b", "2" * 32, dataset="sni"), rec("c", "1" * 32, dataset="sni", seed=3),
     ])
     assert len(warnings) == 1 and "base 11111111: a, c; base 22222222: b" in warnings[0]
+    # A cell from before prune-dtype existed was pruned in float32: it is held to the float32 cells' base.
+    before = rec("old", "4" * 32)
+    del before["settings"]["prune-dtype"]
+    warnings = tables.mixed_bases([before, rec("new32", "5" * 32, **{"prune-dtype": "float32"}), rec("new64", "6" * 32)])
+    assert len(warnings) == 1 and "base 44444444: old; base 55555555: new32" in warnings[0]
 
 
 def test_sweep_places_an_automatic_inject_layer_at_the_layer_it_resolved_to():

@@ -77,8 +77,8 @@ def prune_model(
     for index, layer in enumerate(tqdm(inner.layers, desc=f"{spec.method} pruning", unit="layer", disable=not progress)):
         linears = block_linears(layer)
         grams: dict[str, torch.Tensor] = {}
-        stored = next(layer.parameters()).dtype
         if spec.calibrated:
+            stored = next(layer.parameters()).dtype
             layer.to(dtype)  # exact both ways for float32/bfloat16 weights
             hooks = []
             for name, linear in linears.items():
