@@ -7,7 +7,8 @@
 Every cell (one training run) writes its own folder under `<out>/cells/<id>/`; the id hashes
 the cell's full settings, so a finished cell is never recomputed and a changed setting is a new
 cell. Federated cells run the real Flower app on Ray (`flwr run`, through `simulation.launch`)
-with `resume = true`: an interrupted cell continues from its last finished round. After each
+with `resume = true`: an interrupted cell continues from its last finished round, found like a
+finished one by its settings, so a setting added since it stopped does not start it over. After each
 cell, `results.json` (every setting, seed, step count, wall time and byte count), `results.csv`,
 `tables.md` and the figures are rewritten from the records.
 """
@@ -191,16 +192,60 @@ def head_start(cell: Cell, folder: Path, finished: Sequence[dict]) -> dict | Non
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(source["dir"], partial, ignore=shutil.ignore_patterns(CELL_FILE))
-    # The run's own record of its settings, so that resuming accepts it: the keys it predates, or that
-    # do not act on its method, were matched above at what they ran with.
-    results = json.loads((partial / "results.json").read_text())
-    results["settings"] = {**results["settings"], **{k: v for k, v in cell.settings.items() if k not in RESUMABLE}}
-    results.setdefault("info", {})["head_start"] = {
+    claim_settings(partial, cell, head_start={
         "cell": source["id"], "rounds": source["settings"]["num-server-rounds"], "wall_seconds": source.get("wall_seconds", 0.0),
-    }
-    atomic.write_json(partial / "results.json", results)
+    })
     partial.rename(folder)
     return source
+
+
+def claim_settings(folder: Path, cell: Cell, **info: Any) -> None:
+    """Write the cell's settings into a run's own record, so that resuming it under them is accepted.
+
+    Only for a run matched to the cell by `ran_as`: the keys it predates, or that do not act on its
+    method, were matched at what they ran with, so the record changes in name, not in meaning.
+    """
+    results = json.loads((folder / "results.json").read_text())
+    results["settings"] = {**results["settings"], **{k: v for k, v in cell.settings.items() if k not in RESUMABLE}}
+    results.setdefault("info", {}).update(info)
+    atomic.write_json(folder / "results.json", results)
+
+
+def interrupted_run(cell: Cell, out_dir: Path) -> tuple[Path, int] | None:
+    """A started, unfinished folder of this federated cell under an older id, and its last round.
+
+    A cell's id hashes all its settings, so a setting added since a run was stopped renames the
+    cell; matched on content like finished runs, the stopped run resumes instead of starting over.
+    The folder with the most rounds wins; one that ran more rounds than the cell asks is not this cell.
+    """
+    if cell.kind != "federated":
+        return None
+    rounds = cell.settings["num-server-rounds"]
+    best: tuple[Path, int] | None = None
+    for path in sorted((Path(out_dir) / "cells").glob(f"{cell.id.rsplit('-', 1)[0]}-*/results.json")):
+        if (path.parent / CELL_FILE).exists() or path.parent.name.endswith(".partial"):
+            continue
+        try:
+            results = json.loads(path.read_text())
+            settings, last = results["settings"], max((r["round"] for r in results["rounds"]), default=-1)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            continue  # damaged: not worth resuming
+        saved = {"kind": cell.kind, "method": settings.get("method"), "settings": settings}
+        resumable = {k: v for k, v in cell.settings.items() if k in RESUMABLE}  # e.g. its out-dir, set by the runner
+        if last <= rounds and ran_as(saved, cell, **resumable) and (best is None or last > best[1]):
+            best = (path.parent, last)
+    return best
+
+
+def adopt_interrupted(cell: Cell, folder: Path, out_dir: Path) -> tuple[str, int] | None:
+    """Move an `interrupted_run` of this cell into its folder, to resume; returns (old id, last round)."""
+    found = None if folder.exists() else interrupted_run(cell, out_dir)
+    if found is None:
+        return None
+    old, last = found
+    claim_settings(old, cell, renamed_from=old.name)
+    old.rename(folder)
+    return old.name, last
 
 
 def run_grid(
@@ -235,6 +280,9 @@ def run_grid(
         try:
             if runner is None:
                 raise CellFailed("no federated runner given")
+            adopted = adopt_interrupted(cell, folder, out_dir)
+            if adopted is not None:
+                console.print(f"[dim]resuming {adopted[0]}, stopped after round {adopted[1]} (the same settings under an older id)[/dim]")
             source = head_start(cell, folder, finished)
             if source is not None:
                 console.print(f"[dim]starting from {source['id']}, finished after round {source['settings']['num-server-rounds']}[/dim]")
@@ -353,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             console.print(grid_summary(grid), soft_wrap=True)
             for cell in grid:
                 start = shorter_run(cell, saved)
+                stopped = None if (out / "cells" / cell.id).exists() else interrupted_run(cell, out)
                 state = ("finished" if matches[cell.id] is not None
+                         else f"to resume {stopped[0].name} after round {stopped[1]}" if stopped
                          else f"to run from round {start['settings']['num-server-rounds']}" if start else "to run")
                 console.print(f"{cell.id:48s} {cell.study:18s} {state:20s} {', '.join(cell.variants)}", soft_wrap=True)
             show_warnings(tables.mixed_bases(finished))

@@ -9,11 +9,11 @@ import torch
 from helpers import toy_records
 
 from mops_core.centralized import sink_token_id
-from mops_core.config import Settings
+from mops_core.config import RESUMABLE, Settings
 from mops_core.data import TASKS, Formatter, collate
 from mops_core.peft_baselines import PeftBaseline
 from simulation import tables
-from simulation.benchmark import CELL_FILE, federated_runner, main, parse_sets, run_grid, write_outputs
+from simulation.benchmark import CELL_FILE, federated_runner, interrupted_run, main, parse_sets, run_grid, write_outputs
 from simulation.profiles import PROFILES, QUICK, Cell, Profile, cells, same_settings
 
 TINY = {
@@ -194,6 +194,48 @@ def test_more_rounds_of_a_finished_federated_cell_start_from_its_last_round(tmp_
     assert (out / "cells" / short[0].id / CELL_FILE).exists()
     assert (out / "cells" / short[0].id / "state.txt").read_text() == "after round 2"
     assert not list((out / "cells").glob("*.partial"))
+
+
+def test_a_stopped_federated_run_resumes_under_the_id_a_new_setting_gave_its_cell(tmp_path):
+    def cell(rounds, **changes):
+        return Cell("federated", "mops", {**Settings().to_flat(), "num-server-rounds": rounds, **changes})
+
+    started = {}  # cell id -> the rounds its folder held when the runner started
+
+    def stopping_flower_run(cell, folder, *, progress):  # resumes like the server; stops after round 2 of a new run
+        path = folder / "results.json"
+        settings = {**cell.settings, "out-dir": str(folder), "resume": True}  # as `federated_runner` runs it
+        results = json.loads(path.read_text()) if path.exists() else {"settings": settings, "rounds": [], "info": {}}
+        assert all(results["settings"][k] == v for k, v in cell.settings.items() if k not in RESUMABLE)  # as History.open
+        started[cell.id] = [r["round"] for r in results["rounds"]]
+        last = cell.settings["num-server-rounds"] if results["rounds"] else 2
+        results["rounds"] += [{"round": r, "perplexity": 30.0 - r} for r in range(len(results["rounds"]), last + 1)]
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results))
+        if last < cell.settings["num-server-rounds"]:
+            raise RuntimeError("stopped")
+        return results
+
+    out = tmp_path / "bench"
+    first = cell(5, **{"prune-dtype": "float32"})
+    _, failed = run_grid([first], out, federated_runner=stopping_flower_run, progress=False)
+    assert len(failed) == 1
+    # As if the run predated prune-dtype: its record lacks the key and its folder has the id of then.
+    old = out / "cells" / "fede-mops-dolly-none-0ld1d000"
+    (out / "cells" / first.id).rename(old)
+    results = json.loads((old / "results.json").read_text())
+    del results["settings"]["prune-dtype"]
+    (old / "results.json").write_text(json.dumps(results))
+
+    other, fewer = cell(5), cell(1, **{"prune-dtype": "float32"})  # a float64 base; fewer rounds than it ran
+    assert interrupted_run(other, out) is None and interrupted_run(fewer, out) is None
+    again = cell(6, **{"prune-dtype": "float32"})  # what it ran with then, and a round more
+    assert interrupted_run(again, out) == (old, 2)
+    records, failed = run_grid([again], out, federated_runner=stopping_flower_run, progress=False)
+    assert not failed and started[again.id] == [0, 1, 2]  # resumed after round 2, not from round 0
+    assert [r["round"] for r in records[0]["rounds"]] == list(range(7)) and not old.exists()
+    info = json.loads((out / "cells" / again.id / "results.json").read_text())["info"]
+    assert info["renamed_from"] == old.name
 
 
 def test_cells_are_held_to_one_base_only_where_their_settings_call_for_one():
