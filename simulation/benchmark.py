@@ -221,6 +221,7 @@ def interrupted_run(cell: Cell, out_dir: Path) -> tuple[Path, int] | None:
     if cell.kind != "federated":
         return None
     rounds = cell.settings["num-server-rounds"]
+    resumable = {k: v for k, v in cell.settings.items() if k in RESUMABLE}  # e.g. its out-dir, which the runner set
     best: tuple[Path, int] | None = None
     for path in sorted((Path(out_dir) / "cells").glob(f"{cell.id.rsplit('-', 1)[0]}-*/results.json")):
         if (path.parent / CELL_FILE).exists() or path.parent.name.endswith(".partial"):
@@ -231,7 +232,6 @@ def interrupted_run(cell: Cell, out_dir: Path) -> tuple[Path, int] | None:
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
             continue  # damaged: not worth resuming
         saved = {"kind": cell.kind, "method": settings.get("method"), "settings": settings}
-        resumable = {k: v for k, v in cell.settings.items() if k in RESUMABLE}  # e.g. its out-dir, set by the runner
         if last <= rounds and ran_as(saved, cell, **resumable) and (best is None or last > best[1]):
             best = (path.parent, last)
     return best
