@@ -248,6 +248,15 @@ def adopt_interrupted(cell: Cell, folder: Path, out_dir: Path) -> tuple[str, int
     return old.name, last
 
 
+def time_on_disk(folder: Path) -> float:
+    """What the rounds already in a started run's folder took (its clock stops while it lies stopped)."""
+    try:
+        rounds = json.loads((folder / "results.json").read_text())["rounds"]
+        return float(rounds[-1].get("wall_seconds", 0.0)) if rounds else 0.0
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return 0.0  # nothing started, or a record the runner will refuse or rewrite
+
+
 def run_grid(
     grid: Sequence[Cell],
     out_dir: Path,
@@ -286,13 +295,13 @@ def run_grid(
             source = head_start(cell, folder, finished)
             if source is not None:
                 console.print(f"[dim]starting from {source['id']}, finished after round {source['settings']['num-server-rounds']}[/dim]")
+            earlier = source.get("wall_seconds", 0.0) if source is not None else time_on_disk(folder)  # its first rounds
             results = runner(cell, folder, progress=progress)
         except (CellFailed, SettingsError, RuntimeError, ValueError, OSError) as exc:
             console.print(f"[red]cell {cell.id} failed: {exc}[/red]")
             failures.append((cell, str(exc)))
             continue
-        carried = results.get("info", {}).get("head_start", {}).get("wall_seconds", 0.0)  # what its first rounds took
-        row = record(cell, results, folder, time.perf_counter() - cell_started + carried)
+        row = record(cell, results, folder, time.perf_counter() - cell_started + earlier)
         atomic.write_json(folder / CELL_FILE, row)
         records.append(row)
         write_outputs(records, out_dir, meta={**(meta or {}), "wall_seconds_this_run": time.perf_counter() - started})

@@ -209,7 +209,9 @@ def test_a_stopped_federated_run_resumes_under_the_id_a_new_setting_gave_its_cel
         assert all(results["settings"][k] == v for k, v in cell.settings.items() if k not in RESUMABLE)  # as History.open
         started[cell.id] = [r["round"] for r in results["rounds"]]
         last = cell.settings["num-server-rounds"] if results["rounds"] else 2
-        results["rounds"] += [{"round": r, "perplexity": 30.0 - r} for r in range(len(results["rounds"]), last + 1)]
+        results["rounds"] += [
+            {"round": r, "perplexity": 30.0 - r, "wall_seconds": 100.0 * r} for r in range(len(results["rounds"]), last + 1)
+        ]
         folder.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results))
         if last < cell.settings["num-server-rounds"]:
@@ -234,6 +236,7 @@ def test_a_stopped_federated_run_resumes_under_the_id_a_new_setting_gave_its_cel
     records, failed = run_grid([again], out, federated_runner=stopping_flower_run, progress=False)
     assert not failed and started[again.id] == [0, 1, 2]  # resumed after round 2, not from round 0
     assert [r["round"] for r in records[0]["rounds"]] == list(range(7)) and not old.exists()
+    assert records[0]["wall_seconds"] >= 200.0  # the two rounds run before it stopped count
     info = json.loads((out / "cells" / again.id / "results.json").read_text())["info"]
     assert info["renamed_from"] == old.name
 
