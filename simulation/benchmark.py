@@ -217,8 +217,9 @@ def interrupted_run(cell: Cell, out_dir: Path) -> tuple[Path, int] | None:
     A cell's id hashes all its settings, so a setting added since a run was stopped renames the
     cell; matched on content like finished runs, the stopped run resumes instead of starting over.
     The folder with the most rounds wins; one that ran more rounds than the cell asks is not this cell.
+    None where the cell has its own folder: that one resumes.
     """
-    if cell.kind != "federated":
+    if cell.kind != "federated" or (Path(out_dir) / "cells" / cell.id).exists():
         return None
     rounds = cell.settings["num-server-rounds"]
     resumable = {k: v for k, v in cell.settings.items() if k in RESUMABLE}  # e.g. its out-dir, which the runner set
@@ -237,14 +238,14 @@ def interrupted_run(cell: Cell, out_dir: Path) -> tuple[Path, int] | None:
     return best
 
 
-def adopt_interrupted(cell: Cell, folder: Path, out_dir: Path) -> tuple[str, int] | None:
+def adopt_interrupted(cell: Cell, out_dir: Path) -> tuple[str, int] | None:
     """Move an `interrupted_run` of this cell into its folder, to resume; returns (old id, last round)."""
-    found = None if folder.exists() else interrupted_run(cell, out_dir)
+    found = interrupted_run(cell, out_dir)
     if found is None:
         return None
     old, last = found
     claim_settings(old, cell, renamed_from=old.name)
-    old.rename(folder)
+    old.rename(Path(out_dir) / "cells" / cell.id)
     return old.name, last
 
 
@@ -289,7 +290,7 @@ def run_grid(
         try:
             if runner is None:
                 raise CellFailed("no federated runner given")
-            adopted = adopt_interrupted(cell, folder, out_dir)
+            adopted = adopt_interrupted(cell, out_dir)
             if adopted is not None:
                 console.print(f"[dim]resuming {adopted[0]}, stopped after round {adopted[1]} (the same settings under an older id)[/dim]")
             source = head_start(cell, folder, finished)
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(grid_summary(grid), soft_wrap=True)
             for cell in grid:
                 start = shorter_run(cell, saved)
-                stopped = None if (out / "cells" / cell.id).exists() else interrupted_run(cell, out)
+                stopped = interrupted_run(cell, out)
                 state = ("finished" if matches[cell.id] is not None
                          else f"to resume {stopped[0].name} after round {stopped[1]}" if stopped
                          else f"to run from round {start['settings']['num-server-rounds']}" if start else "to run")
