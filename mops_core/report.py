@@ -121,10 +121,12 @@ def plot_curve(
     smooth: int = 1,
     x: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
     integer_x: bool = True,
+    reference: float | None = None,
 ) -> Path:
     """One line per named series (losses per step, perplexity per round, ...); x defaults to 1, 2, ...
 
-    `x` is shared by all series, or given per series name.
+    `x` is shared by all series, or given per series name; `reference` draws a level to read the
+    lines against (0 for a difference between methods).
     """
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in series.items():
@@ -135,6 +137,8 @@ def plot_curve(
             values = [sum(values[i : i + smooth]) / smooth for i in range(len(values) - smooth + 1)]
             xs = xs[smooth - 1 :]
         ax.plot(xs, values, label=name, marker="o" if len(values) <= 30 else None)
+    if reference is not None:
+        ax.axhline(reference, color="black", linewidth=0.8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -214,6 +214,67 @@ def per_task_comparison(records: Sequence[dict], kind: str, baseline: str, title
                                       "gate score on the expert pretrained for it; entropy in nats")
 
 
+def leads_during_training(records: Sequence[dict], kind: str, baseline: str) -> dict[Key, dict]:
+    """(dataset, compression, variant) -> MoPs' lead over the baseline at each point of training, paired by seed.
+
+    Whether the mixture is closing on the baseline or falling behind says more about a longer run
+    than where a short one ends. Centrally both methods of a seed see the same batches in the same
+    order, so the per-step difference in training loss (nats) is free of the batch-to-batch noise
+    that swamps either curve alone; federated, each round's test perplexity is compared (%).
+    Positive = MoPs lower. Returns {"x": points, "unit": ..., "seeds": {seed: leads}}.
+    """
+    leads: dict[Key, dict] = {}
+    for key, methods in _main(records, kind).items():
+        base = {r["settings"]["seed"]: r["curve"] for r in methods.get(baseline) or []}
+        for run in methods.get("mops") or []:
+            seed, mops = run["settings"]["seed"], run["curve"]
+            if seed not in base or base[seed]["x"] != mops["x"]:
+                continue  # unpaired, or cut at another length: no like-for-like difference
+            if kind == "centralized":
+                lead, unit = [b - m for b, m in zip(base[seed]["y"], mops["y"])], "training loss, nats"
+            else:
+                lead, unit = [100 * (b - m) / b for b, m in zip(base[seed]["y"], mops["y"])], "test perplexity, %"
+            leads.setdefault(key, {"x": list(mops["x"]), "unit": unit, "seeds": {}})["seeds"][seed] = lead
+    return leads
+
+
+def _stretches(count: int, parts: int) -> list[range]:
+    """`count` points cut into at most `parts` consecutive stretches of near-equal length."""
+    parts = max(1, min(parts, count))
+    edges = [round(i * count / parts) for i in range(parts + 1)]
+    return [range(a, b) for a, b in zip(edges, edges[1:])]
+
+
+def lead_table(records: Sequence[dict], kind: str, baseline: str, title: str, parts: int = 5) -> Grid | None:
+    """MoPs' lead over the baseline through training: centrally the mean per-step lead in each
+    fifth of the steps, federated the lead after evenly spaced rounds (each a full test)."""
+    leads = leads_during_training(records, kind, baseline)
+    if not leads:
+        return None
+    label_headers, label = _labels(leads)
+    rows, spans = [], []
+    for key, lead in leads.items():
+        xs, cells = lead["x"], []
+        stretches = _stretches(len(xs), parts)
+        for stretch in stretches:
+            # federated: the round that ends the stretch; centralized: every step in it
+            points = stretch if kind == "centralized" else [stretch[-1]]
+            per_seed = [sum(s[i] for i in points) / len(points) for s in lead["seeds"].values()]
+            cells.append(_with_sd(*_mean_sd(per_seed)))
+        spans.append([f"steps {xs[s[0]]}-{xs[s[-1]]}" if kind == "centralized" else f"round {xs[s[-1]]}" for s in stretches])
+        rows.append([*label(key), str(len(lead["seeds"])), *cells])
+    if all(row_spans == spans[0] for row_spans in spans):
+        headers = [*label_headers, "seeds", *spans[0]]
+    else:  # runs of different lengths in one grid: each row says where its parts fall
+        width = max(map(len, spans))
+        rows = [[*row[: len(label_headers) + 1], ", ".join(row_spans), *row[len(label_headers) + 1 :], *["-"] * (width - len(row_spans))]
+                for row, row_spans in zip(rows, spans)]
+        headers = [*label_headers, "seeds", "parts", *[f"part {i + 1}" for i in range(width)]]
+    unit = next(iter(leads.values()))["unit"]
+    return Grid(title, headers, rows, f"MoPs' lead over {METHOD_NAMES[baseline]} ({unit}), mean ± sd over seeds, "
+                                      "paired by seed; positive = MoPs lower")
+
+
 def _study_value(record: dict):
     return record["settings"].get(record["study"]) if record["study"] in record["settings"] else None
 
@@ -226,6 +287,8 @@ def all_tables(records: Sequence[dict]) -> list[Grid]:
         gate_diagnostics(records),
         per_task_comparison(records, "centralized", "prompt", "Per task, centralized: prompt tuning vs MoPs"),
         per_task_comparison(records, "federated", "fedprompt", "Per task, federated: FedPrompt vs MoPs"),
+        lead_table(records, "centralized", "prompt", "During training, centralized: MoPs' lead over prompt tuning"),
+        lead_table(records, "federated", "fedprompt", "During training, federated: MoPs' lead over FedPrompt", parts=8),
     ]
     return [g for g in grids if g is not None]
 
@@ -295,7 +358,7 @@ def write_figures(records: Sequence[dict], folder: Path) -> list[Path]:
                 present=[t for t, e in zip(r["tasks"], r.get("task_entropy") or []) if e is not None] or None,
             ))
     for kind, baseline in (("centralized", "prompt"), ("federated", "fedprompt")):
-        for draw, name in ((_variants_figure, "variants"), (_per_task_figure, "per-task")):
+        for draw, name in ((_variants_figure, "variants"), (_per_task_figure, "per-task"), (_lead_figure, "lead")):
             path = draw(records, kind, baseline, folder / f"{name}-{kind}.png")
             if path:
                 written.append(path)
@@ -368,3 +431,25 @@ def _per_task_figure(records: Sequence[dict], kind: str, baseline: str, path: Pa
         return None
     return report.plot_bars(groups, path, ylabel="MoPs gain over the baseline (%)", signed=True,
                             title=f"{kind}: per task, above 0 = MoPs lower perplexity")
+
+
+def _lead_figure(records: Sequence[dict], kind: str, baseline: str, path: Path) -> Path | None:
+    """MoPs' lead over the baseline through training, one line per variant (mean over the paired seeds)."""
+    leads = leads_during_training(records, kind, baseline)
+    if not leads:
+        return None
+    places = len({key[:2] for key in leads}) > 1
+    series, xs = {}, {}
+    for (dataset, compression, variant), lead in leads.items():
+        name = f"{variant} ({dataset} {compression})" if places else variant
+        seeds = list(lead["seeds"].values())
+        series[name] = [sum(values) / len(seeds) for values in zip(*seeds)]
+        xs[name] = lead["x"]
+    # a step's lead is noisy; a window of a tenth of the run shows the trend
+    smooth = 1 if kind == "federated" else max(1, min(50, min(len(s) for s in series.values()) // 10))
+    unit = next(iter(leads.values()))["unit"]
+    return report.plot_curve(
+        series, path, x=xs, smooth=smooth, xlabel="round" if kind == "federated" else "step",
+        ylabel=f"MoPs' lead over {METHOD_NAMES[baseline]}\n({unit}; above 0 = MoPs lower)",
+        title=f"{kind}: MoPs against {METHOD_NAMES[baseline]} during training (mean over seeds)", reference=0.0,
+    )

@@ -262,6 +262,42 @@ def test_cells_are_held_to_one_base_only_where_their_settings_call_for_one():
     assert len(warnings) == 1 and "base 44444444: old; base 55555555: new32" in warnings[0]
 
 
+def test_the_lead_during_training_pairs_each_mops_run_with_the_baseline_of_its_seed(tmp_path):
+    def rec(kind, method, seed, ys, variant="defaults"):
+        xs = list(range(len(ys))) if kind == "federated" else list(range(1, len(ys) + 1))
+        return {"kind": kind, "study": "main", "dataset": "dolly", "compression": "none", "method": method,
+                "variants": [variant], "settings": {"seed": seed}, "curve": {"x": xs, "y": ys, "label": "loss"}}
+
+    # Centralized: ten steps, MoPs' loss 0.5 above the baseline's for the first half, 0.1 below it after (seed 0);
+    # seed 1 starts level and ends 0.3 below. Seed 2 has no baseline and must not count.
+    base = [3.0, 2.9, 2.8, 2.7, 2.6, 2.5, 2.4, 2.3, 2.2, 2.1]
+    records = [
+        rec("centralized", "prompt", 0, base), rec("centralized", "prompt", 1, base),
+        rec("centralized", "mops", 0, [y + 0.5 for y in base[:5]] + [y - 0.1 for y in base[5:]]),
+        rec("centralized", "mops", 1, [y + 0.0 for y in base[:5]] + [y - 0.3 for y in base[5:]]),
+        rec("centralized", "mops", 2, base),
+    ]
+    leads = tables.leads_during_training(records, "centralized", "prompt")
+    lead = leads[("dolly", "none", "defaults")]
+    assert sorted(lead["seeds"]) == [0, 1]
+    assert lead["seeds"][0] == pytest.approx([-0.5] * 5 + [0.1] * 5)
+    grid = tables.lead_table(records, "centralized", "prompt", "lead", parts=2)
+    assert grid.headers == ["data", "compression", "seeds", "steps 1-5", "steps 6-10"]
+    # per part: the mean over its steps, then mean ± sd over seeds: (-0.5, 0.0) and (0.1, 0.3)
+    assert grid.rows == [["dolly", "none", "2", "-0.250 ± 0.354", "0.200 ± 0.141"]]
+
+    # Federated: the lead in % of the baseline's test perplexity, after the round that ends each part.
+    fed = [rec("federated", "fedprompt", 0, [100.0, 90.0, 80.0, 70.0]), rec("federated", "mops", 0, [110.0, 90.0, 76.0, 63.0])]
+    grid = tables.lead_table(fed, "federated", "fedprompt", "lead", parts=8)
+    assert grid.headers[-4:] == ["round 0", "round 1", "round 2", "round 3"]
+    assert [float(v) for v in grid.rows[0][-4:]] == pytest.approx([-10.0, 0.0, 5.0, 10.0])
+    # A MoPs run cut at another length than its baseline has nothing to be paired with.
+    fed[1]["curve"] = {"x": [0, 1], "y": [110.0, 90.0], "label": "loss"}
+    assert tables.lead_table(fed, "federated", "fedprompt", "lead") is None
+    written = tables.write_figures(records, tmp_path)
+    assert tmp_path / "lead-centralized.png" in written
+
+
 def test_sweep_places_an_automatic_inject_layer_at_the_layer_it_resolved_to():
     def rec(method, study, layer, resolved, ppl):
         return {"kind": "centralized", "dataset": "dolly", "compression": "none", "method": method, "study": study,
