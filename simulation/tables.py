@@ -234,7 +234,9 @@ def leads_during_training(records: Sequence[dict], kind: str, baseline: str) -> 
                 lead, unit = [b - m for b, m in zip(base[seed]["y"], mops["y"])], "training loss, nats"
             else:
                 lead, unit = [100 * (b - m) / b for b, m in zip(base[seed]["y"], mops["y"])], "test perplexity, %"
-            leads.setdefault(key, {"x": list(mops["x"]), "unit": unit, "seeds": {}})["seeds"][seed] = lead
+            entry = leads.setdefault(key, {"x": list(mops["x"]), "unit": unit, "seeds": {}})
+            if entry["x"] == list(mops["x"]):  # seeds of one row are averaged point by point
+                entry["seeds"][seed] = lead
     return leads
 
 

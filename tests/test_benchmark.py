@@ -291,6 +291,12 @@ def test_the_lead_during_training_pairs_each_mops_run_with_the_baseline_of_its_s
     grid = tables.lead_table(fed, "federated", "fedprompt", "lead", parts=8)
     assert grid.headers[-4:] == ["round 0", "round 1", "round 2", "round 3"]
     assert [float(v) for v in grid.rows[0][-4:]] == pytest.approx([-10.0, 0.0, 5.0, 10.0])
+    # Rows of different lengths in one grid: each says where its parts fall.
+    longer = [rec("federated", "fedprompt", 0, [100.0] * 6, "long"), rec("federated", "mops", 0, [95.0] * 6, "long")]
+    grid = tables.lead_table(fed + longer, "federated", "fedprompt", "lead", parts=8)
+    assert grid.headers[-7:] == ["parts", *[f"part {i}" for i in range(1, 7)]]
+    assert grid.rows[0][-7:-2] == ["round 0, round 1, round 2, round 3", "-10.000", "0.000", "5.000", "10.000"]
+    assert grid.rows[0][-2:] == ["-", "-"] and grid.rows[1][-6:] == ["5.000"] * 6
     # A MoPs run cut at another length than its baseline has nothing to be paired with.
     fed[1]["curve"] = {"x": [0, 1], "y": [110.0, 90.0], "label": "loss"}
     assert tables.lead_table(fed, "federated", "fedprompt", "lead") is None
