@@ -223,6 +223,10 @@ def leads_during_training(records: Sequence[dict], kind: str, baseline: str) -> 
     that swamps either curve alone; federated, each round's test perplexity is compared (%).
     Positive = MoPs lower. Returns {"x": points, "unit": ..., "seeds": {seed: leads}}.
     """
+    if kind == "centralized":
+        unit, difference = "training loss, nats", lambda b, m: b - m
+    else:
+        unit, difference = "test perplexity, %", lambda b, m: 100 * (b - m) / b
     leads: dict[Key, dict] = {}
     for key, methods in _main(records, kind).items():
         base = {r["settings"]["seed"]: r["curve"] for r in methods.get(baseline) or []}
@@ -230,13 +234,9 @@ def leads_during_training(records: Sequence[dict], kind: str, baseline: str) -> 
             seed, mops = run["settings"]["seed"], run["curve"]
             if seed not in base or base[seed]["x"] != mops["x"]:
                 continue  # unpaired, or cut at another length: no like-for-like difference
-            if kind == "centralized":
-                lead, unit = [b - m for b, m in zip(base[seed]["y"], mops["y"])], "training loss, nats"
-            else:
-                lead, unit = [100 * (b - m) / b for b, m in zip(base[seed]["y"], mops["y"])], "test perplexity, %"
             entry = leads.setdefault(key, {"x": list(mops["x"]), "unit": unit, "seeds": {}})
             if entry["x"] == list(mops["x"]):  # seeds of one row are averaged point by point
-                entry["seeds"][seed] = lead
+                entry["seeds"][seed] = [difference(b, m) for b, m in zip(base[seed]["y"], mops["y"])]
     return leads
 
 
@@ -254,7 +254,7 @@ def lead_table(records: Sequence[dict], kind: str, baseline: str, title: str, pa
     if not leads:
         return None
     label_headers, label = _labels(leads)
-    rows, spans = [], []
+    entries = []  # (row label, seeds, where each part falls, its lead)
     for key, lead in leads.items():
         xs, cells = lead["x"], []
         stretches = _stretches(len(xs), parts)
@@ -263,15 +263,15 @@ def lead_table(records: Sequence[dict], kind: str, baseline: str, title: str, pa
             points = stretch if kind == "centralized" else [stretch[-1]]
             per_seed = [sum(s[i] for i in points) / len(points) for s in lead["seeds"].values()]
             cells.append(_with_sd(*_mean_sd(per_seed)))
-        spans.append([f"steps {xs[s[0]]}-{xs[s[-1]]}" if kind == "centralized" else f"round {xs[s[-1]]}" for s in stretches])
-        rows.append([*label(key), str(len(lead["seeds"])), *cells])
-    if all(row_spans == spans[0] for row_spans in spans):
-        headers = [*label_headers, "seeds", *spans[0]]
+        spans = [f"steps {xs[s[0]]}-{xs[s[-1]]}" if kind == "centralized" else f"round {xs[s[-1]]}" for s in stretches]
+        entries.append((label(key), str(len(lead["seeds"])), spans, cells))
+    if all(spans == entries[0][2] for _, _, spans, _ in entries):
+        headers = [*label_headers, "seeds", *entries[0][2]]
+        rows = [[*labels, seeds, *cells] for labels, seeds, _, cells in entries]
     else:  # runs of different lengths in one grid: each row says where its parts fall
-        width = max(map(len, spans))
-        rows = [[*row[: len(label_headers) + 1], ", ".join(row_spans), *row[len(label_headers) + 1 :], *["-"] * (width - len(row_spans))]
-                for row, row_spans in zip(rows, spans)]
+        width = max(len(cells) for *_, cells in entries)
         headers = [*label_headers, "seeds", "parts", *[f"part {i + 1}" for i in range(width)]]
+        rows = [[*labels, seeds, ", ".join(spans), *cells, *["-"] * (width - len(cells))] for labels, seeds, spans, cells in entries]
     unit = next(iter(leads.values()))["unit"]
     return Grid(title, headers, rows, f"MoPs' lead over {METHOD_NAMES[baseline]} ({unit}), mean ± sd over seeds, "
                                       "paired by seed; positive = MoPs lower")
@@ -405,6 +405,12 @@ def sweep_points(records: Sequence[dict], study: str) -> dict[str, dict[float, f
     return points
 
 
+def _variant_namer(table: dict[Key, object]) -> Callable[[Key], str]:
+    """A figure's name for a row: its variant, and its data and compression where the grid has several."""
+    places = len({key[:2] for key in table}) > 1
+    return lambda key: f"{key[2]} ({key[0]} {key[1]})" if places else key[2]
+
+
 def _variants_figure(records: Sequence[dict], kind: str, baseline: str, path: Path) -> Path | None:
     """Ablations side by side: mean test perplexity (± sd over seeds) of baseline and MoPs per variant."""
     table = _main(records, kind)
@@ -422,13 +428,12 @@ def _per_task_figure(records: Sequence[dict], kind: str, baseline: str, path: Pa
     gains = per_task_gains(records, kind, baseline)
     if not gains:
         return None
-    places = len({key[:2] for key in gains}) > 1
+    name = _variant_namer(gains)
     groups: dict[str, dict[str, tuple[float, None]]] = {}
-    for (dataset, compression, variant), tasks in gains.items():
-        name = f"{variant} ({dataset} {compression})" if places else variant
+    for key, tasks in gains.items():
         for task, g in tasks.items():
             if g["gain_pct"] is not None:
-                groups.setdefault(task, {})[name] = (g["gain_pct"], None)
+                groups.setdefault(task, {})[name(key)] = (g["gain_pct"], None)
     if not groups:
         return None
     return report.plot_bars(groups, path, ylabel="MoPs gain over the baseline (%)", signed=True,
@@ -440,13 +445,12 @@ def _lead_figure(records: Sequence[dict], kind: str, baseline: str, path: Path) 
     leads = leads_during_training(records, kind, baseline)
     if not leads:
         return None
-    places = len({key[:2] for key in leads}) > 1
+    name = _variant_namer(leads)
     series, xs = {}, {}
-    for (dataset, compression, variant), lead in leads.items():
-        name = f"{variant} ({dataset} {compression})" if places else variant
+    for key, lead in leads.items():
         seeds = list(lead["seeds"].values())
-        series[name] = [sum(values) / len(seeds) for values in zip(*seeds)]
-        xs[name] = lead["x"]
+        series[name(key)] = [sum(values) / len(seeds) for values in zip(*seeds)]
+        xs[name(key)] = lead["x"]
     # a step's lead is noisy; a window of a tenth of the run shows the trend
     smooth = 1 if kind == "federated" else max(1, min(50, min(len(s) for s in series.values()) // 10))
     unit = next(iter(leads.values()))["unit"]
