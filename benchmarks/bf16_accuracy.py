@@ -10,9 +10,9 @@ pair with its relative difference: the plain base's test perplexity, MoPs' test 
 the start, the loss of each of `--steps` training steps on the same batches, and the test
 perplexity after them.
 
-bfloat16 arithmetic on a CPU without AVX-512 bf16 or AMX is emulated and slow (a MoPs step
-about 43 s here), but it computes the same numbers native hardware does, so the tolerance
-measured here holds there; keep --samples and --steps small on such a machine.
+bfloat16 arithmetic on a CPU without AVX-512 bf16 or AMX is emulated and slow (tens of seconds
+a step), but it computes the same numbers native hardware does, so a tolerance measured on such a
+machine holds elsewhere; keep --samples and --steps small there.
 """
 
 from __future__ import annotations
@@ -27,24 +27,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mops_core import checkpoint  # noqa: E402
-from mops_core.centralized import build_model, evaluate_plain_base, evaluate_test  # noqa: E402
-from mops_core.compression.pipeline import prepare_base  # noqa: E402
+from mops_core.centralized import evaluate_plain_base  # noqa: E402
 from mops_core.config import Settings  # noqa: E402
-from mops_core.data import pad_token_id, prepare  # noqa: E402
+from mops_core.session import Session, build_model  # noqa: E402
 from mops_core.start_state import prepare_or_load, start_state_dir  # noqa: E402
-from mops_core.train import make_mops_optimizer, train_steps  # noqa: E402
 
 
-def measure(model, base, tokenizer, data, settings: Settings, steps: int, label: str) -> dict[str, float]:
-    pad = pad_token_id(tokenizer)
-    numbers = {"base test ppl": evaluate_plain_base(base, tokenizer, data, settings, progress=True, desc=f"{label} base").perplexity}
-    numbers["MoPs start test ppl"] = evaluate_test(model, data, settings, pad_id=pad, progress=True, desc=f"{label} start").perplexity
-    stats = train_steps(
-        model, data.train, steps, make_mops_optimizer(model, settings.train), pad_id=pad,
-        batch_size=settings.train.batch_size, seed=settings.train.seed, desc=f"{label} train",
-    )
+def measure(session: Session, steps: int, label: str) -> dict[str, float]:
+    settings, data = session.settings, session.data
+    plain = evaluate_plain_base(session.base, session.tokenizer, data, settings, progress=True, desc=f"{label} base")
+    numbers = {"base test ppl": plain.perplexity}
+    numbers["MoPs start test ppl"] = session.evaluate(progress=True, desc=f"{label} start").perplexity
+    stats = session.train(data.train, steps, seed=settings.train.seed, progress=True, desc=f"{label} train")
     numbers.update({f"loss, step {i + 1}": loss for i, loss in enumerate(stats.losses)})
-    numbers[f"MoPs test ppl after {steps} steps"] = evaluate_test(model, data, settings, pad_id=pad, progress=True, desc=f"{label} end").perplexity
+    numbers[f"MoPs test ppl after {steps} steps"] = session.evaluate(progress=True, desc=f"{label} end").perplexity
     return numbers
 
 
@@ -57,19 +53,18 @@ def main() -> None:
     settings = Settings.from_flat(
         {"dtype": "float32", "compression": args.compression, "eval-samples": args.samples, "activation-cache": False}
     )
-    base, tokenizer = prepare_base(settings, progress=True)
-    data = prepare(settings.data, tokenizer)
-    model = build_model(settings, base, tokenizer)
-    key, _ = prepare_or_load(model, data, settings, pad_id=pad_token_id(tokenizer))
-    fp32 = measure(model, base, tokenizer, data, settings, args.steps, "float32")
+    session = Session.open(settings)
+    key, _ = prepare_or_load(session)
+    fp32 = measure(session, args.steps, "float32")
 
     # The same compressed weights in bfloat16 (the base stayed frozen), the same start state (read
-    # back: training moved `model`'s); the base check passes because the fingerprint ignores dtype.
-    bf16_base = copy.deepcopy(base).to(torch.bfloat16)
+    # back: training moved the float32 model's); the base check passes because the fingerprint ignores dtype.
+    bf16_base = copy.deepcopy(session.base).to(torch.bfloat16)
     bf16_settings = settings.replace(dtype="bfloat16")
-    model = build_model(bf16_settings, bf16_base, tokenizer)
-    checkpoint.load_into(checkpoint.read(start_state_dir(settings, key)), model)
-    bf16 = measure(model, bf16_base, tokenizer, data, bf16_settings, args.steps, "bfloat16")
+    bf16_session = Session(bf16_settings, bf16_base, session.tokenizer, build_model(bf16_settings, bf16_base, session.tokenizer), None)
+    bf16_session.data = session.data
+    checkpoint.load_into(checkpoint.read(start_state_dir(settings, key)), bf16_session.model)
+    bf16 = measure(bf16_session, args.steps, "bfloat16")
 
     print(f"\nSmolLM2, {args.compression}, {args.samples} test samples, start state {key}")
     print(f"{'quantity':34s} {'float32':>10s} {'bfloat16':>10s} {'relative':>9s}")

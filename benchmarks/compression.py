@@ -12,7 +12,6 @@ the gap widening with sparsity.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

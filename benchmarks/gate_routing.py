@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mops_core import atomic  # noqa: E402
-from mops_core.centralized import build_model  # noqa: E402
+from mops_core.session import build_model  # noqa: E402
 from mops_core.compression.pipeline import prepare_base  # noqa: E402
 from mops_core.config import Settings  # noqa: E402
 from mops_core.data import pad_token_id, prepare  # noqa: E402
@@ -53,10 +53,10 @@ def features(model: MoPsModel, readers: dict[str, MoPsModel], examples, depths: 
         for rows, batch in question_batches(examples, pad_id=pad_id, batch_size=batch_size, progress=True):
             batch = {k: v.to(model.device) for k, v in batch.items()}
             question = batch["question_mask"]
-            state = model.lower(batch["input_ids"], batch["attention_mask"], question, layers=max(depths))
+            model.run_layers(model.embed(batch["input_ids"]), model.causal_mask(batch["attention_mask"]), 0, max(depths))
             for name, reader in readers.items():
                 for d in depths:
-                    feats[name, d][rows] = reader.lower_state(entering[d], state.mask, state.position_embeddings, question).gate_input.cpu()
+                    feats[name, d][rows] = reader.gate_input(entering[d], question).cpu()
     finally:
         for hook in hooks:
             hook.remove()
@@ -117,7 +117,7 @@ def main() -> None:
                     probe.gate.fit_input_statistics(feats[:n])  # as gate pretraining does
                     fitted = fit_gate(probe, feats[:n], train_targets[:n], steps=steps, lr=settings.train.gate_pretrain_lr, seed=args.seed)
                     with torch.no_grad():
-                        held_out = (probe.gate_logits(test_feats[name, depth]).argmax(-1).cpu() == test_targets).float().mean().item()
+                        held_out = (probe.gate.logits(test_feats[name, depth]).argmax(-1).cpu() == test_targets).float().mean().item()
                     rows.append({
                         "input": name, "norm": norm, "layer": depth, "samples": n, "steps": steps,
                         "train_accuracy": fitted, "routing_accuracy": held_out,

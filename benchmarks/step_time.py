@@ -30,10 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mops_core.centralized import build_model  # noqa: E402
+from mops_core.activations import ActivationCache, entering, tokenizer_identity  # noqa: E402
+from mops_core.session import build_model  # noqa: E402
 from mops_core.config import Settings  # noqa: E402
 from mops_core.loading import load_base  # noqa: E402
-from mops_core.train import make_optimizer  # noqa: E402
+from mops_core.train import init_input_prompts, make_optimizer  # noqa: E402
 
 
 def sample_batch(vocab: int, seq: int, question: int) -> dict[str, torch.Tensor]:
@@ -60,18 +61,19 @@ def step_of(loss_fn: Callable[[], torch.Tensor], params) -> Callable[[], float]:
 
 
 def mops_steps(settings: Settings, base, tokenizer, batch) -> dict[str, Callable[[], float]]:
-    cold = build_model(settings.replace(activation_cache=False), base, tokenizer)
-    cold.init_input_prompts(torch.Generator().manual_seed(0))
+    cold = build_model(settings, base, tokenizer)
+    init_input_prompts(cold, torch.Generator().manual_seed(0))
     cold.init_prompts_from_input()
-    cached = build_model(settings.replace(activation_cache=True, activation_cache_disk_mb=0), base, tokenizer)
+    cached = build_model(settings, base, tokenizer)
     cached.load_state_dict(cold.state_dict())
-    cached(**batch)  # warm the cache: every later step reuses the states entering L_int
-    full = build_model(settings.replace(activation_cache=False), base, tokenizer)
+    cache = ActivationCache(cached, tokenizer_identity(tokenizer), directory=None, memory_mb=1024, disk_mb=0)
+    entering(cached, batch, cache)  # warm the cache: every later step reuses the states entering L_int
+    full = build_model(settings, base, tokenizer)
     full.load_state_dict(cold.state_dict())
     full.input_prompts.requires_grad_(True)
     return {
         "mops cold": step_of(lambda: cold(**batch).loss, cold.trainable_parameters()),
-        "mops cached": step_of(lambda: cached(**batch).loss, cached.trainable_parameters()),
+        "mops cached": step_of(lambda: cached(**batch, entering=entering(cached, batch, cache)).loss, cached.trainable_parameters()),
         "input prompts": step_of(lambda: full(**batch, inject=False).loss, [full.input_prompts]),
     }
 

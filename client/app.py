@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from client import task
 from mops_core.checkpoint import load_adapter_tensors
 from mops_core.config import Settings
-from mops_core.train import GateRegulariser, make_mops_optimizer, round_seed, train_steps
+from mops_core.train import round_seed
 
 app = ClientApp()
 
@@ -54,20 +54,16 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     settings = _settings(context)
     config = msg.content["config"]
-    rt = task.ready_model(settings, str(config["start-state"]), str(config["input-prompts-sha"]))
+    session = task.ready_session(settings, str(config["start-state"]), str(config["input-prompts-sha"]))
     part = _partition(context, settings)
-    examples = task.tokenised(part, rt.formatter)
+    examples = task.tokenised(part, session.formatter)
     global_state = msg.content["arrays"].to_torch_state_dict()
-    load_adapter_tensors(rt.model, global_state, source="the server's message", keys=rt.model.federated_state_dict())
+    model = session.model
+    load_adapter_tensors(model, global_state, source="the server's message", keys=model.federated_state_dict())
 
-    optimizer = make_mops_optimizer(rt.model, settings.train)
     seed = round_seed(settings.train.seed, int(config["server-round"]), part.partition_id)
     train_started = time.perf_counter()
-    stats = train_steps(
-        rt.model, examples, settings.federated.local_steps, optimizer, pad_id=rt.pad_id,
-        batch_size=settings.train.batch_size, seed=seed, progress=False,
-        regulariser=GateRegulariser.from_config(settings.train),
-    )
+    stats = session.train(examples, settings.federated.local_steps, seed=seed)
     metrics = {
         "num-examples": len(examples),
         "train-loss": stats.mean_loss,
@@ -76,5 +72,5 @@ def train(msg: Message, context: Context) -> Message:
     }
     if stats.mean_gate is not None:
         metrics["gate"] = stats.mean_gate
-    update = {k: v.cpu() for k, v in rt.model.federated_state_dict().items()}
+    update = {k: v.cpu() for k, v in model.federated_state_dict().items()}
     return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)}), reply_to=msg)

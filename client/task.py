@@ -1,9 +1,10 @@
 """What a client needs, built once per process and reused across rounds.
 
-In simulation a Ray actor serves many nodes and rounds, so the base model, the tokenizer,
-the data and the Dirichlet split are cached at module level, keyed by the settings that
-determine them. In a deployment each message runs in a fresh process; the on-disk caches
-(dequantised or compressed base, start state) keep that cheap.
+In simulation a Ray actor serves many nodes and rounds, so the session (base, tokenizer, model,
+activation cache), the data and the Dirichlet split are cached at module level, keyed by the
+settings that determine them; the session by all of them, so that every setting of the run
+config reaches the client's model. In a deployment each message runs in a fresh process; the
+on-disk caches (dequantised or compressed base, start state, activations) keep that cheap.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ from dataclasses import dataclass
 
 from flwr_datasets.partitioner import DirichletPartitioner
 
-from mops_core.centralized import build_model
-from mops_core.config import CompressionConfig, DataConfig, ModelConfig, MoPsConfig, Settings
-from mops_core.data import Example, Formatter, Record, TASKS, load_records, pad_token_id, sample_and_split
-from mops_core.compression.pipeline import prepare_base
-from mops_core.model import MoPsModel
-from mops_core.start_state import load_input_prompts
+from mops_core.config import DataConfig, Settings
+from mops_core.data import TASKS, Example, Formatter, Record, load_records, sample_and_split
+from mops_core.session import Session
+from mops_core.start_state import load_input_prompts, tensor_sha
 
 
 @dataclass(frozen=True)
@@ -76,31 +75,20 @@ def partition(settings: Settings, partition_id: int, num_partitions: int) -> Par
     return Partition(partition_id, num_partitions, mine, counts)
 
 
-@dataclass
-class Runtime:
-    model: MoPsModel
-    formatter: Formatter
-    pad_id: int
-    input_prompts_sha: str = ""
-
-
 @functools.lru_cache(maxsize=1)
-def runtime(model_cfg: ModelConfig, compression: CompressionConfig, mops_cfg: MoPsConfig, data_cfg: DataConfig, seed: int) -> Runtime:
-    settings = Settings(model=model_cfg, compression=compression, mops=mops_cfg, data=data_cfg).replace(seed=seed)
-    base, tokenizer = prepare_base(settings, progress=False)  # the server made the cache; clients load it
-    model = build_model(settings, base, tokenizer)
-    return Runtime(model, Formatter(tokenizer, data_cfg.max_length, TASKS[data_cfg.dataset]), pad_token_id(tokenizer))
+def session(settings: Settings) -> Session:
+    """This process's session for the run's settings (the server made the on-disk caches; clients load them)."""
+    return Session.open(settings, progress=False)
 
 
-def ready_model(settings: Settings, start_state: str, input_prompts_sha: str) -> Runtime:
-    """The cached model with the server's input prompts installed."""
-    rt = runtime(settings.model, settings.compression, settings.mops, settings.data, settings.train.seed)
-    if rt.input_prompts_sha != input_prompts_sha:
-        load_input_prompts(rt.model, settings, start_state, input_prompts_sha)
-        rt.input_prompts_sha = input_prompts_sha
-    return rt
+def ready_session(settings: Settings, start_state: str, input_prompts_sha: str) -> Session:
+    """The session with the server's frozen input prompts installed (checked by content hash)."""
+    found = session(settings)
+    if tensor_sha(found.model.input_prompts) != input_prompts_sha:
+        load_input_prompts(found.model, settings, start_state, input_prompts_sha)
+    return found
 
 
 @functools.lru_cache(maxsize=8)
-def tokenised(part: Partition, formatter: Formatter) -> tuple[Example, ...]:
-    return tuple(formatter.examples(part.records))
+def tokenised(part: Partition, formatter: Formatter) -> list[Example]:
+    return formatter.examples(part.records)

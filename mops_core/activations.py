@@ -3,8 +3,9 @@
 Everything below the injection point is frozen (the base and the input prompts P1), so the
 hidden state entering `inject_layer` is a pure function of the sample. In a causal model the
 sink and the K prompt positions never see the text: their states are one shared prefix, and
-only the text positions are stored per sample. A sample's first visit computes it (in its
-batch); later steps, epochs, evaluations and federated rounds reuse it:
+only the text positions are stored per sample. Whoever trains or evaluates asks the cache for a
+batch's states and hands them to the model's forward (`entering=`). A sample's first visit computes
+them (in its batch); later steps, epochs, evaluations and federated rounds reuse them:
 
 * in memory, within a process (a Ray actor serves many rounds), bounded by `activation-cache-mb`;
 * on disk, one small safetensors file per sample under
@@ -28,9 +29,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import atomic
 from .loading import base_fingerprint
-from .model import LowerState, MoPsModel
+from .model import MoPsModel
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,12 @@ class ActivationCache:
         """States of the sink and the K prompt positions (the same for every sample)."""
         if self._prefix is None or self._prefix[0] != identity:
             empty = torch.zeros((1, 0), dtype=torch.long, device=model.device)
-            state = model.lower(empty, empty, empty.bool(), layers=model.inject_layer)
-            self._prefix = (identity, state.hidden[0])
+            self._prefix = (identity, model.entering(empty, empty)[0])
         return self._prefix[1]
 
     @torch.no_grad()
-    def lower(self, model: MoPsModel, input_ids, attention_mask, question_mask) -> LowerState:
+    def entering(self, model: MoPsModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`model.entering(input_ids, attention_mask)`, each sample's text states computed once."""
         identity = self.identity(model)
         lengths = attention_mask.sum(1).tolist()
         keys = [self.sample_key(identity, input_ids[i, :n].tolist()) for i, n in enumerate(lengths)]
@@ -146,10 +146,10 @@ class ActivationCache:
             self.misses += len(missing)
             rows = torch.tensor(missing, device=input_ids.device)
             width = max(lengths[i] for i in missing)
-            computed = model.lower(input_ids[rows, :width], attention_mask[rows, :width], question_mask[rows, :width], layers=model.inject_layer)
+            computed = model.entering(input_ids[rows, :width], attention_mask[rows, :width])
             start = 1 + model.num_prompts
             for j, i in enumerate(missing):
-                states = computed.hidden[j, start : start + lengths[i]].clone()
+                states = computed[j, start : start + lengths[i]].clone()
                 found[i] = states
                 self._remember(keys[i], states)
                 self._to_disk(identity, keys[i], states)
@@ -160,7 +160,11 @@ class ActivationCache:
         hidden[:, : prefix.shape[0]] = prefix
         for i, n in enumerate(lengths):
             hidden[i, prefix.shape[0] : prefix.shape[0] + n] = found[i]
-        mask = model._mask(attention_mask, hidden.dtype)
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        rotary = model.base.model.rotary_emb(hidden, position_ids)
-        return model.lower_state(hidden, mask, rotary, question_mask)
+        return hidden
+
+
+def entering(model: MoPsModel, batch: dict[str, torch.Tensor], cache: ActivationCache | None) -> torch.Tensor:
+    """The states entering `inject_layer` for a batch: from the cache, or computed."""
+    if cache is None:
+        return model.entering(batch["input_ids"], batch["attention_mask"])
+    return cache.entering(model, batch["input_ids"], batch["attention_mask"])

@@ -1,129 +1,56 @@
 """A centralized run from settings to checkpoint: the flow `mops train` follows.
 
-    load base -> data -> MoPs model -> start state (P1, prompts, gate) -> eval -> train -> eval -> save
-
-`build_model` and `prepare_start_state` are shared with the federated server, which prepares
-the same start state before round 1.
+    session (base, model, data) -> start state (P1, experts, gate) -> eval -> train -> eval -> save
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from . import atomic, checkpoint, report
-from .activations import ActivationCache, tokenizer_identity
-from .compression.pipeline import prepare_base
+from . import atomic, checkpoint, report, start_state
 from .config import Settings
-from .data import PreparedData, pad_token_id, prepare
+from .data import PreparedData, pad_token_id
 from .evaluate import EvalResult, evaluate
-from .loading import base_fingerprint, cache_root
+from .loading import base_fingerprint
 from .model import MoPsModel
-from .train import GateRegulariser, make_mops_optimizer, pretrain_gate, pretrain_input_prompts, train_steps
+from .session import Session, sink_token_id
+from .train import prompt_learning_rate
 
 log = logging.getLogger(__name__)
 
 
-def sink_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    sink = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if sink is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token to use as the attention sink")
-    return sink
-
-
-def build_model(settings: Settings, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> MoPsModel:
-    torch.manual_seed(settings.train.seed)
-    model = MoPsModel(base, settings.mops, sink_token_id(tokenizer)).to(base.device)
-    train = settings.train
-    # P1's starting point (pretraining or a loaded start state replaces it); here because the text init needs the tokenizer.
-    text_ids = tokenizer(train.input_prompt_text, add_special_tokens=False)["input_ids"] if train.input_prompt_init == "text" else None
-    model.init_input_prompts(torch.Generator().manual_seed(train.seed), text_ids)
-    if train.activation_cache:
-        model.activation_cache = ActivationCache(
-            model, tokenizer_identity(tokenizer), directory=cache_root(settings.model) / "activations",
-            memory_mb=train.activation_cache_mb, disk_mb=train.activation_cache_disk_mb,
-        )
-    return model
-
-
-@dataclass
-class StartState:
-    input_prompt_loss: float
-    gate_train_accuracy: float | None
-
-
-def prepare_start_state(
-    model: MoPsModel, data: PreparedData, settings: Settings, *, pad_id: int, progress: bool = True
-) -> StartState:
-    """Input prompts (as `build_model` started them) tuned and frozen, prompts from them, gate pretrained."""
-    stats = pretrain_input_prompts(model, data.train, settings.train, pad_id=pad_id, progress=progress)
-    accuracy = pretrain_gate(model, data.train, settings.train, pad_id=pad_id, progress=progress)
-    return StartState(stats.mean_loss, accuracy)
-
-
-def evaluate_test(model: MoPsModel, data: PreparedData, settings: Settings, *, pad_id: int, progress: bool, desc: str) -> EvalResult:
-    return evaluate(
-        model, data.test, data.tasks, pad_id=pad_id, batch_size=settings.train.eval_batch_size,
-        max_samples=settings.train.eval_samples, progress=progress, desc=desc,
-    )
-
-
-def evaluate_plain_base(
-    base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: PreparedData, settings: Settings, *, progress: bool, desc: str
-) -> EvalResult:
+def evaluate_plain_base(base, tokenizer, data: PreparedData, settings: Settings, *, progress: bool, desc: str) -> EvalResult:
     """Test perplexity of the base alone: a MoPs model without prompts and gate is exactly the HF model."""
     plain = settings.replace(method="prompt", prompts_per_expert=0, inject_layer=1)
     model = MoPsModel(base, plain.mops, sink_token_id(tokenizer)).to(base.device)
-    return evaluate_test(model, data, plain, pad_id=pad_token_id(tokenizer), progress=progress, desc=desc)
-
-
-def load_tuned(path: str | Path, overrides: dict | None = None, *, progress: bool = True):
-    """A checkpoint's model, ready to use: its (compressed) base, rebuilt and checked against it.
-
-    Returns (model, tokenizer, settings, checkpoint). `overrides` changes settings that do not
-    shape the model (data-dir, eval-samples, model-cache-dir, device, ...).
-    """
-    ckpt = checkpoint.read(path)
-    settings = ckpt.settings.replace(**(overrides or {}))
-    base, tokenizer = prepare_base(settings, progress=progress)
-    model = build_model(settings, base, tokenizer)
-    checkpoint.load_into(ckpt, model)
-    return model, tokenizer, settings, ckpt
+    return evaluate(model, data.test, data.tasks, pad_id=pad_token_id(tokenizer), batch_size=plain.train.eval_batch_size,
+                    max_samples=plain.train.eval_samples, progress=progress, desc=desc)
 
 
 def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Train MoPs (or the baseline) centrally and write checkpoint, results and figures to `out_dir`."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    base, tokenizer = prepare_base(settings, progress=progress)
-    data = prepare(settings.data, tokenizer)
-    pad_id = pad_token_id(tokenizer)
+    session = Session.open(settings, progress=progress)
+    data, model = session.data, session.model
     log.info("data: %d train / %d test examples over %d tasks", len(data.train), len(data.test), len(data.tasks))
-    model = build_model(settings, base, tokenizer)
-    start = prepare_start_state(model, data, settings, pad_id=pad_id, progress=progress)
-    before = evaluate_test(model, data, settings, pad_id=pad_id, progress=progress, desc="eval (start)")
+    start = start_state.prepare(session, progress=progress)
+    before = session.evaluate(progress=progress, desc="eval (start)")
 
-    optimizer = make_mops_optimizer(model, settings.train)
     train_started = time.perf_counter()
-    stats = train_steps(
-        model, data.train, settings.train.steps, optimizer, pad_id=pad_id, batch_size=settings.train.batch_size,
-        seed=settings.train.seed, desc=f"{settings.mops.method} training", progress=progress,
-        regulariser=GateRegulariser.from_config(settings.train),
-    )
+    stats = session.train(data.train, settings.train.steps, seed=settings.train.seed, progress=progress,
+                          desc=f"{settings.mops.method} training")
     train_seconds = time.perf_counter() - train_started
-    after = evaluate_test(model, data, settings, pad_id=pad_id, progress=progress, desc="eval (end)")
+    after = session.evaluate(progress=progress, desc="eval (end)")
 
     results = {
         "settings": settings.to_flat(),
         "tasks": list(data.tasks),
-        "base_fingerprint": base_fingerprint(base),
+        "base_fingerprint": base_fingerprint(session.base),
         "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
-        "prompt_lr": optimizer.param_groups[0]["lr"],
+        "prompt_lr": prompt_learning_rate(model, settings.train),
         "start": {"input_prompt_loss": start.input_prompt_loss, "gate_train_accuracy": start.gate_train_accuracy},
         "before": before.to_dict(),
         "after": after.to_dict(),

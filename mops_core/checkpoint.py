@@ -5,7 +5,7 @@
       adapter_model.safetensors  input_prompts (K, d), prompts (E, K/E, d), gate.fc{1,2}.{weight,bias}
 
 Any safetensors reader can load the tensors; `adapter_config.json` is plain JSON (see the
-README's "Checkpoint layout"). Saves are atomic (a new directory replaces the old in one
+docs/guide.md, "The checkpoint layout"). Saves are atomic (a new directory replaces the old in one
 rename); loads check every tensor's name, shape and finiteness and the base's fingerprint,
 and refuse with a message that names the problem.
 """
@@ -13,6 +13,7 @@ and refuse with a message that names the problem.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import atomic
-from .config import PREDATED, Settings
+from .config import Settings
 from .loading import base_fingerprint
 from .model import MoPsModel
 from .settings import SettingsError
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -46,8 +49,14 @@ class Checkpoint:
 
     @property
     def settings(self) -> Settings:
+        """The settings it was made with; a key this version no longer has is named in a warning and
+        left out (as PEFT does with unknown config keys), a key it lacks takes its default."""
+        saved = dict(self.config.get("settings") or {})
+        unknown = sorted(set(saved) - set(Settings().to_flat()))
+        if unknown:
+            log.warning("checkpoint %s: ignoring settings this version does not have: %s", self.path, ", ".join(unknown))
         try:
-            return Settings.from_flat({**PREDATED, **self.config["settings"]}, context=f"checkpoint {self.path}")
+            return Settings.from_flat({k: v for k, v in saved.items() if k not in unknown}, context=f"checkpoint {self.path}")
         except SettingsError as exc:
             raise CheckpointError(f"{self.path / CONFIG_FILE}: {exc}") from exc
 

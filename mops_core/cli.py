@@ -115,20 +115,17 @@ def resolve_checkpoint(path: str) -> Path:
 
 
 def _load_tuned(args: argparse.Namespace):
-    """(model, tokenizer, settings, checkpoint) of the checkpoint argument; flags override its settings."""
-    from .centralized import load_tuned
+    """(session, checkpoint) of the checkpoint argument; flags override its settings."""
+    from .session import Session
 
-    return load_tuned(resolve_checkpoint(args.checkpoint), _flag_values(args), progress=not args.no_progress)
+    return Session.from_checkpoint(resolve_checkpoint(args.checkpoint), _flag_values(args), progress=not args.no_progress)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import atomic
-    from .centralized import evaluate_test
-    from .data import pad_token_id, prepare
 
-    model, tokenizer, settings, ckpt = _load_tuned(args)
-    data = prepare(settings.data, tokenizer)
-    result = evaluate_test(model, data, settings, pad_id=pad_token_id(tokenizer), progress=not args.no_progress, desc="eval")
+    session, ckpt = _load_tuned(args)
+    result = session.evaluate(progress=not args.no_progress, desc="eval")
     report.print_eval(result, title=f"{ckpt.path}: test perplexity")
     out = Path(args.out) if args.out else ckpt.path.parent
     atomic.write_json(out / "eval.json", result.to_dict())
@@ -163,7 +160,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from . import atomic
-    from .data import TASKS, Formatter, pad_token_id
     from .generate import Generator
 
     if bool(args.instruction) == bool(args.input_file):
@@ -171,9 +167,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.input_file and not args.output:
         raise SettingsError("--input-file needs --output (a JSONL file for the answers)")
     questions = _read_questions(Path(args.input_file)) if args.input_file else None
-    model, tokenizer, settings, ckpt = _load_tuned(args)
-    formatter = Formatter(tokenizer, settings.data.max_length, TASKS[settings.data.dataset])
-    generator = Generator(model, formatter, tokenizer.eos_token_id, pad_token_id(tokenizer))
+    session, ckpt = _load_tuned(args)
+    generator = Generator(session.model, session.formatter, session.tokenizer.eos_token_id, session.pad_id)
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "temperature": args.temperature, "top_p": args.top_p}
     if args.sample_seed is not None:
         torch.manual_seed(args.sample_seed)
@@ -201,10 +196,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .data import pad_token_id, prepare
     from .evaluate import gate_shares
 
-    model, tokenizer, settings, ckpt = _load_tuned(args)
+    session, ckpt = _load_tuned(args)
+    model, settings = session.model, session.settings
     adapter = model.adapter_state_dict()
     counts = {
         "experts (prompts)": adapter["prompts"].numel(),
@@ -226,12 +221,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     report.console.print(table)
     if model.gate is None:
         return 0
-    data = prepare(settings.data, tokenizer)
+    data = session.data
     examples = data.test if args.split == "test" else data.train
     if settings.train.eval_samples:
         examples = examples[: settings.train.eval_samples]
-    shares = gate_shares(model, examples, data.tasks, pad_id=pad_token_id(tokenizer), batch_size=settings.train.eval_batch_size)
+    shares = gate_shares(model, examples, data.tasks, pad_id=session.pad_id, batch_size=settings.train.eval_batch_size)
     report.console.print(report.gate_matrix_table(shares.tasks, shares.matrix, shares.entropy, shares.routing_accuracy))
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .config import CONCERNS, DEMO, settings_markdown
+    from .settings import describe
+
+    if args.markdown:
+        sys.stdout.write(settings_markdown())
+        return 0
+    table = Table(title="settings (demo: the value pyproject.toml runs `flwr run .` with, where it differs)")
+    for column in ("concern", "setting", "default", "demo", "what it does"):
+        table.add_column(column, overflow="fold")
+    for row in describe(CONCERNS, DEMO):
+        table.add_row(*row)
+    report.console.print(table)
     return 0
 
 
@@ -272,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--no-progress", action="store_true")
     _add_settings(ins)
     ins.set_defaults(func=cmd_inspect)
+
+    st = sub.add_parser("settings", help="every setting with its default, the demo's value and what it does")
+    st.add_argument("--markdown", action="store_true", help="as docs/settings.md holds them")
+    st.set_defaults(func=cmd_settings)
 
     ev = sub.add_parser("eval", help="test perplexity per task and the gate's expert shares of a checkpoint")
     ev.add_argument("checkpoint", help="checkpoint directory (or the run directory holding checkpoint/)")

@@ -16,11 +16,10 @@ from .settings import build, check_unique_fields, field, setting_error, split_by
 
 EMBEDDED_MODEL = "smollm2"
 
-# What a run saved before a setting existed ran with, where the default has changed since: such a
-# checkpoint or benchmark cell keeps meaning what it meant.
-PREDATED = {
-    "gate-scale": "one", "gate-input": "prompts+question", "prompt-lr": 1e-3, "input-prompt-init": "vocab",
-    "expert-aggregation": "examples", "prune-dtype": "float32",
+# The demo's deliberate changes to the defaults. pyproject.toml's [tool.flwr.app.config], what
+# `flwr run .` and `make demo` run with, is every default with these on top (tests hold it to that).
+DEMO = {
+    "eval-samples": 96,  # a round's evaluation on 96 test samples takes seconds; 0 (all 502) takes minutes
 }
 
 # Settings a resumed federated run may change; any other difference means another experiment.
@@ -31,6 +30,8 @@ RESUMABLE = frozenset({
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """The frozen base: which model, in which dtype, on which device, cached where."""
+
     model: str = field(
         EMBEDDED_MODEL,
         "base LLaMA-family model: 'smollm2' (the embedded GGUF), a local HF directory, or a hub id",
@@ -50,6 +51,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MoPsConfig:
+    """The mixture: experts and their prompts, where they enter, and the gate that weighs them."""
+
     method: Literal["mops", "prompt", "fedprompt"] = field(
         "mops", "'mops' (gated experts) or the no-gating baseline: 'prompt' (centralized) / 'fedprompt'"
     )
@@ -79,9 +82,11 @@ class MoPsConfig:
         "what weighs expert e's prompts: g_e (the paper; a uniform gate turns every prompt down to 1/E) "
         "or E g_e (a uniform gate leaves the prompts as the ungated baseline has them)",
     )
-    gate_temperature: float = field(1.0, "softmax temperature of the expert scores (above 1 = softer, below = sharper)")
-    gate_floor: float = field(0.0, "least score of every expert: g = floor + (1 - E floor) softmax (below 1/E)")
-    gate_noise: float = field(0.0, "std of Gaussian noise on the gate logits while training (router noise)")
+    gate_floor: float = field(
+        0.0,
+        "least score of every expert: g = floor + (1 - E floor) softmax (below 1/E); 0.1 keeps every prompt in "
+        "every input, for tasks that share one format",
+    )
 
     def __post_init__(self) -> None:
         if self.experts < 1:
@@ -92,12 +97,8 @@ class MoPsConfig:
             raise setting_error("inject_layer", f"must be -1 (auto) or a layer index, got {self.inject_layer}")
         if self.gate_hidden < 1:
             raise setting_error("gate_hidden", f"must be at least 1, got {self.gate_hidden}")
-        if not self.gate_temperature > 0:
-            raise setting_error("gate_temperature", f"must be above 0, got {self.gate_temperature}")
         if not 0.0 <= self.gate_floor < 1.0 / self.experts:
             raise setting_error("gate_floor", f"must be in [0, 1/experts) = [0, {1.0 / self.experts:.4g}), got {self.gate_floor}")
-        if not self.gate_noise >= 0:
-            raise setting_error("gate_noise", f"must be 0 or more, got {self.gate_noise}")
 
     @property
     def num_prompts(self) -> int:
@@ -120,6 +121,8 @@ class MoPsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+    """The multi-task instruction data and its train/test split."""
+
     dataset: Literal["dolly", "sni"] = field("dolly", "Dolly 15k (7 categories) or Super-NaturalInstructions (7 tasks)")
     data_dir: str = field(
         "", "folder holding dolly/ and sni/ JSONL files ('' = $MOPS_DATA_DIR, ../shared/data, then the hub)"
@@ -140,6 +143,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """Training: the two pretraining stages, the step loop, evaluation and the activation cache."""
+
     steps: int = field(300, "optimizer steps of MoPs (or baseline) training")
     lr: float = field(1e-3, "learning rate of the gate (AdamW), and of the injected prompts unless prompt-lr says otherwise")
     prompt_lr: float = field(
@@ -150,9 +155,9 @@ class TrainConfig:
     gate_lr_scale: float = field(
         1.0, "the gate's learning rate during tuning, as a multiple of lr; 0 keeps the pretrained gate fixed"
     )
-    gate_balance: float = field(0.0, "weight of KL(running mean gate || uniform): keeps every expert in use")
-    gate_sharpness: float = field(0.0, "weight of the mean per-sample gate entropy: each input picks few experts")
-    weight_decay: float = field(0.0, "AdamW weight decay")
+    gate_balance: float = field(
+        0.0, "weight of KL(running mean gate || uniform) in the loss: keeps every expert in use (0.5 where tasks differ in kind)"
+    )
     batch_size: int = field(1, "samples per optimizer step")
     input_prompt_init: Literal["vocab", "text"] = field(
         "text",
@@ -188,17 +193,15 @@ class TrainConfig:
                 raise setting_error(name, f"must be a positive number, got {value}")
         if self.input_prompt_init == "text" and not self.input_prompt_text.strip():
             raise setting_error("input_prompt_text", "must hold some text when input-prompt-init is 'text'")
-        if self.weight_decay < 0:
-            raise setting_error("weight_decay", f"must be 0 or more, got {self.weight_decay}")
-        for name in (
-            "activation_cache_mb", "activation_cache_disk_mb", "prompt_lr", "gate_lr_scale", "gate_balance", "gate_sharpness"
-        ):
+        for name in ("activation_cache_mb", "activation_cache_disk_mb", "prompt_lr", "gate_lr_scale", "gate_balance"):
             if not getattr(self, name) >= 0:
                 raise setting_error(name, f"must be 0 or more, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class FederatedConfig:
+    """The federated run: rounds, sampled clients, the non-i.i.d. split, aggregation, resume."""
+
     num_server_rounds: int = field(3, "federated rounds (paper: 20)")
     fraction_train: float = field(0.1, "share of the connected nodes sampled each round (paper: 10 of 100)")
     min_available_nodes: int = field(100, "round 1 waits until this many nodes are connected")
@@ -233,6 +236,8 @@ class FederatedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CompressionConfig:
+    """How the base is compressed before tuning (computed once, then cached)."""
+
     compression: str = field(
         "none", "base compression: none, int8, or sparsegpt|wanda|magnitude:RATIO, RATIO a sparsity (0.75) or N:M (2:4)"
     )
@@ -311,3 +316,20 @@ class Settings:
         merged = self.to_flat()
         merged.update({k.replace("_", "-"): v for k, v in flat.items()})
         return Settings.from_flat(merged)
+
+
+SETTINGS_DOC_HEADER = """# Settings
+
+Every setting, its default, the demo's value where the demo changes it, and what it does.
+Each is a `--kebab-case` flag of `mops`, a key of a `--config` TOML file, and a key of
+`[tool.flwr.app.config]` in `pyproject.toml` (`flwr run --run-config "key=value"`). A wrong key
+or value fails before anything loads, naming the key.
+
+Generated from `mops_core/config.py` by `mops settings --markdown > docs/settings.md`; a test
+fails when this file is stale."""
+
+
+def settings_markdown() -> str:
+    from .settings import markdown
+
+    return markdown(CONCERNS, DEMO, header=SETTINGS_DOC_HEADER)

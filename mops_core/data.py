@@ -78,25 +78,56 @@ class Example:
 # ---------------------------------------------------------------------------- reading
 
 
+MAX_LISTED_PROBLEMS = 20
+
+
+def _row_problem(line: bytes, required: Sequence[str]) -> tuple[dict | None, str | None]:
+    """(row, None) for a usable line, (None, problem) for one that is not."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 text (byte 0x{line[exc.start]:02x} at column {exc.start + 1})"
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg}, column {exc.colno})"
+    if not isinstance(row, dict):
+        return None, f"expected a JSON object, got {type(row).__name__}"
+    missing = [k for k in required if k not in row]
+    if missing:
+        return None, f"missing field(s) {', '.join(missing)}"
+    bad = [f"{k} ({type(row[k]).__name__})" for k in required if not isinstance(row[k], str)]
+    if bad:
+        return None, f"field(s) {', '.join(bad)} must be strings"
+    return row, None
+
+
 def read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
-            bad = [k for k in required if not isinstance(row[k], str)]
-            if bad:
-                raise DataError(f"{path}:{lineno}: field(s) {', '.join(bad)} must be strings")
-            rows.append(row)
+    """The rows of a JSONL file, each an object with string `required` fields.
+
+    Every unusable line is reported as `FILE:LINE: problem` (all of them, up to a limit), so that
+    a file is fixed in one go; a file without a single row says so.
+    """
+    rows, problems = [], []
+    try:
+        with path.open("rb") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                row, problem = _row_problem(line.rstrip(b"\r\n"), required)
+                if problem:
+                    problems.append(f"{path}:{lineno}: {problem}")
+                else:
+                    rows.append(row)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if problems:
+        listed = problems[:MAX_LISTED_PROBLEMS]
+        more = len(problems) - len(listed)
+        tail = [f"... and {more} more bad lines"] if more else []
+        raise DataError(f"{len(problems)} unreadable line(s) in {path}:\n" + "\n".join(listed + tail))
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
     return rows
 
 
@@ -136,16 +167,20 @@ def _load_dolly(folder: Path) -> list[Record]:
     if not path.exists():
         raise DataError(f"Dolly file not found: {path}")
     rows = read_jsonl(path, ("instruction", "context", "response", "category"))
-    return _dolly_records(rows)
+    return _dolly_records(rows, path)
 
 
-def _dolly_records(rows: Sequence[dict]) -> list[Record]:
+def _dolly_records(rows: Sequence[dict], source: object = "the Dolly data") -> list[Record]:
     tasks = set(TASKS["dolly"])  # general_qa is not one of the paper's seven
-    return [
+    records = [
         Record(r["instruction"].strip(), r["context"].strip(), r["response"].strip(), r["category"])
         for r in rows
         if r["category"] in tasks
     ]
+    if not records:
+        found = ", ".join(sorted({r["category"] for r in rows})[:10])
+        raise DataError(f"{source}: no row of the paper's seven Dolly categories ({', '.join(TASKS['dolly'])}); found {found}")
+    return records
 
 
 def _load_sni(folder: Path) -> list[Record]:
@@ -180,7 +215,7 @@ def _load_from_hub(dataset: str) -> list[Record]:
             f"no local Dolly file found (looked in $MOPS_DATA_DIR, ../shared/data, ./data) and the hub "
             f"dataset {DOLLY_HUB_ID} could not be loaded: {exc}"
         ) from exc
-    return _dolly_records(list(rows))
+    return _dolly_records(list(rows), DOLLY_HUB_ID)
 
 
 # ---------------------------------------------------------------------------- sampling

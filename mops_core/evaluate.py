@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .activations import ActivationCache, entering
 from .data import Example, collate
 from .model import MoPsModel
-from .train import expert_targets
+from .train import expert_targets, gate_features
 
 
 @dataclass
@@ -56,10 +57,8 @@ class GateShares:
 @torch.no_grad()
 def gate_shares(model: MoPsModel, examples: Sequence[Example], tasks: Sequence[str], *, pad_id: int, batch_size: int = 8) -> GateShares:
     """What the gate does with questions alone (no responses, no upper layers: quick)."""
-    from .train import gate_features
-
     labelled = [ex for ex in examples if ex.task_id >= 0]
-    scores = model.gate_scores(gate_features(model, labelled, pad_id=pad_id, batch_size=batch_size).to(model.device)).cpu()
+    scores = model.gate(gate_features(model, labelled, pad_id=pad_id, batch_size=batch_size).to(model.device)).exp().cpu()
     task_ids = torch.tensor([ex.task_id for ex in labelled])
     counts = torch.bincount(task_ids, minlength=len(tasks))
     sums = torch.zeros(len(tasks), model.experts).index_add_(0, task_ids, scores)
@@ -101,6 +100,7 @@ def evaluate(
     batch_size: int = 8,
     max_samples: int = 0,
     inject: bool = True,
+    cache: ActivationCache | None = None,
     progress: bool = True,
     desc: str = "eval",
 ) -> EvalResult:
@@ -119,7 +119,8 @@ def evaluate(
     for start in tqdm(chunks, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         chunk = [examples[i] for i in order[start : start + batch_size]]
         batch = {k: v.to(model.device) for k, v in collate(chunk, pad_id).items()}
-        out = model(**batch, inject=inject)
+        states = entering(model, batch, cache) if inject and cache is not None else None
+        out = model(**batch, entering=states, inject=inject)
         task_ids = batch["task_ids"].cpu()
         nll.index_add_(0, task_ids, out.nll.double().cpu())
         tokens.index_add_(0, task_ids, out.tokens.cpu())

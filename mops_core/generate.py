@@ -1,9 +1,8 @@
 """Answering with a tuned MoPs model: transformers' `generate`, its KV cache, and the mixture.
 
-The gate is computed from the question exactly as in training (mean hidden state entering
-`inject_layer` over the prompts and the question). Generation then starts from the input
-embeddings [sink, P1, question] and runs the base's own `generate`; three kinds of forward
-pre-hooks on the decoder layers give it MoPs' behaviour:
+The gate is computed from the question exactly as in training. Generation then starts from the
+input embeddings [sink, P1, question] and runs the base's own `generate`; forward pre-hooks on
+the decoder layers give it MoPs' behaviour, through the model's own splice and gate bias:
 
 * at `inject_layer`, during the prefill, the prompt positions are overwritten by the trained
   prompts (their keys and values then sit in the KV cache like a prefix);
@@ -62,31 +61,31 @@ def _mask_for(kwargs: dict, hidden: torch.Tensor, layer_idx: int) -> torch.Tenso
 
 
 @contextlib.contextmanager
-def mixture_hooks(model: MoPsModel, gate: torch.Tensor | None) -> Iterator[None]:
-    """Give the base's layers MoPs' behaviour for one question (gate: (1, E) scores or None)."""
+def mixture_hooks(model: MoPsModel, log_g: torch.Tensor | None) -> Iterator[None]:
+    """Give the base's layers MoPs' behaviour for one question (log_g: (1, E) log scores or None),
+    with the model's own splice, gate bias and prompt scale."""
     k = model.num_prompts
     layers = model.base.model.layers
     handles = []
 
+    def prefill(kwargs: dict, module, hidden: torch.Tensor) -> bool:  # the pass that holds the prompts
+        return _past_length(kwargs, module.self_attn.layer_idx) == 0 and hidden.shape[1] > k
+
     def inject(module, args, kwargs):
-        hidden = args[0]
-        if _past_length(kwargs, module.self_attn.layer_idx) == 0 and hidden.shape[1] > k:  # the prefill holds the prompts
-            prompts = model.prompts.reshape(1, k, -1).to(hidden.dtype).expand(hidden.shape[0], -1, -1)
-            hidden = torch.cat([hidden[:, :1], prompts, hidden[:, 1 + k :]], dim=1)
+        hidden = model.splice(args[0]) if prefill(kwargs, module, args[0]) else args[0]
         return (hidden, *args[1:]), kwargs
 
     def bias_prompt_keys(module, args, kwargs):
         mask = _mask_for(kwargs, args[0], module.self_attn.layer_idx)
         if mask.shape[-1] > k:
-            bias = model.key_bias(torch.log(gate), mask.shape[-1]).to(mask.dtype)
-            mask = mask + bias
+            mask = mask + model.gate_bias(log_g, mask.shape[-1]).to(mask.dtype)
         kwargs["attention_mask"] = mask
         return args, kwargs
 
     def scale_prompts(module, args, kwargs):
         hidden = args[0]
-        if _past_length(kwargs, module.self_attn.layer_idx) == 0 and hidden.shape[1] > k:
-            hidden = hidden * model.prompt_scale(gate, hidden.shape[1]).to(hidden.dtype)
+        if prefill(kwargs, module, hidden):
+            hidden = hidden * model.prompt_scale(log_g.exp(), hidden.shape[1]).to(hidden.dtype)
         return (hidden, *args[1:]), kwargs
 
     try:
@@ -113,11 +112,11 @@ class Generator:
 
     @torch.no_grad()
     def gate(self, question: torch.Tensor) -> torch.Tensor | None:
-        if self.model.gating == "none":
+        """(1, E) log scores of the experts for this question, as in training."""
+        if self.model.gate is None:
             return None
         ones = torch.ones_like(question)
-        state = self.model.lower(question, ones, ones.bool())
-        return self.model.gate_scores(state.gate_input)
+        return self.model.gate(self.model.gate_input(self.model.entering(question, ones), ones.bool()))
 
     @torch.no_grad()
     def answer(
@@ -134,10 +133,10 @@ class Generator:
         model = self.model
         ids = self.formatter.question_ids(instruction, context)
         question = torch.tensor([ids], device=model.device)
-        gate = self.gate(question)
-        embeds = model._embed(question)
+        log_g = self.gate(question)
+        embeds = model.embed(question)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-        with mixture_hooks(model, gate):
+        with mixture_hooks(model, log_g):
             out = model.base.generate(
                 inputs_embeds=embeds,
                 attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=model.device),
@@ -156,4 +155,4 @@ class Generator:
         if new and new[-1] == self.eos_token_id:
             new, logprobs = new[:-1], logprobs[:-1]
         text = self.formatter.tokenizer.decode(new, skip_special_tokens=True)
-        return Answer(text, new, logprobs, None if gate is None else gate[0].tolist())
+        return Answer(text, new, logprobs, None if log_g is None else log_g[0].exp().tolist())

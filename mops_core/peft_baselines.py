@@ -102,7 +102,7 @@ def run(settings: Settings, kind: str, out_dir: str | Path, *, progress: bool = 
         max_samples=settings.train.eval_samples, progress=progress,
     )
     before = evaluate(model, data.test, desc=f"{kind} eval (start)", **score)
-    optimizer = make_optimizer(model.trainable_parameters(), settings.train.lr, settings.train.weight_decay)
+    optimizer = make_optimizer(model.trainable_parameters(), settings.train.lr)
     train_started = time.perf_counter()
     stats = train_steps(
         model, data.train, settings.train.steps, optimizer, pad_id=pad_id, batch_size=settings.train.batch_size,

@@ -182,3 +182,28 @@ def cli_values(namespace: argparse.Namespace, cls: type) -> dict[str, Any]:
 def field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors dataclasses.field
     """A dataclass field with a help text shown by the CLI."""
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+def describe(owners: Mapping[str, type], changed: Mapping[str, Any] | None = None) -> list[tuple[str, str, str, str, str]]:
+    """(concern, key, default, changed value or '', help) for every setting, in declaration order."""
+    changed = changed or {}
+    rows = []
+    for concern, cls in owners.items():
+        for f in dataclasses.fields(cls):
+            key = f.name.replace("_", "-")
+            rows.append((concern, key, repr(f.default), repr(changed[key]) if key in changed else "", (f.metadata or {}).get("help", "")))
+    return rows
+
+
+def markdown(owners: Mapping[str, type], changed: Mapping[str, Any], *, header: str) -> str:
+    """Every setting as one Markdown table per concern (docs/settings.md is this, generated)."""
+    lines = [header.rstrip(), ""]
+    current = None
+    for concern, key, default, demo, help_text in describe(owners, changed):
+        if concern != current:
+            current = concern
+            doc = (owners[concern].__doc__ or "").strip().splitlines()[0]
+            lines += ["", f"## {concern}", "", doc, "", "| setting | default | demo | what it does |", "|---|---|---|---|"]
+        cell = help_text.replace("|", "\\|")
+        lines.append(f"| `{key}` | `{default}` | {f'`{demo}`' if demo else ''} | {cell} |")
+    return "\n".join(lines) + "\n"

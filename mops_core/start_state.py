@@ -18,19 +18,36 @@ from pathlib import Path
 
 import torch
 
+from dataclasses import dataclass
+
 from . import checkpoint
 from .atomic import file_lock
-from .centralized import StartState, prepare_start_state
 from .config import Settings
-from .data import PreparedData
 from .loading import base_fingerprint, cache_root
 from .model import INPUT_PROMPTS, MoPsModel
+from .session import Session
+from .train import pretrain_gate, pretrain_input_prompts
 
 # Settings that change the start state; everything else (rounds, local steps, lr, ...) does not.
 _TRAIN_KEYS = (
     "seed", "batch_size", "input_prompt_init", "input_prompt_text", "input_prompt_steps", "input_prompt_lr",
     "gate_pretrain_steps", "gate_pretrain_samples", "gate_pretrain_lr", "eval_batch_size",
 )
+
+
+@dataclass
+class StartState:
+    input_prompt_loss: float
+    gate_train_accuracy: float | None
+
+
+def prepare(session: Session, *, progress: bool = True) -> StartState:
+    """Bring the session's model to the start state: P1 (as `build_model` started it) tuned and frozen,
+    the experts started from its states at `inject_layer`, the gate pretrained on task-labelled instructions."""
+    train, examples = session.settings.train, session.data.train
+    stats = pretrain_input_prompts(session.model, examples, train, pad_id=session.pad_id, progress=progress)
+    accuracy = pretrain_gate(session.model, examples, train, pad_id=session.pad_id, progress=progress, cache=session.cache)
+    return StartState(stats.mean_loss, accuracy)
 
 
 class StartStateError(RuntimeError):
@@ -57,21 +74,20 @@ def start_state_dir(settings: Settings, key: str) -> Path:
     return cache_root(settings.model) / "start-states" / key
 
 
-def prepare_or_load(
-    model: MoPsModel, data: PreparedData, settings: Settings, *, pad_id: int, progress: bool = True
-) -> tuple[str, StartState | None]:
-    """Bring `model` to the start state; compute it only if the cache does not hold it.
+def prepare_or_load(session: Session, *, progress: bool = True) -> tuple[str, StartState | None]:
+    """Bring the session's model to the start state; compute it only if the cache does not hold it.
 
     Returns the cache key and, when computed now, what pretraining reported.
     """
+    settings, model = session.settings, session.model
     key = start_state_key(settings, base_fingerprint(model.base))
     path = start_state_dir(settings, key)
     with file_lock(path.with_name(path.name + ".lock")):
         if (path / checkpoint.CONFIG_FILE).exists():
             checkpoint.load_into(checkpoint.read(path), model)
             return key, None
-        report = prepare_start_state(model, data, settings, pad_id=pad_id, progress=progress)
-        checkpoint.save(path, model, settings, list(data.tasks), extra={"start_state": dataclasses.asdict(report)})
+        report = prepare(session, progress=progress)
+        checkpoint.save(path, model, settings, list(session.data.tasks), extra={"start_state": dataclasses.asdict(report)})
     return key, report
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .activations import ActivationCache, entering
 from .config import TrainConfig
 from .data import Example, collate
 from .model import MoPsModel
@@ -67,8 +68,9 @@ def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     return (seed * 1_000_003 + server_round) * 1_000_003 + partition_id
 
 
-def make_optimizer(params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
+def make_optimizer(params: Sequence[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """AdamW without weight decay: it would pull prompts, which live at hidden-state scale, towards zero."""
+    return torch.optim.AdamW(list(params), lr=lr, weight_decay=0.0)
 
 
 @torch.no_grad()
@@ -81,36 +83,34 @@ def prompt_learning_rate(model: MoPsModel, cfg: TrainConfig) -> float:
     """
     if cfg.prompt_lr > 0 or model.num_prompts == 0:
         return cfg.prompt_lr or cfg.lr
-    return cfg.lr * model.prompt_states_entering_injection().float().pow(2).mean().sqrt().item()
+    return cfg.lr * model.prompt_states().float().pow(2).mean().sqrt().item()
 
 
 def make_mops_optimizer(model: MoPsModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the experts (at the prompt learning rate) and the gate (at lr x gate-lr-scale).
 
     A gate at scale 0 is left out of the optimizer altogether, so that it keeps its pretrained
-    routing exactly (and clients send back the gate they received).
+    routing exactly (and clients send back the gate they received). No weight decay (see `make_optimizer`).
     """
     groups = [{"params": [model.prompts], "lr": prompt_learning_rate(model, cfg)}]
     if model.gate is not None and cfg.gate_lr_scale > 0:
         groups.append({"params": list(model.gate.parameters()), "lr": cfg.lr * cfg.gate_lr_scale})
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
 
 
 class GateRegulariser:
-    """What MoE routers add to the loss so that the gate neither collapses nor stays uniform.
-
-    balance:   KL(running mean gate || uniform): an expert that nobody uses costs. The mean runs
-               over recent steps (momentum), since a batch may hold a single sample.
-    sharpness: the mean per-sample entropy of g: each input should lean on few experts.
+    """The load-balancing term of MoE routers: KL(running mean gate || uniform), weighted by `balance`,
+    so that an expert nobody uses costs. The mean runs over recent steps (momentum), since a batch
+    may hold a single sample.
     """
 
-    def __init__(self, balance: float = 0.0, sharpness: float = 0.0, momentum: float = 0.9):
-        self.balance, self.sharpness, self.momentum = balance, sharpness, momentum
+    def __init__(self, balance: float, momentum: float = 0.9):
+        self.balance, self.momentum = balance, momentum
         self.running: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> GateRegulariser | None:
-        return cls(cfg.gate_balance, cfg.gate_sharpness) if cfg.gate_balance or cfg.gate_sharpness else None
+        return cls(cfg.gate_balance) if cfg.gate_balance else None
 
     def __call__(self, gate: torch.Tensor | None) -> torch.Tensor | None:
         if gate is None:
@@ -120,11 +120,7 @@ class GateRegulariser:
             mean = self.momentum * self.running + (1.0 - self.momentum) * mean
         self.running = mean.detach()
         loss = gate.new_zeros(())
-        if self.balance:
-            loss = loss + self.balance * (mean * (mean.clamp_min(1e-12) * gate.shape[-1]).log()).sum()
-        if self.sharpness:
-            loss = loss + self.sharpness * -(gate * gate.clamp_min(1e-12).log()).sum(-1).mean()
-        return loss
+        return loss + self.balance * (mean * (mean.clamp_min(1e-12) * gate.shape[-1]).log()).sum()
 
 
 def train_steps(
@@ -137,6 +133,7 @@ def train_steps(
     batch_size: int = 1,
     seed: int = 0,
     inject: bool = True,
+    cache: ActivationCache | None = None,
     desc: str = "train",
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
@@ -145,13 +142,15 @@ def train_steps(
     """Run `steps` optimizer steps on batches drawn from `examples`; the loop every trainer shares.
 
     The recorded losses are the language-model loss alone, with or without a gate regulariser.
+    `cache` supplies the states entering `inject_layer` (exact: everything below is frozen).
     """
     stats = StepStats()
     batches = epochs(examples, batch_size, random.Random(seed))
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
         batch = {k: v.to(model.device) for k, v in collate(next(batches), pad_id).items()}
-        out = model(**batch, inject=inject)
+        states = entering(model, batch, cache) if inject and cache is not None else None
+        out = model(**batch, entering=states, inject=inject)
         loss = out.loss
         if not torch.isfinite(loss):
             raise TrainingError(f"{desc}: loss became {loss.item()} at step {step + 1}; lower the learning rate")
@@ -171,6 +170,21 @@ def train_steps(
         recent = stats.losses[-20:]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
     return stats
+
+
+@torch.no_grad()
+def init_input_prompts(model: MoPsModel, generator: torch.Generator | None = None, token_ids: Sequence[int] | None = None) -> None:
+    """P1 starts as token embeddings, where the model expects inputs: random vocabulary tokens
+    (PEFT's SAMPLE_VOCAB), or `token_ids` repeated over the K positions (PEFT's TEXT init)."""
+    vocab = model.base.model.embed_tokens.weight
+    if token_ids is None:
+        ids = torch.randint(0, vocab.shape[0], (model.num_prompts,), generator=generator)
+    else:
+        if not token_ids:
+            raise ValueError("the input prompts' init text has no tokens")
+        repeats = -(-model.num_prompts // len(token_ids))
+        ids = torch.tensor((list(token_ids) * repeats)[: model.num_prompts], dtype=torch.long)
+    model.input_prompts.copy_(vocab[ids.to(vocab.device)].float())
 
 
 def pretrain_input_prompts(
@@ -207,13 +221,14 @@ def question_batches(
 
 @torch.no_grad()
 def gate_features(
-    model: MoPsModel, examples: Sequence[Example], *, pad_id: int, batch_size: int = 16, progress: bool = False
+    model: MoPsModel, examples: Sequence[Example], *, pad_id: int, batch_size: int = 16, progress: bool = False,
+    cache: ActivationCache | None = None,
 ) -> torch.Tensor:
     """The gate's input for each example's question, from the frozen layers below the injection point."""
     out = torch.empty(len(examples), model.width)
     for rows, batch in question_batches(examples, pad_id=pad_id, batch_size=batch_size, progress=progress):
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        out[rows] = model.lower(batch["input_ids"], batch["attention_mask"], batch["question_mask"]).gate_input.cpu()
+        out[rows] = model.gate_input(entering(model, batch, cache), batch["question_mask"]).cpu()
     return out
 
 
@@ -224,7 +239,8 @@ def expert_targets(task_ids: torch.Tensor | int, experts: int) -> torch.Tensor |
 
 
 def pretrain_gate(
-    model: MoPsModel, examples: Sequence[Example], cfg: TrainConfig, *, pad_id: int, progress: bool = True
+    model: MoPsModel, examples: Sequence[Example], cfg: TrainConfig, *, pad_id: int, progress: bool = True,
+    cache: ActivationCache | None = None,
 ) -> float | None:
     """Stage 2: teach the gate expert i <-> task i from instructions alone; returns train accuracy.
 
@@ -241,7 +257,7 @@ def pretrain_gate(
         raise TrainingError("gate pretraining needs examples with task labels" if fit else "no training examples")
     rng = random.Random(cfg.seed)
     chosen = rng.sample(pool, min(cfg.gate_pretrain_samples, len(pool)))
-    feats = gate_features(model, chosen, pad_id=pad_id, batch_size=cfg.eval_batch_size, progress=progress)
+    feats = gate_features(model, chosen, pad_id=pad_id, batch_size=cfg.eval_batch_size, progress=progress, cache=cache)
     model.gate.fit_input_statistics(feats)
     if not fit:
         return None
@@ -259,9 +275,9 @@ def fit_gate(
     minibatch = min(32, len(feats))
     for _ in tqdm(range(steps), desc="gate pretraining", disable=not progress, leave=False):
         idx = torch.randint(0, len(feats), (minibatch,), generator=generator).to(model.device)
-        loss = F.nll_loss(model.gate_log_probs(model.gate_logits(feats[idx])), targets[idx])
+        loss = F.nll_loss(model.gate(feats[idx]), targets[idx])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        return (model.gate_logits(feats).argmax(-1) == targets).float().mean().item()
+        return (model.gate.logits(feats).argmax(-1) == targets).float().mean().item()

@@ -19,11 +19,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from mops_core import checkpoint, report
-from mops_core.centralized import build_model, evaluate_test
-from mops_core.compression.pipeline import prepare_base
 from mops_core.config import Settings
-from mops_core.data import pad_token_id, prepare
 from mops_core.loading import base_fingerprint
+from mops_core.session import Session
 from mops_core.start_state import prepare_or_load, tensor_sha
 
 from .history import History, ResumeError, progress_line
@@ -72,11 +70,9 @@ def run(grid: Grid, settings: Settings) -> History:
         log(INFO, "%s already holds %d rounds; nothing to do", out, done)
         return history
 
-    base, tokenizer = prepare_base(settings)
-    data = prepare(settings.data, tokenizer)
-    pad_id = pad_token_id(tokenizer)
-    model = build_model(settings, base, tokenizer)
-    key, start_report = prepare_or_load(model, data, settings, pad_id=pad_id)
+    session = Session.open(settings)
+    data, model = session.data, session.model
+    key, start_report = prepare_or_load(session)
     sha = tensor_sha(model.input_prompts)
     if start_report is not None:
         history.info["start_state"] = {"key": key, "gate_train_accuracy": start_report.gate_train_accuracy}
@@ -113,7 +109,7 @@ def run(grid: Grid, settings: Settings) -> History:
             return None
         checkpoint.load_adapter_tensors(model, arrays.to_torch_state_dict(), source=f"round {number}", keys=payload)
         started = time.perf_counter()
-        result = evaluate_test(model, data, settings, pad_id=pad_id, progress=False, desc=f"eval round {number}")
+        result = session.evaluate(desc=f"eval round {number}")
         row = history.add_round(number, result, strategy.rounds.get(number), time.perf_counter() - started)
         checkpoint.save(out / "checkpoint", model, settings, list(data.tasks), extra={"round": number, "metrics": {"perplexity": result.perplexity}})
         history.save()

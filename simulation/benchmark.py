@@ -7,8 +7,7 @@
 Every cell (one training run) writes its own folder under `<out>/cells/<id>/`; the id hashes
 the cell's full settings, so a finished cell is never recomputed and a changed setting is a new
 cell. Federated cells run the real Flower app on Ray (`flwr run`, through `simulation.launch`)
-with `resume = true`: an interrupted cell continues from its last finished round, found like a
-finished one by its settings, so a setting added since it stopped does not start it over. After each
+with `resume = true`: an interrupted cell continues from its last finished round. After each
 cell, `results.json` (every setting, seed, step count, wall time and byte count), `results.csv`,
 `tables.md` and the figures are rewritten from the records.
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 import tomllib
@@ -30,7 +28,7 @@ from typing import Any
 from rich.console import Console
 
 from mops_core import atomic, centralized, checkpoint, peft_baselines
-from mops_core.config import RESUMABLE, Settings
+from mops_core.config import Settings
 from mops_core.evaluate import gate_collapse
 from mops_core.settings import SettingsError
 
@@ -83,9 +81,7 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict
         "dir": str(folder), "wall_seconds": wall_seconds,
         # inject-layer -1 is a share of the depth: the layer the run used is in its checkpoint.
         "inject_layer": int(saved["inject_layer"]) if "inject_layer" in saved else None,
-        # Runs before results carried it keep it only in their checkpoint (PEFT baselines have none).
-        "base_fingerprint": results.get("base_fingerprint") or results.get("info", {}).get("base_fingerprint")
-        or saved.get("base_fingerprint"),
+        "base_fingerprint": results.get("base_fingerprint") or results.get("info", {}).get("base_fingerprint"),
     }
     if cell.kind == "centralized":
         after, losses = results["after"], results["train"]["losses"]
@@ -139,19 +135,15 @@ def finished_cells(out_dir: Path) -> list[dict]:
     for path in sorted((Path(out_dir) / "cells").glob(f"*/{CELL_FILE}")):
         try:
             saved = {**json.loads(path.read_text()), "dir": str(path.parent)}  # where it is now, if moved
-            if "base_fingerprint" not in saved:  # finished before cells recorded it
-                saved["base_fingerprint"] = checkpoint_config(path.parent).get("base_fingerprint")
-        except (OSError, json.JSONDecodeError, checkpoint.CheckpointError):
-            continue  # a damaged marker or checkpoint: the cell runs again
+        except (OSError, json.JSONDecodeError):
+            continue  # a damaged marker: the cell runs again
         found.append(saved)
     return found
 
 
 def finished_record(cell: Cell, finished: Sequence[dict]) -> dict | None:
-    """The finished run of this cell: same kind, method and settings (a key it predates at its default).
-
-    Matched on content, not on the folder name, so that changed defaults or added settings never
-    make a finished run count for other settings, nor hide one that still matches.
+    """The finished run of this cell: same kind, method and settings, matched on content, not on the
+    folder name, so that a run moved or renamed still counts and a changed default never counts.
     """
     for saved in finished:
         if ran_as(saved, cell):
@@ -159,94 +151,11 @@ def finished_record(cell: Cell, finished: Sequence[dict]) -> dict | None:
     return None
 
 
-def ran_as(saved: dict, cell: Cell, **overrides: Any) -> bool:
-    """Whether a finished run is this cell (with `overrides` on its saved settings): kind, method, settings."""
-    settings = {**saved.get("settings", {}), **overrides}
+def ran_as(saved: dict, cell: Cell) -> bool:
+    """Whether a finished run is this cell: kind, method and settings."""
     return saved.get("kind") == cell.kind and saved.get("method") == cell.method and same_settings(
-        settings, cell.settings, gated=cell.method == "mops"
+        saved.get("settings", {}), cell.settings, gated=cell.method == "mops"
     )
-
-
-def shorter_run(cell: Cell, finished: Sequence[dict]) -> dict | None:
-    """The finished run of this federated cell's experiment with the most rounds short of its own."""
-    if cell.kind != "federated":
-        return None
-    rounds = cell.settings["num-server-rounds"]
-    shorter = [
-        saved for saved in finished
-        if saved.get("settings", {}).get("num-server-rounds", rounds) < rounds and ran_as(saved, cell, **{"num-server-rounds": rounds})
-    ]
-    return max(shorter, key=lambda saved: saved["settings"]["num-server-rounds"], default=None)
-
-
-def head_start(cell: Cell, folder: Path, finished: Sequence[dict]) -> dict | None:
-    """Seed a new federated cell's folder with its `shorter_run`, to resume from; returns that run's record.
-
-    A federated run resumes exactly where it stopped (nodes are sampled per round from the seed),
-    so asking for 6 rounds of an experiment run for 3 costs only the 3 new rounds. The shorter
-    cell is copied, not moved: it stays finished for the grids that ask for it.
-    """
-    source = None if folder.exists() else shorter_run(cell, finished)  # a started cell resumes its own folder
-    if source is None:
-        return None
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(source["dir"], partial, ignore=shutil.ignore_patterns(CELL_FILE))
-    claim_settings(partial, cell, head_start={
-        "cell": source["id"], "rounds": source["settings"]["num-server-rounds"], "wall_seconds": source.get("wall_seconds", 0.0),
-    })
-    partial.rename(folder)
-    return source
-
-
-def claim_settings(folder: Path, cell: Cell, **info: Any) -> None:
-    """Write the cell's settings into a run's own record, so that resuming it under them is accepted.
-
-    Only for a run matched to the cell by `ran_as`: the keys it predates, or that do not act on its
-    method, were matched at what they ran with, so the record changes in name, not in meaning.
-    """
-    results = json.loads((folder / "results.json").read_text())
-    results["settings"] = {**results["settings"], **{k: v for k, v in cell.settings.items() if k not in RESUMABLE}}
-    results.setdefault("info", {}).update(info)
-    atomic.write_json(folder / "results.json", results)
-
-
-def interrupted_run(cell: Cell, out_dir: Path) -> tuple[Path, int] | None:
-    """A started, unfinished folder of this federated cell under an older id, and its last round.
-
-    A cell's id hashes all its settings, so a setting added since a run was stopped renames the
-    cell; matched on content like finished runs, the stopped run resumes instead of starting over.
-    The folder with the most rounds wins; one that ran more rounds than the cell asks is not this cell.
-    None where the cell has its own folder: that one resumes.
-    """
-    if cell.kind != "federated" or (Path(out_dir) / "cells" / cell.id).exists():
-        return None
-    rounds = cell.settings["num-server-rounds"]
-    resumable = {k: v for k, v in cell.settings.items() if k in RESUMABLE}  # e.g. its out-dir, which the runner set
-    best: tuple[Path, int] | None = None
-    for path in sorted((Path(out_dir) / "cells").glob(f"{cell.id.rsplit('-', 1)[0]}-*/results.json")):
-        if (path.parent / CELL_FILE).exists() or path.parent.name.endswith(".partial"):
-            continue
-        try:
-            results = json.loads(path.read_text())
-            settings, last = results["settings"], max((r["round"] for r in results["rounds"]), default=-1)
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            continue  # damaged: not worth resuming
-        saved = {"kind": cell.kind, "method": settings.get("method"), "settings": settings}
-        if last <= rounds and ran_as(saved, cell, **resumable) and (best is None or last > best[1]):
-            best = (path.parent, last)
-    return best
-
-
-def adopt_interrupted(cell: Cell, out_dir: Path) -> tuple[str, int] | None:
-    """Move an `interrupted_run` of this cell into its folder, to resume; returns (old id, last round)."""
-    found = interrupted_run(cell, out_dir)
-    if found is None:
-        return None
-    old, last = found
-    claim_settings(old, cell, renamed_from=old.name)
-    old.rename(Path(out_dir) / "cells" / cell.id)
-    return old.name, last
 
 
 def time_on_disk(folder: Path) -> float:
@@ -290,13 +199,7 @@ def run_grid(
         try:
             if runner is None:
                 raise CellFailed("no federated runner given")
-            adopted = adopt_interrupted(cell, out_dir)
-            if adopted is not None:
-                console.print(f"[dim]resuming {adopted[0]}, stopped after round {adopted[1]} (the same settings under an older id)[/dim]")
-            source = head_start(cell, folder, finished)
-            if source is not None:
-                console.print(f"[dim]starting from {source['id']}, finished after round {source['settings']['num-server-rounds']}[/dim]")
-            earlier = source.get("wall_seconds", 0.0) if source is not None else time_on_disk(folder)  # its first rounds
+            earlier = time_on_disk(folder)  # the rounds a stopped federated cell ran before
             results = runner(cell, folder, progress=progress)
         except (CellFailed, SettingsError, RuntimeError, ValueError, OSError) as exc:
             console.print(f"[red]cell {cell.id} failed: {exc}[/red]")
@@ -410,11 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             console.print(grid_summary(grid), soft_wrap=True)
             for cell in grid:
-                start = shorter_run(cell, saved)
-                stopped = interrupted_run(cell, out)
-                state = ("finished" if matches[cell.id] is not None
-                         else f"to resume {stopped[0].name} after round {stopped[1]}" if stopped
-                         else f"to run from round {start['settings']['num-server-rounds']}" if start else "to run")
+                started = time_on_disk(out / "cells" / cell.id) > 0
+                state = "finished" if matches[cell.id] is not None else "to resume" if started else "to run"
                 console.print(f"{cell.id:48s} {cell.study:18s} {state:20s} {', '.join(cell.variants)}", soft_wrap=True)
             show_warnings(tables.mixed_bases(finished))
         if args.tables and not finished:

@@ -3,11 +3,14 @@
     python -m simulation.launch [--supernodes 100] [--client-cpus 2] [--client-gpus 0] \
         [--run-config "method='fedprompt' num-server-rounds=5"] ...
 
-It writes the local SuperLink connection into `$FLWR_HOME/config.toml` (default `./.flwr`),
-runs `flwr run . --stream` with the simulation's shape as `--federation-config` (number of
+It checks the settings first (a wrong key fails in a fraction of a second, before Ray starts),
+writes the local SuperLink connection into `$FLWR_HOME/config.toml` (default `./.flwr`), runs
+`flwr run . --stream` with the simulation's shape as `--federation-config` (number of
 supernodes, resources per ClientApp actor) and runtime dependency installation disabled (it
-would replace the CPU torch with a CUDA build), and stops the local SuperLink that `flwr run`
-leaves running in the background once the run is over.
+would replace the CPU torch with a CUDA build), on a local SuperLink of its own (fresh ports,
+so that a SuperLink another run left behind never gets the run), and stops that SuperLink
+once the run is over. `MOPS_DATA_DIR` tells the apps where the data lies: `flwr run` installs
+the app under `$FLWR_HOME/apps/`, where `../shared/data` does not resolve.
 """
 
 from __future__ import annotations
@@ -17,11 +20,16 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from mops_core.config import Settings
+from mops_core.settings import SettingsError
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -92,7 +100,6 @@ def launch(
     flwr_home: Path | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
-    stop_superlink: bool = True,
 ) -> int:
     """Run the app once; returns `flwr run`'s exit code."""
     flwr_home = Path(flwr_home or os.environ.get("FLWR_HOME") or PROJECT / ".flwr").resolve()
@@ -106,7 +113,7 @@ def launch(
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         **(env or {}),
     }
-    full_env = with_shared_data(full_env)
+    full_env = with_shared_data({**full_env, **own_superlink_ports(full_env)})
     command = [
         str(bin_dir / "flwr"), "run", str(PROJECT), "--stream",
         "--federation-config", federation_config(supernodes, client_cpus, client_gpus),
@@ -119,8 +126,51 @@ def launch(
     try:
         return subprocess.run(command, env=full_env, cwd=PROJECT, timeout=timeout).returncode
     finally:
-        if stop_superlink:
-            stop_local_superlink(flwr_home)
+        stop_local_superlink(flwr_home)
+
+
+def app_config() -> dict[str, Any]:
+    """The app's run config as `flwr run .` starts from it: pyproject.toml's [tool.flwr.app.config]."""
+    return tomllib.loads((PROJECT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def check_run(run_config: Sequence[str], out_dir: str | None, supernodes: int) -> tuple[dict[str, Any], Path]:
+    """The settings this run will have and its results folder, checked before anything starts.
+
+    A wrong key or value raises SettingsError naming it. `--out-dir` and a run-config `out-dir`
+    must agree: the launcher reads the results from the folder the ServerApp writes to.
+    """
+    from flwr.common.config import parse_config_args
+
+    try:
+        given = parse_config_args(list(run_config))
+    except Exception as exc:  # click's own exception, or a ValueError from Flower's parser
+        raise SettingsError(f"--run-config: {getattr(exc, 'message', None) or exc}") from None
+    if "out-dir" in given and out_dir is not None and Path(str(given["out-dir"])).resolve() != Path(out_dir).resolve():
+        raise SettingsError(f"--out-dir {out_dir} and the run config's out-dir {given['out-dir']} disagree; give one of them")
+    out = Path(str(given.get("out-dir", out_dir or PROJECT / "runs" / "federated"))).resolve()
+    values = {"out-dir": str(out), "min-available-nodes": supernodes}
+    Settings.from_flat({**app_config(), **values, **given}, context="--run-config")
+    return values, out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def own_superlink_ports(env: Mapping[str, str]) -> dict[str, str]:
+    """Ports for a local SuperLink of this run's own, unless the caller chose them.
+
+    `flwr run` hands a run to whatever local SuperLink answers on its port, even one that an
+    earlier run left behind under another FLWR_HOME, with that SuperLink's environment.
+    """
+    ports = {}
+    for name in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"):
+        if name not in env:
+            ports[name] = str(free_port())
+    return ports
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,13 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-cpus", type=int, default=2, help="CPUs per ClientApp actor (default 2)")
     parser.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per ClientApp actor (e.g. 0.25)")
     parser.add_argument("--flwr-home", type=Path, help="Flower's home for this run (default ./.flwr)")
-    parser.add_argument("--out-dir", default=str(PROJECT / "runs" / "federated"), help="where results go")
+    parser.add_argument("--out-dir", help="where results go (default runs/federated; or out-dir in --run-config)")
     parser.add_argument("--run-config", action="append", default=[], help="settings, as for `flwr run --run-config`")
     args = parser.parse_args(argv)
-    out = Path(args.out_dir).resolve()
+    try:
+        values, out = check_run(args.run_config, args.out_dir, args.supernodes)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     before = finished_rounds(out)
     code = launch(
-        {"out-dir": str(out), "min-available-nodes": args.supernodes},
+        values,
         extra_run_config=args.run_config,
         supernodes=args.supernodes,
         client_cpus=args.client_cpus,

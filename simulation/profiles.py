@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from mops_core.config import PREDATED, Settings
+from mops_core.config import Settings
 
 CENTRALIZED_METHODS = ("prompt", "mops", "lora", "ia3")
 FEDERATED_METHODS = ("fedprompt", "mops")
@@ -43,7 +43,7 @@ class Profile:
 
 QUICK = Profile(
     name="quick",
-    description="SmolLM2 on Dolly, SparseGPT 75% and 2:4, short runs: 85 min on a 2-core CPU without AVX-512",
+    description="SmolLM2 on Dolly, SparseGPT 75% and 2:4, short runs (about 1.5 hours on a 2-core CPU)",
     model="smollm2",
     datasets=("dolly",),
     compressions=("sparsegpt:0.75", "sparsegpt:2:4"),
@@ -81,7 +81,7 @@ PAPER_GATE = {
 
 ABLATION = Profile(
     name="ablation",
-    description="issue 9: what makes the mixture pay, centralized prompt tuning against MoPs variants",
+    description="what makes the mixture pay: centralized prompt tuning against MoPs variants",
     model="smollm2",
     datasets=("dolly",),
     compressions=("sparsegpt:0.75",),
@@ -111,7 +111,7 @@ ABLATION = Profile(
 FEDERATED_ABLATION = replace(
     QUICK,
     name="fed-ablation",
-    description="issue 9, federated: FedPrompt vs MoPs with experts averaged by gate or by examples, or a gate floor",
+    description="federated: FedPrompt vs MoPs with experts averaged by gate or by examples, or a gate floor",
     compressions=("sparsegpt:0.75",),
     centralized_methods=(),
     inject_layers=(),
@@ -152,29 +152,22 @@ class Cell:
 
 
 DEFAULTS = Settings().to_flat()
-# What a saved run that lacks a key ran with: the default of its day.
-_WITHOUT_KEY = {**DEFAULTS, **PREDATED}
-
-
-def ran_with(saved: dict[str, Any], key: str) -> Any:
-    """A saved run's setting; for a key it predates, what it ran with then."""
-    return saved.get(key, _WITHOUT_KEY.get(key))
 
 
 def same_settings(saved: dict[str, Any], current: dict[str, Any], *, gated: bool = True) -> bool:
-    """Whether a finished run ran with these settings; a key it predates must be at what it ran with then.
+    """Whether a finished run ran with these settings: exactly these keys, at these values.
 
     For an ungated method the gate's settings do not act, so they do not count either.
     """
     keys = [k for k in current if gated or k not in GATE_ONLY]
-    return all(ran_with(saved, k) == current[k] for k in keys) and set(saved) <= set(current)
+    return set(saved) == set(current) and all(saved[k] == current[k] for k in keys)
 
 
 # Settings that act only on a gated model: a baseline cell keeps their defaults, so that variants
 # of the gate share one baseline run instead of recomputing identical ones.
 GATE_ONLY = (
-    "gating", "gate-hidden", "gate-input-norm", "gate-input", "gate-scale", "gate-temperature", "gate-floor", "gate-noise",
-    "gate-lr-scale", "gate-balance", "gate-sharpness", "gate-pretrain-steps", "gate-pretrain-samples", "gate-pretrain-lr",
+    "gating", "gate-hidden", "gate-input-norm", "gate-input", "gate-scale", "gate-floor",
+    "gate-lr-scale", "gate-balance", "gate-pretrain-steps", "gate-pretrain-samples", "gate-pretrain-lr",
     "expert-aggregation",
 )
 

@@ -17,7 +17,6 @@ from mops_core import atomic, report
 from mops_core.config import BASE_SETTINGS
 from mops_core.train import expert_targets
 
-from .profiles import ran_with
 
 CSV_COLUMNS = (
     "id", "kind", "method", "study", "dataset", "compression", "model", "seed", "inject-layer", "experts",
@@ -305,7 +304,7 @@ def mixed_bases(records: Sequence[dict]) -> list[str]:
     groups: dict[tuple, dict[str, list[str]]] = {}
     for r in records:
         if r.get("base_fingerprint"):
-            key = tuple(str(ran_with(r["settings"], k)) for k in BASE_SETTINGS)  # a cell before prune-dtype: float32
+            key = tuple(str(r["settings"].get(k)) for k in BASE_SETTINGS)
             groups.setdefault(key, {}).setdefault(r["base_fingerprint"], []).append(r["id"])
     warnings = []
     for bases in groups.values():

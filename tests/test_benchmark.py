@@ -8,12 +8,12 @@ import pytest
 import torch
 from helpers import toy_records
 
-from mops_core.centralized import sink_token_id
-from mops_core.config import RESUMABLE, Settings
+from mops_core.session import sink_token_id
+from mops_core.config import Settings
 from mops_core.data import TASKS, Formatter, collate
 from mops_core.peft_baselines import PeftBaseline
 from simulation import tables
-from simulation.benchmark import CELL_FILE, federated_runner, interrupted_run, main, parse_sets, run_grid, write_outputs
+from simulation.benchmark import CELL_FILE, federated_runner, main, parse_sets, run_grid, write_outputs
 from simulation.profiles import PROFILES, QUICK, Cell, Profile, cells, same_settings
 
 TINY = {
@@ -46,13 +46,15 @@ def test_profiles_spell_out_comparable_cells():
     assert {c.settings["inject-layer"] for c in grid if c.study == "inject-layer"} == set(QUICK.inject_layers)
 
 
-def test_a_finished_run_that_predates_a_setting_is_matched_by_what_it_ran_with():
+def test_a_finished_run_counts_only_for_exactly_its_settings():
     current = Settings().to_flat()
-    assert current["input-prompt-init"] == "text"  # the default now; runs that predate the key started P1 from vocab
-    saved = {k: v for k, v in current.items() if k not in ("input-prompt-init", "gate-hidden")}
-    assert not same_settings(saved, current)
-    assert same_settings(saved, {**current, "input-prompt-init": "vocab"})  # gate-hidden kept its default: matched
-    assert not same_settings(saved, {**current, "input-prompt-init": "vocab", "gate-hidden": 64})
+    assert same_settings(dict(current), current)
+    assert not same_settings({k: v for k, v in current.items() if k != "gate-hidden"}, current), "a key it lacks"
+    assert not same_settings({**current, "gate-noise": 0.0}, current), "a key this version does not have"
+    assert not same_settings({**current, "lr": 0.5}, current)
+    # The gate's settings do not act on an ungated method, so they do not tell its runs apart.
+    assert same_settings({**current, "gate-floor": 0.1}, current, gated=False)
+    assert not same_settings({**current, "gate-floor": 0.1}, current, gated=True)
 
 
 def test_a_wrong_setting_fails_before_any_cell_runs(capsys):
@@ -129,15 +131,9 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
 
     again, _ = run_grid(grid, out, centralized_runner=refuse, progress=False)
     assert [r["id"] for r in again] == [r["id"] for r in records]
-    # A cell finished before a setting existed (saved without its key) still counts, at that key's default.
+    # A cell that ran on another pruning of the same base is named, in the tables and the results file.
     marker = out / "cells" / records[0]["id"] / CELL_FILE
     saved = json.loads(marker.read_text())
-    del saved["settings"]["gate-scale"]
-    fingerprint = saved.pop("base_fingerprint")  # and before cells recorded their base: the checkpoint tells
-    marker.write_text(json.dumps(saved))
-    again, _ = run_grid(grid, out, centralized_runner=refuse, progress=False)
-    assert len(again) == 3 and again[0]["base_fingerprint"] == fingerprint
-    # A cell that ran on another pruning of the same base is named, in the tables and the results file.
     saved["base_fingerprint"] = "f" * 32
     marker.write_text(json.dumps(saved))
     again, _ = run_grid(grid, out, centralized_runner=refuse, progress=False)
@@ -157,58 +153,18 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
     assert len(ran) == 3 and len(failed) == 3 and not set(ran) & {r["id"] for r in records}
 
 
-def test_more_rounds_of_a_finished_federated_cell_start_from_its_last_round(tmp_path):
-    def cell(method, rounds, **changes):
-        return Cell("federated", method, {**Settings().to_flat(), "num-server-rounds": rounds, **changes})
-
-    found = {}  # cell id -> the rounds its folder held when the runner started
-
-    def fake_flower_run(cell, folder, *, progress):  # resumes like the server: from the rounds on disk
-        path = folder / "results.json"
-        results = json.loads(path.read_text()) if path.exists() else {"settings": cell.settings, "rounds": [], "info": {}}
-        found[cell.id] = [r["round"] for r in results["rounds"]]
-        start = len(results["rounds"])
-        results["rounds"] += [{"round": r, "perplexity": 30.0 - r} for r in range(start, cell.settings["num-server-rounds"] + 1)]
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "state.txt").write_text(f"after round {results['rounds'][-1]['round']}")
-        path.write_text(json.dumps(results))
-        return results
-
-    out = tmp_path / "bench"
-    short = [cell("mops", 2), cell("fedprompt", 2, **{"expert-aggregation": "examples"})]
-    first, _ = run_grid(short, out, federated_runner=fake_flower_run, progress=False)
-    assert [found[c.id] for c in short] == [[], []]
-
-    longer = [cell("mops", 4), cell("mops", 4, lr=0.5), cell("fedprompt", 4), cell("mops", 1)]
-    records, failures = run_grid(longer, out, federated_runner=fake_flower_run, progress=False)
-    assert not failures
-    assert found[longer[0].id] == [0, 1, 2]  # resumed after the 2 rounds already run
-    assert found[longer[1].id] == []  # another learning rate: another experiment, from round 0
-    assert found[longer[2].id] == [0, 1, 2]  # the aggregation setting does not act on FedPrompt
-    assert found[longer[3].id] == []  # fewer rounds than any finished run: nothing to start from
-    assert [r["round"] for r in records[0]["rounds"]] == [0, 1, 2, 3, 4]
-    assert records[0]["wall_seconds"] >= first[0]["wall_seconds"]  # the rounds it started from count
-    info = json.loads((out / "cells" / longer[0].id / "results.json").read_text())["info"]
-    assert info["head_start"]["cell"] == short[0].id and info["head_start"]["rounds"] == 2
-    # The shorter cell is copied, not moved: it stays finished and unchanged.
-    assert (out / "cells" / short[0].id / CELL_FILE).exists()
-    assert (out / "cells" / short[0].id / "state.txt").read_text() == "after round 2"
-    assert not list((out / "cells").glob("*.partial"))
-
-
-def test_a_stopped_federated_run_resumes_under_the_id_a_new_setting_gave_its_cell(tmp_path):
+def test_a_stopped_federated_cell_resumes_from_its_last_round(tmp_path):
     def cell(rounds, **changes):
         return Cell("federated", "mops", {**Settings().to_flat(), "num-server-rounds": rounds, **changes})
 
     started = {}  # cell id -> the rounds its folder held when the runner started
+    stop_after = {"round": 2}
 
-    def stopping_flower_run(cell, folder, *, progress):  # resumes like the server; stops after round 2 of a new run
+    def flower_run(cell, folder, *, progress):  # resumes like the server, from the rounds on disk
         path = folder / "results.json"
-        settings = {**cell.settings, "out-dir": str(folder), "resume": True}  # as `federated_runner` runs it
-        results = json.loads(path.read_text()) if path.exists() else {"settings": settings, "rounds": [], "info": {}}
-        assert all(results["settings"][k] == v for k, v in cell.settings.items() if k not in RESUMABLE)  # as History.open
+        results = json.loads(path.read_text()) if path.exists() else {"settings": cell.settings, "rounds": [], "info": {}}
         started[cell.id] = [r["round"] for r in results["rounds"]]
-        last = cell.settings["num-server-rounds"] if results["rounds"] else 2
+        last = min(cell.settings["num-server-rounds"], stop_after["round"])
         results["rounds"] += [
             {"round": r, "perplexity": 30.0 - r, "wall_seconds": 100.0 * r} for r in range(len(results["rounds"]), last + 1)
         ]
@@ -219,26 +175,16 @@ def test_a_stopped_federated_run_resumes_under_the_id_a_new_setting_gave_its_cel
         return results
 
     out = tmp_path / "bench"
-    first = cell(5, **{"prune-dtype": "float32"})
-    _, failed = run_grid([first], out, federated_runner=stopping_flower_run, progress=False)
-    assert len(failed) == 1
-    # As if the run predated prune-dtype: its record lacks the key and its folder has the id of then.
-    old = out / "cells" / "fede-mops-dolly-none-0ld1d000"
-    (out / "cells" / first.id).rename(old)
-    results = json.loads((old / "results.json").read_text())
-    del results["settings"]["prune-dtype"]
-    (old / "results.json").write_text(json.dumps(results))
-
-    other, fewer = cell(5), cell(1, **{"prune-dtype": "float32"})  # a float64 base; fewer rounds than it ran
-    assert interrupted_run(other, out) is None and interrupted_run(fewer, out) is None
-    again = cell(6, **{"prune-dtype": "float32"})  # what it ran with then, and a round more
-    assert interrupted_run(again, out) == (old, 2)
-    records, failed = run_grid([again], out, federated_runner=stopping_flower_run, progress=False)
-    assert not failed and started[again.id] == [0, 1, 2]  # resumed after round 2, not from round 0
-    assert [r["round"] for r in records[0]["rounds"]] == list(range(7)) and not old.exists()
-    assert records[0]["wall_seconds"] >= 200.0  # the two rounds run before it stopped count
-    info = json.loads((out / "cells" / again.id / "results.json").read_text())["info"]
-    assert info["renamed_from"] == old.name
+    grid = [cell(5), cell(5, lr=0.5)]
+    _, failed = run_grid(grid[:1], out, federated_runner=flower_run, progress=False)
+    assert len(failed) == 1 and not (out / "cells" / grid[0].id / CELL_FILE).exists()
+    stop_after["round"] = 99
+    records, failed = run_grid(grid, out, federated_runner=flower_run, progress=False)
+    assert not failed
+    assert started[grid[0].id] == [0, 1, 2], "resumed after round 2, not from round 0"
+    assert started[grid[1].id] == [], "another learning rate is another experiment"
+    assert [r["round"] for r in records[0]["rounds"]] == list(range(6))
+    assert records[0]["wall_seconds"] >= 200.0, "the two rounds run before it stopped count"
 
 
 def test_cells_are_held_to_one_base_only_where_their_settings_call_for_one():
@@ -255,11 +201,9 @@ def test_cells_are_held_to_one_base_only_where_their_settings_call_for_one():
         rec("a", "1" * 32, dataset="sni"), rec("b", "2" * 32, dataset="sni"), rec("c", "1" * 32, dataset="sni", seed=3),
     ])
     assert len(warnings) == 1 and "base 11111111: a, c; base 22222222: b" in warnings[0]
-    # A cell from before prune-dtype existed was pruned in float32: it is held to the float32 cells' base.
-    before = rec("old", "4" * 32)
-    del before["settings"]["prune-dtype"]
-    warnings = tables.mixed_bases([before, rec("new32", "5" * 32, **{"prune-dtype": "float32"}), rec("new64", "6" * 32)])
-    assert len(warnings) == 1 and "base 44444444: old; base 55555555: new32" in warnings[0]
+    # The arithmetic of pruning decides the base too: float32 and float64 bases are not held to each other.
+    warnings = tables.mixed_bases([rec("x32", "5" * 32, **{"prune-dtype": "float32"}), rec("x64", "6" * 32)])
+    assert warnings == []
 
 
 def test_the_lead_during_training_pairs_each_mops_run_with_the_baseline_of_its_seed(tmp_path):

@@ -7,7 +7,7 @@ from helpers import tiny_base, tiny_settings
 from mops_core import checkpoint
 from mops_core.checkpoint import CheckpointError
 from mops_core.config import Settings
-from mops_core.centralized import build_model
+from mops_core.session import build_model
 
 
 def trained_model(tokenizer, seed=0, **flat):
@@ -100,10 +100,12 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, tokenizer, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"], "no temporary leftovers"
 
 
-def test_a_checkpoint_older_than_a_changed_default_keeps_its_meaning(tmp_path):
+def test_a_checkpoint_with_settings_this_version_lacks_names_them_and_loads(tmp_path, caplog):
     from mops_core.checkpoint import Checkpoint
 
-    settings = Settings.from_flat({"gate-scale": "experts"}).to_flat()
-    older = {k: v for k, v in settings.items() if k not in ("gate-scale", "gate-input", "prompt-lr")}
-    assert Checkpoint(tmp_path, {"settings": older}, {}).settings.mops.gate_scale == "one"
-    assert Checkpoint(tmp_path, {"settings": settings}, {}).settings.mops.gate_scale == "experts"
+    settings = Settings.from_flat({"gate-floor": 0.05}).to_flat()
+    written = {**{k: v for k, v in settings.items() if k != "gate-hidden"}, "gate-noise": 0.0}
+    with caplog.at_level("WARNING"):
+        loaded = Checkpoint(tmp_path, {"settings": written}, {}).settings
+    assert "does not have: gate-noise" in caplog.text
+    assert loaded.mops.gate_floor == 0.05 and loaded.mops.gate_hidden == Settings().mops.gate_hidden

@@ -74,6 +74,37 @@ def test_malformed_lines_name_the_file_and_line(tmp_path, line, problem):
     assert f"{path}:8:" in str(err.value) and problem in str(err.value)
 
 
+def test_every_unreadable_line_is_named_and_an_empty_file_says_so(tmp_path):
+    path = write_dolly(tmp_path, toy_records(DOLLY, per_task=1))  # lines 1-7 are good
+    with path.open("ab") as fh:
+        fh.write(b'{"instruction": "caf\xe9", "context": "", "response": "y", "category": "open_qa"}\n')  # Latin-1, not UTF-8
+        fh.write(b"\n")
+        fh.write(b"42\n")
+        fh.write(b'{"instruction": "x", "context": null, "response": "y", "category": "open_qa"}\n')
+    with pytest.raises(DataError) as err:
+        load_records(DataConfig(data_dir=str(tmp_path)))
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"3 unreadable line(s) in {path}:"
+    assert lines[1] == f"{path}:8: not UTF-8 text (byte 0xe9 at column 21)"
+    assert lines[2] == f"{path}:10: expected a JSON object, got int"
+    assert lines[3] == f"{path}:11: field(s) context (NoneType) must be strings"
+
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match=f"{path}: no rows"):
+        load_records(DataConfig(data_dir=str(tmp_path)))
+    write_dolly(tmp_path, [Record("q", "", "a", "general_qa")])
+    with pytest.raises(DataError, match="no row of the paper's seven Dolly categories.*found general_qa"):
+        load_records(DataConfig(data_dir=str(tmp_path)))
+
+
+def test_many_bad_lines_are_listed_up_to_a_limit(tmp_path):
+    path = write_dolly(tmp_path, [])
+    path.write_text("not json\n" * 25)
+    with pytest.raises(DataError) as err:
+        load_records(DataConfig(data_dir=str(tmp_path)))
+    assert str(err.value).count("not valid JSON") == 20 and str(err.value).endswith("... and 5 more bad lines")
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_records(DataConfig(data_dir=str(tmp_path / "nope")))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).parent.parent
@@ -36,6 +37,7 @@ def test_compose_wires_one_superlink_and_authenticated_tls_supernodes():
     assert {"state", "cache"} <= set(COMPOSE["volumes"])
 
 
+@pytest.mark.slow  # runs Flower's own CLIs
 def test_every_flag_in_compose_exists_in_the_pinned_flower():
     known = {"superlink": cli_flags("flower-superlink"), "supernode": cli_flags("flower-supernode")}
     for name, service in COMPOSE["services"].items():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import tiny_settings
 
-from mops_core.centralized import build_model
+from mops_core.session import build_model
 from mops_core.data import TASKS, Formatter
 from mops_core.generate import Generator
 
@@ -32,7 +32,7 @@ def full_forward_logprobs(model, question, answer, eos):
         ids = torch.tensor([tokens])
         question_mask = torch.zeros_like(ids, dtype=torch.bool)
         question_mask[:, : len(question)] = True
-        logits = model(ids, torch.ones_like(ids), question_mask, return_logits=True).next_logits[0]
+        logits = model(ids, torch.ones_like(ids), question_mask, return_logits=True).logits[0, -1]
         choices.append(int(logits.masked_fill(torch.arange(logits.numel()) == eos, float("-inf")).argmax()))
         logprobs.append(torch.log_softmax(logits, -1)[token].item())
         tokens.append(token)
@@ -57,7 +57,7 @@ def test_the_hooks_really_act(pretrained_base, tokenizer, gating):
     model, generator = tuned(pretrained_base, tokenizer, gating)
     answer = generator.answer("abc defg", max_new_tokens=12, min_new_tokens=12)
     question = torch.tensor([generator.formatter.question_ids("abc defg")])
-    sequence = torch.cat([model._embed(question), model.base.model.embed_tokens(torch.tensor([answer.token_ids]))], 1)
+    sequence = torch.cat([model.embed(question), model.base.model.embed_tokens(torch.tensor([answer.token_ids]))], 1)
     logits = model.base(inputs_embeds=sequence).logits[0, question.shape[1] + model.num_prompts : -1]
     plain = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(answer.token_ids).unsqueeze(1))[:, 0]
     assert (plain - torch.tensor(answer.logprobs)).abs().max() > 1e-2

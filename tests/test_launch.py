@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import simulation.launch as launch_module
 
 
@@ -18,3 +20,52 @@ def test_a_run_that_wrote_its_rounds_succeeds(monkeypatch, tmp_path):
 
     monkeypatch.setattr(launch_module, "launch", fake)
     assert launch_module.main(["--out-dir", str(tmp_path), "--supernodes", "3"]) == 0
+
+
+@pytest.mark.slow  # a real process: the launcher as a user starts it
+def test_a_wrong_setting_is_refused_at_once_with_one_line_naming_it(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "simulation.launch", "--run-config", "alpha=0.0", "--out-dir", str(tmp_path)],
+        cwd=launch_module.PROJECT, capture_output=True, text=True, timeout=60,
+    )
+    seconds = time.perf_counter() - started
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == ["error: setting 'alpha': must be positive, got 0.0"]
+    assert seconds < 5, f"{seconds:.1f} s: the settings must be checked before anything heavy is imported"
+
+
+def test_the_out_dir_is_given_once_or_twice_alike(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake(overrides, **kwargs):
+        seen.update(overrides)
+        return 0
+
+    monkeypatch.setattr(launch_module, "launch", fake)
+    there = tmp_path / "there"
+    assert launch_module.main(["--out-dir", str(tmp_path / "here"), "--run-config", f"out-dir='{there}'"]) == 2
+    assert "disagree" in capsys.readouterr().err and not seen
+    launch_module.main(["--run-config", f"out-dir='{there}'"])  # the run config's alone: the launcher reads there
+    assert seen["out-dir"] == str(there) and "wrote no new round to " + str(there) in capsys.readouterr().err
+
+
+def test_each_run_gets_a_superlink_of_its_own(monkeypatch, tmp_path):
+    """A local SuperLink another run left on Flower's default port never receives this run."""
+    envs = []
+
+    def fake_run(command, env, cwd, timeout):
+        envs.append(env)
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(launch_module.subprocess, "run", fake_run)
+    launch_module.launch({}, flwr_home=tmp_path / "a")
+    launch_module.launch({}, flwr_home=tmp_path / "b")
+    ports = [(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"], env["FLWR_LOCAL_CONTROL_API_PORT"]) for env in envs]
+    assert "39091" not in {p for pair in ports for p in pair} and ports[0] != ports[1]
+    launch_module.launch({}, flwr_home=tmp_path / "c", env={"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "41000"})
+    assert envs[-1]["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] == "41000"  # a caller's choice stands

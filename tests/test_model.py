@@ -75,17 +75,17 @@ def reference_layer(layer, hidden, allowed, key_weight, cos, sin):
 
 def reference_forward(model, batch, *, use_gate=True):
     """MoPs written plainly: no masks, no transformers attention; g multiplies attention to each expert's prompts."""
-    state = model.lower(batch["input_ids"], batch["attention_mask"], batch["question_mask"])
-    hidden = state.hidden.clone()
+    entering = model.entering(batch["input_ids"], batch["attention_mask"])
+    hidden = entering.clone()
     b, length, _ = hidden.shape
     k = model.num_prompts
     hidden[:, 1 : 1 + k] = model.prompts.reshape(k, -1)
     key_weight = torch.ones(b, length)
     if use_gate:
-        x = state.gate_input
+        x = model.gate_input(entering, batch["question_mask"])
         x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         g = torch.softmax(model.gate.fc2(torch.relu(model.gate.fc1(x))), dim=-1)
-        key_weight[:, 1 : 1 + k] = model.gate_gain * g.repeat_interleave(model.prompts_per_expert, dim=1)
+        key_weight[:, 1 : 1 + k] = model.gate.gain * g.repeat_interleave(model.prompts_per_expert, dim=1)
     valid = torch.cat([torch.ones(b, 1 + k, dtype=torch.bool), batch["attention_mask"].bool()], 1)
     allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & valid[:, None, :]
     config = model.base.config
@@ -108,7 +108,7 @@ def test_without_prompts_reproduces_the_plain_model(tokenizer):
             attention_mask=torch.cat([torch.ones(3, 1, dtype=torch.long), batch["attention_mask"]], 1),
         ).logits[:, :-1]  # position p predicts token p + 1: these predict the text tokens
         real = batch["attention_mask"].bool()
-        torch.testing.assert_close(out.logits[real], plain[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.logits[:, :-1][real], plain[real], atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
@@ -118,7 +118,7 @@ def test_attention_gating_matches_handwritten_reweighted_attention(tokenizer):
     out = model(**batch, return_logits=True)
     expected = reference_forward(model, batch)
     real = batch["attention_mask"].bool()
-    torch.testing.assert_close(out.logits[real], expected[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.logits[:, :-1][real], expected[real], atol=1e-4, rtol=1e-4)
     # And the gate really is far from uniform, so the test has teeth.
     assert out.gate.max() > 2.0 / model.experts
 
@@ -130,7 +130,7 @@ def test_no_gating_equals_reference_with_unit_weights(tokenizer):
     batch = batch_of(tokenizer, TEXTS, QLENS)
     out = model(**batch, return_logits=True)
     real = batch["attention_mask"].bool()
-    torch.testing.assert_close(out.logits[real], reference_forward(model, batch, use_gate=False)[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.logits[:, :-1][real], reference_forward(model, batch, use_gate=False)[real], atol=1e-4, rtol=1e-4)
     assert out.gate is None
 
 
@@ -153,7 +153,7 @@ def _logit_change(tokenizer, gating, layers, inject, *, near_uniform=False):
     batch = batch_of(tokenizer, TEXTS, QLENS)
     real = batch["attention_mask"].bool()
     diff = gated(**batch, return_logits=True).logits - plain(**batch, return_logits=True).logits
-    return diff[real].abs().mean().item()
+    return diff[:, :-1][real].abs().mean().item()
 
 
 @torch.no_grad()
@@ -213,10 +213,10 @@ def test_gate_reads_question_only_and_sink_is_never_gated(tokenizer):
     out = model(**batch_of(tokenizer, TEXTS, QLENS))
     log_g = F.log_softmax(out.gate_logits, -1)
     length, k = 30, model.num_prompts
-    bias = model.key_bias(log_g, length)[:, 0, 0]
+    bias = model.gate_bias(log_g, length)[:, 0, 0]
     assert (bias[:, 0] == 0).all(), "the sink must never be gated"
     assert (bias[:, 1 + k :] == 0).all(), "text keys must never be gated"
-    torch.testing.assert_close(bias[:, 1 : 1 + k], (log_g + math.log(model.gate_gain)).repeat_interleave(model.prompts_per_expert, 1))
+    torch.testing.assert_close(bias[:, 1 : 1 + k], (log_g + math.log(model.gate.gain)).repeat_interleave(model.prompts_per_expert, 1))
     scale = model.prompt_scale(log_g.exp(), length)[..., 0]
     assert (scale[:, 0] == 1).all() and (scale[:, 1 + k :] == 1).all()
 
@@ -226,8 +226,8 @@ def test_initial_prompts_reproduce_the_input_prompt_model(tokenizer):
     model = make_model(tokenizer, gating="none")
     model.init_prompts_from_input()
     batch = batch_of(tokenizer, TEXTS, QLENS)
-    injected = model(**batch, return_logits=True).logits
-    plain = model(**batch, inject=False, return_logits=True).logits
+    injected = model(**batch, return_logits=True).logits[:, :-1]
+    plain = model(**batch, inject=False, return_logits=True).logits[:, :-1]
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(injected[real], plain[real], atol=1e-5, rtol=1e-5)
 

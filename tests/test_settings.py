@@ -50,12 +50,33 @@ def test_replace_validates_again():
         s.replace(steps=-1)
 
 
-def test_pyproject_run_config_declares_every_setting_and_parses():
+def test_pyproject_run_config_is_the_defaults_with_the_demos_changes_on_top():
     import tomllib
     from pathlib import Path
 
+    from mops_core.config import DEMO
+
     table = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     run_config = table["tool"]["flwr"]["app"]["config"]
+    expected = {**Settings().to_flat(), **DEMO}
+    assert set(run_config) == set(expected), "pyproject.toml and mops_core.config disagree on the keys"
+    wrong = {k: (v, expected[k]) for k, v in run_config.items() if v != expected[k] or type(v) is not type(expected[k])}
+    assert not wrong, f"pyproject.toml differs from the defaults + DEMO at (pyproject, expected): {wrong}"
     settings = Settings.from_flat(run_config, context="pyproject.toml")
-    assert set(run_config) == set(settings.to_flat()), "pyproject.toml and mops_core.config disagree on the keys"
     assert settings.federated.fraction_train * settings.federated.min_available_nodes == 10  # 10 of 100 per round
+
+
+def test_docs_settings_md_is_generated_from_the_code():
+    from pathlib import Path
+
+    from mops_core.config import settings_markdown
+
+    written = (Path(__file__).parent.parent / "docs" / "settings.md").read_text()
+    assert written == settings_markdown(), "docs/settings.md is stale: run `make settings-doc`"
+
+
+def test_every_setting_says_what_it_is_for():
+    from mops_core.settings import describe
+
+    missing = [key for _, key, _, _, help_text in describe(CONCERNS) if len(help_text) < 20]
+    assert not missing, f"settings without a purpose in their help text: {missing}"

@@ -5,11 +5,12 @@ import pytest
 import torch
 from helpers import tiny_settings, toy_records
 
-from mops_core.centralized import build_model, prepare_start_state
+from mops_core import start_state
 from mops_core.cli import main
 from mops_core.data import TASKS, Formatter, PreparedData, collate, sample_and_split
 from mops_core.evaluate import evaluate
-from mops_core.train import TrainingError, make_optimizer, train_steps
+from mops_core.session import Session, build_model
+from mops_core.train import TrainingError, init_input_prompts, make_optimizer, train_steps
 
 TASKS3 = TASKS["dolly"][:3]
 
@@ -20,6 +21,13 @@ def toy_data(tokenizer, settings):
     return PreparedData(TASKS3, train, test, formatter.examples(train), formatter.examples(test))
 
 
+def start_from(settings, base, tokenizer, data):
+    """A session on these in-memory data, brought to its start state; returns its model and the report."""
+    session = Session(settings, base, tokenizer, build_model(settings, base, tokenizer), cache=None)
+    session.data = data
+    return session.model, start_state.prepare(session, progress=False)
+
+
 @pytest.mark.parametrize("method", ["mops", "prompt"])
 def test_short_training_fits_the_examples_it_trains_on(tokenizer, pretrained_base, method):
     """Five passes over 12 examples lower their perplexity by 4-6% here (both methods, seeds 0 and 1);
@@ -28,8 +36,7 @@ def test_short_training_fits_the_examples_it_trains_on(tokenizer, pretrained_bas
     settings = tiny_settings(method=method, samples=180, lr=3e-2, steps=60, **{"gate-pretrain-steps": 100})
     data = toy_data(tokenizer, settings)
     few = data.train[:12]
-    model = build_model(settings, copy.deepcopy(pretrained_base), tokenizer)
-    prepare_start_state(model, data, settings, pad_id=tokenizer.pad_token_id, progress=False)
+    model, _ = start_from(settings, copy.deepcopy(pretrained_base), tokenizer, data)
     before = evaluate(model, few, data.tasks, pad_id=tokenizer.pad_token_id, progress=False)
     base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
     optimizer = make_optimizer(model.trainable_parameters(), settings.train.lr)
@@ -43,8 +50,7 @@ def test_short_training_fits_the_examples_it_trains_on(tokenizer, pretrained_bas
 def test_gate_pretraining_routes_held_out_instructions_by_task(tokenizer, pretrained_base):
     settings = tiny_settings(samples=180, **{"gate-pretrain-steps": 100})
     data = toy_data(tokenizer, settings)
-    model = build_model(settings, copy.deepcopy(pretrained_base), tokenizer)
-    start = prepare_start_state(model, data, settings, pad_id=tokenizer.pad_token_id, progress=False)
+    model, start = start_from(settings, copy.deepcopy(pretrained_base), tokenizer, data)
     held_out = evaluate(model, data.test, data.tasks, pad_id=tokenizer.pad_token_id, progress=False)
     assert start.gate_train_accuracy > 0.9
     assert held_out.routing_accuracy > 0.9
@@ -55,7 +61,7 @@ def test_gate_pretraining_routes_held_out_instructions_by_task(tokenizer, pretra
     from mops_core.train import gate_features
 
     with torch.no_grad():
-        scores = model.gate_scores(gate_features(model, data.test, pad_id=tokenizer.pad_token_id))
+        scores = model.gate(gate_features(model, data.test, pad_id=tokenizer.pad_token_id)).exp()
     task_ids = torch.tensor([ex.task_id for ex in data.test])
     for i, task in enumerate(data.tasks):
         mine = scores[task_ids == i]
@@ -71,7 +77,7 @@ def test_input_prompt_pretraining_moves_p1_only_and_prompts_start_from_it(tokeni
     settings = tiny_settings(samples=60, **{"input-prompt-steps": 5, "input-prompt-lr": 1e-2})
     data = toy_data(tokenizer, settings)
     model = build_model(settings, copy.deepcopy(pretrained_base), tokenizer)
-    model.init_input_prompts(torch.Generator().manual_seed(0))
+    init_input_prompts(model, torch.Generator().manual_seed(0))
     sampled = model.input_prompts.detach().clone()
     gate_before = copy.deepcopy(model.gate.state_dict())
     from mops_core.train import pretrain_input_prompts
@@ -79,7 +85,7 @@ def test_input_prompt_pretraining_moves_p1_only_and_prompts_start_from_it(tokeni
     pretrain_input_prompts(model, data.train, settings.train, pad_id=tokenizer.pad_token_id, progress=False)
     assert not torch.equal(model.input_prompts, sampled) and not model.input_prompts.requires_grad
     assert all(torch.equal(v, model.gate.state_dict()[k]) for k, v in gate_before.items())
-    torch.testing.assert_close(model.prompts.reshape(-1, model.width), model.prompt_states_entering_injection())
+    torch.testing.assert_close(model.prompts.reshape(-1, model.width), model.prompt_states())
 
 
 def test_text_init_starts_p1_as_the_texts_token_embeddings_repeated_and_keys_its_own_start_state(tokenizer, pretrained_base):
@@ -150,3 +156,17 @@ def test_a_bfloat16_base_keeps_prompts_and_gate_float32_and_the_loss_near_float3
     (loss32, grad32), (loss16, grad16) = results[torch.float32], results[torch.bfloat16]
     assert loss16 == pytest.approx(loss32, rel=1e-2)
     assert torch.nn.functional.cosine_similarity(grad32, grad16, dim=0) > 0.99
+
+
+def test_eval_batch_size_changes_how_many_samples_go_together_not_the_score(tokenizer, pretrained_base):
+    settings = tiny_settings(samples=60)
+    data = toy_data(tokenizer, settings)
+    model = build_model(settings, copy.deepcopy(pretrained_base), tokenizer)
+    calls = []
+    model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs['input_ids'].shape[0]), with_kwargs=True)
+    one = evaluate(model, data.test, data.tasks, pad_id=tokenizer.pad_token_id, batch_size=1, progress=False)
+    assert calls == [1] * len(data.test)
+    calls.clear()
+    four = evaluate(model, data.test, data.tasks, pad_id=tokenizer.pad_token_id, batch_size=4, progress=False)
+    assert max(calls) == 4 and sum(calls) == len(data.test) and len(calls) == -(-len(data.test) // 4)
+    assert four.perplexity == pytest.approx(one.perplexity, rel=1e-5) and four.tokens == one.tokens

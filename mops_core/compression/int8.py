@@ -3,12 +3,12 @@
 * CUDA with bitsandbytes installed: LLM.int8() proper (Dettmers et al. 2022), `Linear8bitLt`
   with the outlier threshold 6.0: vector-wise int8 matmuls plus an fp16 path for outlier
   features.
-* Otherwise (this CPU): weights stored as int8 with one absmax scale per output row (LLM.int8()'s
+* Otherwise (a CPU): weights stored as int8 with one absmax scale per output row (LLM.int8()'s
   vector-wise quantisation, without the outlier path), dequantised inside `forward`. A quarter
-  of the memory; autograd sees an ordinary matmul, so prompts above still train. Measured
-  here: torch's own `_weight_int8pack_mm` was 14x slower than fp32 for SmolLM2's shapes and
-  torchao's int8 weight-only config pulls noisy CUDA-library loads into every transformers
-  import, so neither is used.
+  of the memory; autograd sees an ordinary matmul, so prompts above still train. torch's own
+  `_weight_int8pack_mm` is far slower than fp32 at SmolLM2's shapes, and torchao's int8
+  weight-only config pulls noisy CUDA-library loads into every transformers import, so neither
+  is used.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ after. SparseGPT's solve amplifies rounding by orders of magnitude (H^-1 of corr
 activations), and each block is fitted to the last one's pruned outputs, so in float32 the order
 in which the threads sum (their number, the CPU) decides a few percent of the mask and the
 perplexity with it. Float64 holds the first two thirds of SmolLM2's blocks identical and the
-rest within a few tenths of a percent (README, "Compressed bases").
+rest within a few tenths of a percent (docs/compression.md).
 """
 
 from __future__ import annotations

@@ -14,26 +14,9 @@ consecutive weights along the input dimension are pruned (2:4, 4:8 = 50%; 3:4 = 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class Pattern:
-    """What to prune: `sparsity` of the weights, or N of every M."""
-
-    sparsity: float = 0.0
-    n: int = 0
-    m: int = 0
-
-    @property
-    def structured(self) -> bool:
-        return self.m > 0
-
-    @property
-    def ratio(self) -> float:
-        return self.n / self.m if self.structured else self.sparsity
+from .spec import Pattern
 
 
 def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:

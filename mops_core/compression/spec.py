@@ -9,7 +9,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .pruners import Pattern
+
+@dataclass(frozen=True)
+class Pattern:
+    """What to prune: `sparsity` of the weights, or N of every M."""
+
+    sparsity: float = 0.0
+    n: int = 0
+    m: int = 0
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    @property
+    def ratio(self) -> float:
+        return self.n / self.m if self.structured else self.sparsity
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
 

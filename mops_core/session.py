@@ -1,0 +1,106 @@
+"""One setup path: settings in, a MoPs model ready to train or evaluate out.
+
+    settings -> base (loaded, compressed, cached) + tokenizer -> MoPs model (P1 at its start)
+             -> activation cache -> data (tokenised when first asked for)
+
+`mops train`, `mops eval / generate / inspect`, the ServerApp and the ClientApp all start from
+`Session.open`, so that a setting acts the same wherever it is given (flag, TOML, run-config).
+The start state (P1 tuned, experts from it, gate pretrained) comes next: `start_state`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from . import checkpoint
+from .activations import ActivationCache, tokenizer_identity
+from .compression.pipeline import prepare_base
+from .config import Settings
+from .data import TASKS, Example, Formatter, PreparedData, pad_token_id, prepare
+from .evaluate import EvalResult, evaluate
+from .loading import cache_root
+from .model import MoPsModel
+from .train import GateRegulariser, StepStats, init_input_prompts, make_mops_optimizer, train_steps
+
+
+def sink_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    sink = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if sink is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to use as the attention sink")
+    return sink
+
+
+def build_model(settings: Settings, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> MoPsModel:
+    """The MoPs model on `base`, the gate initialised from `seed` and P1 at its starting point."""
+    train = settings.train
+    torch.manual_seed(train.seed)
+    model = MoPsModel(base, settings.mops, sink_token_id(tokenizer)).to(base.device)
+    text_ids = tokenizer(train.input_prompt_text, add_special_tokens=False)["input_ids"] if train.input_prompt_init == "text" else None
+    init_input_prompts(model, torch.Generator().manual_seed(train.seed), text_ids)
+    return model
+
+
+@dataclass
+class Session:
+    settings: Settings
+    base: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model: MoPsModel
+    cache: ActivationCache | None  # the states entering inject_layer, per sample (exact: all below is frozen)
+
+    @classmethod
+    def open(cls, settings: Settings, *, progress: bool = True) -> Session:
+        base, tokenizer = prepare_base(settings, progress=progress)
+        model = build_model(settings, base, tokenizer)
+        train, cache = settings.train, None
+        if train.activation_cache:
+            cache = ActivationCache(
+                model, tokenizer_identity(tokenizer), directory=cache_root(settings.model) / "activations",
+                memory_mb=train.activation_cache_mb, disk_mb=train.activation_cache_disk_mb,
+            )
+        return cls(settings, base, tokenizer, model, cache)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, overrides: dict | None = None, *, progress: bool = True) -> tuple[Session, checkpoint.Checkpoint]:
+        """A checkpoint's model on its own (compressed) base, checked against it. `overrides` changes
+        settings that do not shape the model (data-dir, eval-samples, model-cache-dir, device, ...)."""
+        ckpt = checkpoint.read(path)
+        session = cls.open(ckpt.settings.replace(**(overrides or {})), progress=progress)
+        checkpoint.load_into(ckpt, session.model)
+        return session, ckpt
+
+    @property
+    def pad_id(self) -> int:
+        return pad_token_id(self.tokenizer)
+
+    @functools.cached_property
+    def formatter(self) -> Formatter:
+        data = self.settings.data
+        return Formatter(self.tokenizer, data.max_length, TASKS[data.dataset])
+
+    @functools.cached_property
+    def data(self) -> PreparedData:
+        """The run's train and test split, tokenised (a client reads only its partition instead)."""
+        return prepare(self.settings.data, self.tokenizer)
+
+    def evaluate(self, *, progress: bool = False, desc: str = "eval") -> EvalResult:
+        """Perplexity on the test split (its first `eval-samples`), per task, and the gate per task."""
+        train = self.settings.train
+        return evaluate(
+            self.model, self.data.test, self.data.tasks, pad_id=self.pad_id, batch_size=train.eval_batch_size,
+            max_samples=train.eval_samples, cache=self.cache, progress=progress, desc=desc,
+        )
+
+    def train(self, examples: list[Example], steps: int, *, seed: int, progress: bool = False, desc: str = "train") -> StepStats:
+        """`steps` optimizer steps of the experts and the gate, with a fresh optimizer (a client's round)."""
+        train = self.settings.train
+        return train_steps(
+            self.model, examples, steps, make_mops_optimizer(self.model, train), pad_id=self.pad_id,
+            batch_size=train.batch_size, seed=seed, cache=self.cache, desc=desc, progress=progress,
+            regulariser=GateRegulariser.from_config(train),
+        )
