@@ -215,7 +215,7 @@ class FederatedConfig:
     min_partition_size: int = field(5, "smallest client training set the Dirichlet split may produce")
     out_dir: str = field("runs/federated", "where checkpoints, results.json and figures go")
     resume: bool = field(False, "continue from the checkpoint in out-dir, at the round after it")
-    round_timeout: float = field(3600.0, "seconds the server waits for a round's replies")
+    round_timeout: float = field(3600.0, "seconds the server waits for a round's replies, and for min-available-nodes to connect")
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:

@@ -132,12 +132,12 @@ def read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
 
 
 def default_data_dirs() -> list[Path]:
-    """Where data is looked for when `data_dir` is not set."""
-    candidates = []
-    if os.environ.get("MOPS_DATA_DIR"):
-        candidates.append(Path(os.environ["MOPS_DATA_DIR"]))
-    project_root = Path(__file__).resolve().parent.parent
-    candidates += [project_root.parent / "shared" / "data", project_root / "data", Path.cwd() / "data"]
+    """Where data is looked for when `data_dir` is not set: `$MOPS_DATA_DIR`, then `data/` and
+    `../shared/data` beside the project and beside the working directory. `flwr run .` runs the
+    apps from a copy under `$FLWR_HOME/apps/`, but in the working directory it was started from."""
+    candidates = [Path(os.environ["MOPS_DATA_DIR"])] if os.environ.get("MOPS_DATA_DIR") else []
+    for root in dict.fromkeys((Path(__file__).resolve().parent.parent, Path.cwd())):
+        candidates += [root / "data", root.parent / "shared" / "data"]
     return candidates
 
 
@@ -203,7 +203,7 @@ def _load_sni(folder: Path) -> list[Record]:
 def _load_from_hub(dataset: str) -> list[Record]:
     if dataset != "dolly":
         raise DataError(
-            "no local SNI files found (looked in $MOPS_DATA_DIR, ../shared/data, ./data); "
+            f"no local SNI files found (looked in {', '.join(map(str, default_data_dirs()))}); "
             "set data-dir to a folder with sni/<task>.jsonl files"
         )
     try:
@@ -212,7 +212,7 @@ def _load_from_hub(dataset: str) -> list[Record]:
         rows = datasets.load_dataset(DOLLY_HUB_ID, split="train")
     except Exception as exc:  # offline, no such dataset, ...
         raise DataError(
-            f"no local Dolly file found (looked in $MOPS_DATA_DIR, ../shared/data, ./data) and the hub "
+            f"no local Dolly file found (looked in {', '.join(map(str, default_data_dirs()))}) and the hub "
             f"dataset {DOLLY_HUB_ID} could not be loaded: {exc}"
         ) from exc
     return _dolly_records(list(rows), DOLLY_HUB_ID)

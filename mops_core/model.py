@@ -67,7 +67,8 @@ class Gate(nn.Module):
         if feats.shape[0] < 2 or not torch.isfinite(feats).all():
             raise ValueError(f"standardising the gate's input needs at least 2 finite inputs, got {feats.shape[0]}")
         mean, std = feats.float().mean(0), feats.float().std(0)
-        self.input_mean.copy_(mean), self.input_scale.copy_(torch.maximum(std, 1e-6 * mean.abs() + 1e-12))  # no blown-up rounding noise
+        self.input_mean.copy_(mean)
+        self.input_scale.copy_(torch.maximum(std, 1e-6 * mean.abs() + 1e-12))  # no blown-up rounding noise
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm == "rms":
@@ -207,9 +208,8 @@ class MoPsModel(nn.Module):
 
     def _head(self, hidden, labels, want_logits: bool):
         """Loss from logits at the labelled positions only (the vocabulary is large); all if asked."""
-        text = hidden[:, self.num_prompts :]  # position p predicts token p + 1
+        text, batch = hidden[:, self.num_prompts :], hidden.shape[0]  # position p predicts token p + 1
         logits = self.base.lm_head(self.base.model.norm(text)).float() if want_logits else None
-        batch = hidden.shape[0]
         if labels is None:
             zeros = torch.zeros(batch, device=hidden.device)
             return None, zeros, zeros, logits

@@ -32,7 +32,7 @@ app = ServerApp()
 
 def discover(grid: Grid, minimum: int, timeout: float) -> dict[int, dict]:
     """Ask every connected node which partition it holds (and its task counts)."""
-    nodes = wait_for_nodes(grid, minimum)
+    nodes = wait_for_nodes(grid, minimum, timeout)
     asks = [Message(RecordDict({"config": ConfigRecord()}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
     found: dict[int, dict] = {}
     reasons: list[str] = []
@@ -101,6 +101,7 @@ def run(grid: Grid, settings: Settings) -> History:
         fraction_train=fed.fraction_train,
         min_available_nodes=fed.min_available_nodes,
         expert_weighting=fed.expert_aggregation if model.gate is not None else "examples",
+        wait_timeout=fed.round_timeout,
     )
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

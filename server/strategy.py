@@ -50,12 +50,36 @@ class RoundLog:
     seconds: float = 0.0  # configure_train -> aggregate_train done
 
 
-def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
-    nodes = list(grid.get_node_ids())
+STALL_HINT_SECONDS = 30.0  # no new node for this long: say why the run may be waiting in vain
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float = math.inf, poll: float = 1.0) -> list[int]:
+    """The connected nodes, once at least `minimum` are (min-available-nodes); at most `timeout` seconds.
+
+    A simulation has exactly as many nodes as its federation config says, Flower's default being 2:
+    when the count stops short of `minimum`, the log says what to change instead of waiting silently.
+    """
+    started = last_change = time.monotonic()
+    nodes, hinted = list(grid.get_node_ids()), False
     while len(nodes) < minimum:
-        log(INFO, "Waiting for nodes: %d of %d connected", len(nodes), minimum)
-        time.sleep(1.0)
-        nodes = list(grid.get_node_ids())
+        now = time.monotonic()
+        if now - started >= timeout:
+            raise RuntimeError(
+                f"only {len(nodes)} of the {minimum} nodes that min-available-nodes asks for connected within "
+                f"{timeout:.0f} s (round-timeout); start the simulation with --federation-config 'num-supernodes={minimum}' "
+                f"or lower min-available-nodes"
+            )
+        if not hinted and now - last_change >= STALL_HINT_SECONDS:
+            hinted = True
+            log(WARNING, "%d of %d nodes connected and no more for %.0f s: a simulation has as many as "
+                "--federation-config 'num-supernodes=N' says (Flower's default is 2); run it with num-supernodes=%d, "
+                "or set min-available-nodes=%d", len(nodes), minimum, now - last_change, minimum, len(nodes))
+        time.sleep(poll)
+        current = list(grid.get_node_ids())
+        if len(current) != len(nodes):
+            last_change = time.monotonic()
+            log(INFO, "Waiting for nodes: %d of %d connected", len(current), minimum)
+        nodes = current
     return nodes
 
 
@@ -117,6 +141,7 @@ class MoPsFedAvg(FedAvg):
         fraction_train: float = 0.1,
         min_available_nodes: int = 2,
         expert_weighting: Literal["examples", "gate"] = "examples",
+        wait_timeout: float = math.inf,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
@@ -132,13 +157,14 @@ class MoPsFedAvg(FedAvg):
         if expert_weighting == "gate" and EXPERTS_KEY not in expected:
             raise ValueError(f"expert_weighting='gate' needs the '{EXPERTS_KEY}' array among the averaged ones")
         self.gate_experts = expected[EXPERTS_KEY][0] if expert_weighting == "gate" else None
+        self.wait_timeout = wait_timeout
 
     def round_number(self, server_round: int) -> int:
         """The run's round number: Flower counts from 1 again when a run resumes."""
         return server_round + self.round_offset
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
-        nodes = wait_for_nodes(grid, self.min_available_nodes)
+        nodes = wait_for_nodes(grid, self.min_available_nodes, self.wait_timeout)
         size = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
         ordered = sorted(nodes, key=lambda n: (self.partitions.get(n, math.inf), n))
         rng = random.Random(f"{self.seed}:{self.round_number(server_round)}")

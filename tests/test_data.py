@@ -14,6 +14,7 @@ from mops_core.data import (
     even_quotas,
     load_records,
     prepare,
+    resolve_data_dir,
     sample_and_split,
     task_counts,
 )
@@ -171,3 +172,19 @@ def test_prepare_tokenises_both_splits(tmp_path, tokenizer):
     assert len(data.train) + len(data.test) == 70
     assert all(len(e.input_ids) <= 64 and e.response_len >= 1 for e in data.train + data.test)
     assert {e.task_id for e in data.test} == set(range(7))
+
+
+def test_data_beside_the_working_directory_is_found_as_flwr_run_starts_the_apps(tmp_path, monkeypatch):
+    """`flwr run .` runs the apps from a copy under $FLWR_HOME/apps, in the directory it was started from."""
+    import mops_core.data
+
+    project, shared = tmp_path / "project", tmp_path / "shared" / "data"
+    project.mkdir()
+    write_dolly(shared, toy_records(DOLLY, per_task=1))
+    monkeypatch.setattr(mops_core.data, "__file__", str(tmp_path / "flwr-home" / "apps" / "mops" / "mops_core" / "data.py"))
+    monkeypatch.delenv("MOPS_DATA_DIR", raising=False)
+    monkeypatch.chdir(project)
+    assert resolve_data_dir(DataConfig()) == shared
+    monkeypatch.setenv("MOPS_DATA_DIR", str(tmp_path / "elsewhere"))
+    write_dolly(tmp_path / "elsewhere", toy_records(DOLLY, per_task=1))
+    assert resolve_data_dir(DataConfig()) == tmp_path / "elsewhere", "the environment comes first"

@@ -197,3 +197,16 @@ def test_discovery_stops_the_run_with_the_nodes_reason_when_no_node_can_report_i
     with pytest.raises(RuntimeError, match=r"none of the 3 nodes .*: Exception ClientAppException occurred. Message: no Dirichlet") as err:
         discover(grid, 3, timeout=1.0)
     assert str(err.value).count("no Dirichlet") == 1  # the same reason once, not once per node
+
+
+def test_waiting_for_nodes_explains_a_federation_too_small_and_gives_up_at_the_timeout(monkeypatch, caplog):
+    import server.strategy as strategy_module
+    from server.strategy import wait_for_nodes
+
+    monkeypatch.setattr(strategy_module, "STALL_HINT_SECONDS", 0.0)
+    joining = iter([[1], [1, 2], [1, 2, 3]])
+    grid = type("Grid", (), {"get_node_ids": lambda self: next(joining)})()
+    assert wait_for_nodes(grid, 3, timeout=5, poll=0.0) == [1, 2, 3]  # nodes that keep joining are waited for
+    with pytest.raises(RuntimeError, match=r"only 2 of the 100 nodes .*num-supernodes=100"):
+        wait_for_nodes(FakeGrid({1: 0, 2: 1}), 100, timeout=0.05, poll=0.01)
+    assert "run it with num-supernodes=100, or set min-available-nodes=2" in caplog.text
