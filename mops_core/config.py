@@ -247,10 +247,9 @@ class CompressionConfig:
     sparsegpt_damp: float = field(0.01, "SparseGPT's Hessian dampening, as a share of its mean diagonal")
     prune_dtype: Literal["float64", "float32"] = field(
         "float64",
-        "arithmetic of calibrated pruning (the block's calibration forward, X X^T, SparseGPT's solve). SparseGPT "
-        "amplifies rounding, so the pruned base changes with the thread count and the hardware: SmolLM2 at 75% "
-        "pruned with 1 and 2 threads differs in 4.5% of its mask and 10% in perplexity in float32, 0.6% and 1.3% "
-        "in float64 (several times slower); float32 for GPUs with slow float64",
+        "arithmetic of calibrated pruning (the block's calibration forward, X X^T, SparseGPT's solve): SparseGPT "
+        "amplifies rounding, so in float32 the pruned base depends on the thread count and the hardware; float64 "
+        "keeps bases made on different machines close, at several times the cost (float32 for GPUs with slow float64)",
     )
 
     def __post_init__(self) -> None:

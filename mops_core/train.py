@@ -77,9 +77,9 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], lr: float) -> torch.opt
 def prompt_learning_rate(model: MoPsModel, cfg: TrainConfig) -> float:
     """`prompt-lr`, or lr x the RMS of the prompts' starting hidden states when it is 0.
 
-    Injected prompts live at hidden-state scale (RMS of 5-25 in SmolLM2's middle layers), and
-    Adam's step is about lr per element whatever the scale: at one shared lr they would barely
-    move. The RMS comes from the frozen input prompts, so every client derives the same rate.
+    Injected prompts live at hidden-state scale (an RMS of several units in a middle layer, where
+    input embeddings are hundredths), and Adam's step is about lr per element whatever the scale:
+    at one shared lr they would barely move. The RMS comes from the frozen input prompts, so every client derives the same rate.
     """
     if cfg.prompt_lr > 0 or model.num_prompts == 0:
         return cfg.prompt_lr or cfg.lr

@@ -1,6 +1,6 @@
 """MoPs against FedPrompt and the centralized baselines: the paper's tables and figures, one command.
 
-    python -m simulation.benchmark --profile quick            # SmolLM2, 85 min on a 2-core CPU
+    python -m simulation.benchmark --profile quick            # SmolLM2, Dolly, SparseGPT 75% and 2:4
     python -m simulation.benchmark --profile paper --model meta-llama/Llama-2-7b-hf --client-gpus 0.25
     python -m simulation.benchmark --profile quick --tables   # redraw tables and figures only
 
