@@ -186,15 +186,25 @@ def test_a_corrupt_or_mismatched_cache_is_refused_by_name(pretrained_base, token
         compressed(pretrained_base, tokenizer, toy_data_dir, tmp_path)
 
 
-def test_float32_pruning_keeps_the_cache_entries_made_before_the_precision_was_a_setting():
+def test_every_setting_that_decides_the_base_chooses_its_own_cached_base(tokenizer, toy_data_dir):
+    from mops_core.compression.pipeline import calibration_ids
     from mops_core.config import Settings
 
-    keys = {}
-    for dtype in ("float64", "float32"):
-        path, determining = cache_dir(Settings.from_flat({"compression": "sparsegpt:0.5", "prune-dtype": dtype}), "0" * 32)
-        keys[dtype] = (path, determining["compression"])
-    assert keys["float64"][0] != keys["float32"][0] and keys["float64"][1]["prune_dtype"] == "float64"
-    assert keys["float32"][1] == {k: v for k, v in keys["float64"][1].items() if k != "prune_dtype"}  # the old key's content
+    common = {"compression": "sparsegpt:0.5", "data-dir": str(toy_data_dir), "samples": 140, "max-length": 64}
+    changes = {
+        "compression": "wanda:0.5", "calibration-samples": 4, "calibration-length": 16, "sparsegpt-blocksize": 64,
+        "sparsegpt-damp": 0.1, "prune-dtype": "float32", "samples": 100, "data-seed": 1, "model": "other",
+    }
+    paths = {"default": cache_dir(Settings.from_flat(common), "0" * 32)[0]}
+    for key, value in changes.items():
+        paths[key] = cache_dir(Settings.from_flat({**common, key: value}), "0" * 32)[0]
+    others = [path for key, path in paths.items() if key != "model"]
+    assert len(set(others)) == len(others), paths
+    # `model` acts through the fingerprint of the base it loads, which the key holds.
+    assert paths["model"] == paths["default"] != cache_dir(Settings.from_flat(common), "1" * 32)[0]
+    # The calibration settings shape what SparseGPT and Wanda see: calibration-samples x calibration-length tokens.
+    ids = calibration_ids(Settings.from_flat({**common, "calibration-samples": 4, "calibration-length": 16}), tokenizer, 1)
+    assert tuple(ids.shape) == (4, 16) and (ids[:, 0] == 1).all()
 
 
 def test_int8_stays_close_to_fp32_and_passes_gradients_to_the_prompts(pretrained_base, tokenizer, toy_data_dir, tmp_path):

@@ -237,3 +237,12 @@ def test_inject_layer_bounds():
         MoPsConfig(inject_layer=9).resolve_inject_layer(8)
     assert MoPsConfig().resolve_inject_layer(30) == 9
     assert MoPsConfig().resolve_inject_layer(32) == 9  # the paper's L_int = 10 of 32, counted from 1
+
+
+def test_the_shape_settings_shape_the_adapter(tokenizer):
+    model = make_model(tokenizer, experts=4, per_expert=3)
+    cfg = MoPsConfig(experts=4, prompts_per_expert=3, inject_layer=2, gate_hidden=24)
+    wider = MoPsModel(tiny_base(len(tokenizer)), cfg, sink_token_id=tokenizer.bos_token_id)
+    assert model.prompts.shape == (4, 3, model.width) and model.input_prompts.shape == (12, model.width)
+    assert model.gate.fc1.out_features == 16 and wider.gate.fc1.out_features == 24  # gate-hidden
+    assert model.gate.fc2.out_features == 4

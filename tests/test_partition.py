@@ -36,3 +36,20 @@ def test_a_split_no_draw_can_satisfy_names_the_settings_to_change(records):
     with pytest.raises(ValueError, match=r"alpha=0.01.* 20 training samples over 10 clients .*at least 2 \(min-partition-size\)") as err:
         task.dirichlet_split(data, 10, 0.01, 2)
     assert "raise alpha, lower min-partition-size, or run fewer supernodes" in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")
+def test_a_lower_alpha_gives_each_client_fewer_tasks(records):
+    data = records(100, tasks=4)
+
+    def purity(alpha: float) -> float:
+        """The mean share of each client's commonest task."""
+        task.dirichlet_split.cache_clear()
+        made = task.train_records(data)
+        shares = []
+        for part in task.dirichlet_split(data, 10, alpha, 1):
+            counts = [sum(made[i].task == t for i in part) for t in DOLLY[:4]]
+            shares.append(max(counts) / len(part))
+        return sum(shares) / len(shares)
+
+    assert purity(0.1) > 0.6 > 0.4 > purity(100.0)

@@ -80,3 +80,78 @@ def test_every_setting_says_what_it_is_for():
 
     missing = [key for _, key, _, _, help_text in describe(CONCERNS) if len(help_text) < 20]
     assert not missing, f"settings without a purpose in their help text: {missing}"
+
+
+# Each setting, and the tests that show it does what its help text says. A setting without one
+# is a setting nobody can rely on: add the test, or remove the setting.
+EFFECTS = {
+    "model": ["test_loading.py::test_local_directory_loads_frozen_on_the_requested_dtype"],
+    "dtype": ["test_train.py::test_a_bfloat16_base_keeps_prompts_and_gate_float32_and_the_loss_near_float32"],
+    "device": ["test_loading.py::test_asking_for_cuda_without_it_names_the_setting"],
+    "model-cache-dir": ["test_client.py::test_a_run_config_value_of_every_concern_reaches_the_clients_model"],
+    "compression": ["test_compression.py::test_pruned_weights_stay_zero_through_training_and_the_cache"],
+    "calibration-samples": ["test_compression.py::test_every_setting_that_decides_the_base_chooses_its_own_cached_base"],
+    "calibration-length": ["test_compression.py::test_every_setting_that_decides_the_base_chooses_its_own_cached_base"],
+    "sparsegpt-blocksize": ["test_compression.py::test_sparsegpt_matches_a_plain_column_by_column_reference"],
+    "sparsegpt-damp": ["test_compression.py::test_sparsegpt_matches_a_plain_column_by_column_reference"],
+    "prune-dtype": ["test_compression.py::test_sparsegpt_in_float64_does_not_depend_on_the_order_its_hessian_was_summed_in"],
+    "method": ["test_model.py::test_prompt_method_ignores_the_gating_setting", "test_simulation.py::test_fedprompt_runs_the_same_way_without_a_gate"],
+    "gating": ["test_model.py::test_attention_gating_matches_handwritten_reweighted_attention", "test_model.py::test_hidden_mode_barely_reaches_attention"],
+    "experts": ["test_model.py::test_the_shape_settings_shape_the_adapter"],
+    "prompts-per-expert": ["test_model.py::test_the_shape_settings_shape_the_adapter"],
+    "inject-layer": ["test_model.py::test_gradients_reach_only_prompts_and_gate", "test_model.py::test_inject_layer_bounds"],
+    "gate-hidden": ["test_model.py::test_the_shape_settings_shape_the_adapter"],
+    "gate-input-norm": ["test_gate_remedies.py::test_a_standardised_gate_routes_a_task_signal_that_rms_drowns"],
+    "gate-input": ["test_gate_remedies.py::test_gate_inputs_read_what_they_say"],
+    "gate-scale": ["test_gate_remedies.py::test_scaled_gate_at_uniform_is_the_ungated_baseline"],
+    "gate-floor": ["test_gate_remedies.py::test_the_floor_shapes_the_scores_exactly"],
+    "dataset": ["test_data.py::test_sni_reader_uses_the_tasks_present"],
+    "data-dir": ["test_data.py::test_missing_data_is_a_clear_error"],
+    "samples": ["test_data.py::test_sampling_is_even_per_task_and_the_split_is_stratified_and_deterministic"],
+    "test-fraction": ["test_data.py::test_sampling_is_even_per_task_and_the_split_is_stratified_and_deterministic"],
+    "max-length": ["test_data.py::test_long_samples_are_cut_to_max_length_keeping_both_ends_of_the_question"],
+    "data-seed": ["test_data.py::test_sampling_is_even_per_task_and_the_split_is_stratified_and_deterministic"],
+    "steps": ["test_train.py::test_cli_train_then_eval_end_to_end"],
+    "lr": ["test_gate_remedies.py::test_automatic_prompt_lr_follows_the_prompts_scale"],
+    "prompt-lr": ["test_gate_remedies.py::test_automatic_prompt_lr_follows_the_prompts_scale"],
+    "gate-lr-scale": ["test_gate_remedies.py::test_gate_lr_scale_slows_or_fixes_the_gate_while_the_prompts_train"],
+    "gate-balance": ["test_gate_remedies.py::test_balance_term_spreads_a_collapsed_gate_over_the_experts"],
+    "batch-size": ["test_train.py::test_batch_size_eval_samples_and_seed_act_as_they_say"],
+    "input-prompt-init": ["test_train.py::test_text_init_starts_p1_as_the_texts_token_embeddings_repeated_and_keys_its_own_start_state"],
+    "input-prompt-text": ["test_train.py::test_text_init_starts_p1_as_the_texts_token_embeddings_repeated_and_keys_its_own_start_state"],
+    "input-prompt-steps": ["test_train.py::test_input_prompt_pretraining_moves_p1_only_and_prompts_start_from_it"],
+    "input-prompt-lr": ["test_train.py::test_input_prompt_pretraining_moves_p1_only_and_prompts_start_from_it"],
+    "gate-pretrain-steps": ["test_gate_remedies.py::test_gate_pretraining_fits_the_statistics_even_when_it_skips_the_fit"],
+    "gate-pretrain-samples": ["test_gate_remedies.py::test_gate_pretraining_fits_the_statistics_even_when_it_skips_the_fit"],
+    "gate-pretrain-lr": ["test_gate_remedies.py::test_gate_pretraining_lr_sets_how_far_the_gate_moves"],
+    "eval-batch-size": ["test_train.py::test_eval_batch_size_changes_how_many_samples_go_together_not_the_score"],
+    "activation-cache": ["test_activations.py::test_cached_steps_give_the_same_loss_and_gradients", "test_client.py::test_a_run_config_value_of_every_concern_reaches_the_clients_model"],
+    "activation-cache-mb": ["test_activations.py::test_the_memory_and_disk_limits_hold"],
+    "activation-cache-disk-mb": ["test_activations.py::test_the_memory_and_disk_limits_hold"],
+    "eval-samples": ["test_train.py::test_batch_size_eval_samples_and_seed_act_as_they_say"],
+    "seed": ["test_train.py::test_batch_size_eval_samples_and_seed_act_as_they_say", "test_strategy.py::test_sampling_follows_partitions_not_node_ids_so_a_resumed_run_replays_it"],
+    "num-server-rounds": ["test_simulation.py::test_main_job_trains_mops_across_clients_and_perplexity_falls"],
+    "fraction-train": ["test_strategy.py::test_sampling_follows_partitions_not_node_ids_so_a_resumed_run_replays_it"],
+    "min-available-nodes": ["test_strategy.py::test_waiting_for_nodes_explains_a_federation_too_small_and_gives_up_at_the_timeout"],
+    "local-steps": ["test_client.py::test_a_run_config_value_of_every_concern_reaches_the_clients_model"],
+    "expert-aggregation": ["test_strategy.py::test_gate_weighting_averages_each_expert_by_examples_times_its_gate_score_and_the_gate_by_examples"],
+    "alpha": ["test_partition.py::test_a_lower_alpha_gives_each_client_fewer_tasks"],
+    "min-partition-size": ["test_partition.py::test_a_split_no_draw_can_satisfy_names_the_settings_to_change"],
+    "out-dir": ["test_launch.py::test_the_out_dir_is_given_once_or_twice_alike"],
+    "resume": ["test_simulation.py::test_resume_after_a_round_reaches_the_uninterrupted_state"],
+    "round-timeout": ["test_strategy.py::test_waiting_for_nodes_explains_a_federation_too_small_and_gives_up_at_the_timeout"],
+}
+
+
+def test_every_setting_has_a_test_of_its_effect():
+    import ast
+    from pathlib import Path
+
+    assert set(EFFECTS) == set(Settings().to_flat()), "a setting without a test of its effect, or a test of a setting that is gone"
+    here = Path(__file__).parent
+    defined = {}
+    for path in here.glob("test_*.py"):
+        tree = ast.parse(path.read_text())
+        defined[path.name] = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    missing = [test for tests in EFFECTS.values() for test in tests if test.split("::")[1] not in defined.get(test.split("::")[0], set())]
+    assert not missing, f"named in EFFECTS but not defined: {missing}"

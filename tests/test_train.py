@@ -170,3 +170,18 @@ def test_eval_batch_size_changes_how_many_samples_go_together_not_the_score(toke
     four = evaluate(model, data.test, data.tasks, pad_id=tokenizer.pad_token_id, batch_size=4, progress=False)
     assert max(calls) == 4 and sum(calls) == len(data.test) and len(calls) == -(-len(data.test) // 4)
     assert four.perplexity == pytest.approx(one.perplexity, rel=1e-5) and four.tokens == one.tokens
+
+
+def test_batch_size_eval_samples_and_seed_act_as_they_say(tokenizer, pretrained_base):
+    settings = tiny_settings(samples=60, **{"batch-size": 3, "eval-samples": 5, "seed": 1})
+    data = toy_data(tokenizer, settings)
+    session = Session(settings, pretrained_base, tokenizer, build_model(settings, pretrained_base, tokenizer), cache=None)
+    session.data = data
+    seen = []
+    session.model.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    stats = session.train(data.train, 4, seed=0)
+    assert seen == [3] * 4 and stats.examples == 12  # batch-size samples a step
+    assert session.evaluate().samples == 5  # the first eval-samples of the test split
+    gate = {seed: build_model(settings.replace(seed=seed), pretrained_base, tokenizer).gate.fc1.weight for seed in (1, 2)}
+    assert torch.equal(gate[1], build_model(settings, pretrained_base, tokenizer).gate.fc1.weight)
+    assert not torch.equal(gate[1], gate[2])  # seed: the gate's initialisation (and every sample order)

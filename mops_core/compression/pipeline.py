@@ -84,12 +84,9 @@ def calibration_ids(settings: Settings, tokenizer: PreTrainedTokenizerBase, sink
 
 
 def cache_dir(settings: Settings, source_fingerprint: str) -> tuple[Path, dict]:
-    compression = dataclasses.asdict(settings.compression)
-    if compression["prune_dtype"] == "float32":  # as every base was pruned before the setting: those entries stay valid
-        del compression["prune_dtype"]
     determining = {
         "source": source_fingerprint,
-        "compression": compression,
+        "compression": dataclasses.asdict(settings.compression),
         "calibration_data": {k: getattr(settings.data, k) for k in CALIBRATION_DATA},
     }
     key = hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:24]
