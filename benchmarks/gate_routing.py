@@ -4,7 +4,7 @@
         [--inputs question last prompts+question] [--layers 0 12 18] [--samples 512 2048 0] \
         [--norms rms] [--steps 200 1000] [--out runs/bench-gate-routing]
 
-Issue 9 asks which gate input separates the tasks best. The answer is read the way MoPs uses the
+Which gate input separates the tasks best decides how well MoPs can route. It is read the way MoPs uses the
 gate: the same frozen (compressed) base and pretrained input prompts P1 as a run with these
 settings, the gate's input computed for every training and test instruction, a fresh gate
 fitted on `samples` training instructions (0 = all of them) for `steps` minibatch steps, and the

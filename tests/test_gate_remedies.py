@@ -1,4 +1,4 @@
-"""Each remedy of the gate and the prompts changes what it claims to, on tiny models (issue 9)."""
+"""Each remedy of the gate and the prompts changes what it claims to, on tiny models: what each is for, shown."""
 
 import dataclasses
 import math
