@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 
-from dataclasses import dataclass
-
 from . import checkpoint
 from .atomic import file_lock
 from .config import Settings
@@ -35,7 +33,7 @@ _TRAIN_KEYS = (
 )
 
 
-@dataclass
+@dataclasses.dataclass
 class StartState:
     input_prompt_loss: float
     gate_train_accuracy: float | None

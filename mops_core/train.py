@@ -79,7 +79,8 @@ def prompt_learning_rate(model: MoPsModel, cfg: TrainConfig) -> float:
 
     Injected prompts live at hidden-state scale (an RMS of several units in a middle layer, where
     input embeddings are hundredths), and Adam's step is about lr per element whatever the scale:
-    at one shared lr they would barely move. The RMS comes from the frozen input prompts, so every client derives the same rate.
+    at one shared lr they would barely move. The RMS comes from the frozen input prompts, so
+    every client derives the same rate.
     """
     if cfg.prompt_lr > 0 or model.num_prompts == 0:
         return cfg.prompt_lr or cfg.lr

@@ -55,11 +55,11 @@ def run_centralized(cell: Cell, folder: Path, *, progress: bool) -> dict:
     return centralized.run(settings, folder, progress=progress)
 
 
-def federated_runner(supernodes: int, client_cpus: int, client_gpus: float, flwr_home: Path | None = None, env: dict | None = None):
+def federated_runner(supernodes: int, client_cpus: int, client_gpus: float, flwr_home: Path | None = None):
     def run_federated(cell: Cell, folder: Path, *, progress: bool) -> dict:
         overrides = {k: v for k, v in cell.settings.items() if k not in ("out-dir", "resume")}
         overrides.update({"out-dir": str(folder.resolve()), "resume": True})
-        code = launch(overrides, supernodes=supernodes, client_cpus=client_cpus, client_gpus=client_gpus, flwr_home=flwr_home, env=env)
+        code = launch(overrides, supernodes=supernodes, client_cpus=client_cpus, client_gpus=client_gpus, flwr_home=flwr_home)
         path = folder / "results.json"
         if code != 0 or not path.exists():
             raise CellFailed(f"flwr run exited with code {code}")

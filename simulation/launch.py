@@ -9,8 +9,8 @@ writes the local SuperLink connection into `$FLWR_HOME/config.toml` (default `./
 supernodes, resources per ClientApp actor) and runtime dependency installation disabled (it
 would replace the CPU torch with a CUDA build), on a local SuperLink of its own (fresh ports,
 so that a SuperLink another run left behind never gets the run), and stops that SuperLink
-once the run is over. `MOPS_DATA_DIR` tells the apps where the data lies: `flwr run` installs
-the app under `$FLWR_HOME/apps/`, where `../shared/data` does not resolve.
+once the run is over. It sets `MOPS_DATA_DIR` to the project's `../shared/data`, so that the
+apps find the data wherever the launcher is started from.
 """
 
 from __future__ import annotations

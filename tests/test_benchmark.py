@@ -278,7 +278,6 @@ def test_peft_baseline_scores_like_the_plain_model_before_training(pretrained_ba
 
 @pytest.mark.slow
 def test_a_federated_cell_runs_through_the_flower_app(tiny_profile, tmp_path):
-    from test_simulation import free_port
 
     profile = Profile(
         **{**tiny_profile.__dict__, "centralized_methods": (), "federated_methods": ("mops",), "inject_layers": (),
@@ -286,8 +285,7 @@ def test_a_federated_cell_runs_through_the_flower_app(tiny_profile, tmp_path):
                          "min-partition-size": 2}},
     )
     grid = cells(profile)
-    env = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
-    runner = federated_runner(3, 1, 0.0, flwr_home=tmp_path / "home", env=env)
+    runner = federated_runner(3, 1, 0.0, flwr_home=tmp_path / "home")  # its own SuperLink ports: launch picks them
     records, failures = run_grid(grid, tmp_path / "bench", federated_runner=runner, progress=False)
     assert not failures
     (row,) = records

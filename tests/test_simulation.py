@@ -6,7 +6,6 @@ of this module.
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -18,17 +17,10 @@ from simulation.launch import PROJECT, launch, run_config
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory, tiny_model_dir, toy_data_dir):
-    """Settings and an isolated Flower home (own ports) for this module's runs."""
+    """Settings and an isolated Flower home for this module's runs (each run gets its own SuperLink ports)."""
     root = tmp_path_factory.mktemp("fed")
-    env = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
     settings = {
         "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(root / "cache"),
         "experts": 7, "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16,
@@ -36,13 +28,13 @@ def fed(tmp_path_factory, tiny_model_dir, toy_data_dir):
         "eval-samples": 0, "num-server-rounds": 3, "local-steps": 15, "fraction-train": 1.0,
         "min-available-nodes": 3, "min-partition-size": 5,
     }
-    return {"root": root, "env": env, "settings": settings, "home": root / "flwr-home"}
+    return {"root": root, "settings": settings, "home": root / "flwr-home"}
 
 
 def run(fed, out: Path, **changes) -> dict:
     code = launch(
         {**fed["settings"], "out-dir": str(out), **changes},
-        supernodes=3, client_cpus=1, flwr_home=fed["home"], env=fed["env"], timeout=600,
+        supernodes=3, client_cpus=1, flwr_home=fed["home"], timeout=600,
     )
     assert code == 0
     return json.loads((out / "results.json").read_text())
@@ -56,7 +48,7 @@ def mops_run(fed):
         "bash", str(PROJECT / "scripts" / "demo.sh"), "--supernodes", "3", "--client-cpus", "1",
         "--flwr-home", str(fed["home"]), "--out-dir", str(out), "--run-config", run_config(fed["settings"]),
     ]
-    done = subprocess.run(command, env={**os.environ, **fed["env"], "SKIP_INSTALL": "1"}, timeout=600)
+    done = subprocess.run(command, env={**os.environ, "SKIP_INSTALL": "1"}, timeout=600)
     assert done.returncode == 0
     return out, json.loads((out / "results.json").read_text())
 

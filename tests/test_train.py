@@ -21,10 +21,16 @@ def toy_data(tokenizer, settings):
     return PreparedData(TASKS3, train, test, formatter.examples(train), formatter.examples(test))
 
 
-def start_from(settings, base, tokenizer, data):
-    """A session on these in-memory data, brought to its start state; returns its model and the report."""
+def session_on(settings, base, tokenizer, data):
+    """A session on this base and these in-memory data, without an activation cache."""
     session = Session(settings, base, tokenizer, build_model(settings, base, tokenizer), cache=None)
     session.data = data
+    return session
+
+
+def start_from(settings, base, tokenizer, data):
+    """A session on these in-memory data, brought to its start state; returns its model and the report."""
+    session = session_on(settings, base, tokenizer, data)
     return session.model, start_state.prepare(session, progress=False)
 
 
@@ -175,8 +181,7 @@ def test_eval_batch_size_changes_how_many_samples_go_together_not_the_score(toke
 def test_batch_size_eval_samples_and_seed_act_as_they_say(tokenizer, pretrained_base):
     settings = tiny_settings(samples=60, **{"batch-size": 3, "eval-samples": 5, "seed": 1})
     data = toy_data(tokenizer, settings)
-    session = Session(settings, pretrained_base, tokenizer, build_model(settings, pretrained_base, tokenizer), cache=None)
-    session.data = data
+    session = session_on(settings, pretrained_base, tokenizer, data)
     seen = []
     session.model.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     stats = session.train(data.train, 4, seed=0)
