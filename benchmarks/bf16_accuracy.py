@@ -60,8 +60,8 @@ def main() -> None:
     # The same compressed weights in bfloat16 (the base stayed frozen), the same start state (read
     # back: training moved the float32 model's); the base check passes because the fingerprint ignores dtype.
     bf16_base = copy.deepcopy(session.base).to(torch.bfloat16)
-    bf16_settings = settings.replace(dtype="bfloat16")
-    bf16_session = Session(bf16_settings, bf16_base, session.tokenizer, build_model(bf16_settings, bf16_base, session.tokenizer), None)
+    bf16_settings = session.settings.replace(dtype="bfloat16")
+    bf16_session = Session(bf16_settings, bf16_base, session.tokenizer, build_model(bf16_settings, bf16_base, session.tokenizer), None, session.tasks)
     bf16_session.data = session.data
     checkpoint.load_into(checkpoint.read(start_state_dir(settings, key)), bf16_session.model)
     bf16 = measure(bf16_session, args.steps, "bfloat16")

@@ -32,7 +32,7 @@ from mops_core import atomic  # noqa: E402
 from mops_core.session import build_model  # noqa: E402
 from mops_core.compression.pipeline import prepare_base  # noqa: E402
 from mops_core.config import Settings  # noqa: E402
-from mops_core.data import pad_token_id, prepare  # noqa: E402
+from mops_core.data import pad_token_id, prepare, run_tasks  # noqa: E402
 from mops_core.model import MoPsModel  # noqa: E402
 from mops_core.train import expert_targets, fit_gate, pretrain_input_prompts, question_batches  # noqa: E402
 
@@ -81,6 +81,7 @@ def main() -> None:
         "model": args.model, "dataset": args.dataset, "compression": args.compression, "seed": args.seed,
         "activation-cache": False,
     })
+    settings = settings.for_tasks(run_tasks(settings.data))  # one expert per task
     base, tokenizer = prepare_base(settings, progress=True)
     data = prepare(settings.data, tokenizer)
     pad_id = pad_token_id(tokenizer)

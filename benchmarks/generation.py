@@ -21,9 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mops_core.centralized import load_tuned  # noqa: E402
-from mops_core.data import TASKS, Formatter, pad_token_id, prepare  # noqa: E402
 from mops_core.generate import Generator  # noqa: E402
+from mops_core.session import Session  # noqa: E402
 
 
 def main() -> None:
@@ -33,17 +32,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
 
-    model, tokenizer, settings, _ = load_tuned(args.checkpoint)
-    formatter = Formatter(tokenizer, settings.data.max_length, TASKS[settings.data.dataset])
-    generator = Generator(model, formatter, tokenizer.eos_token_id, pad_token_id(tokenizer))
-    records = prepare(settings.data, tokenizer).test_records[: args.questions]
+    session, _ = Session.from_checkpoint(args.checkpoint)
+    model, tokenizer, formatter = session.model, session.tokenizer, session.formatter
+    generator = Generator(model, formatter, tokenizer.eos_token_id, session.pad_id)
+    records = session.data.test_records[: args.questions]
     n = args.new_tokens
 
     def plain(record) -> None:
         ids = [model.sink_token_id] + formatter.question_ids(record.instruction, record.context)
         with torch.no_grad():
             model.base.generate(torch.tensor([ids], device=model.device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                pad_token_id=pad_token_id(tokenizer))
+                                pad_token_id=session.pad_id)
 
     def tuned(record) -> None:
         generator.answer(record.instruction, record.context, max_new_tokens=n, min_new_tokens=n)

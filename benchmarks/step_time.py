@@ -132,7 +132,7 @@ def main() -> None:
     flops: dict[str, float] = {}
     config = None
     for dtype in args.dtypes:
-        settings = Settings.from_flat({"model": args.model, "dtype": dtype, "inject-layer": args.inject_layer})
+        settings = Settings.from_flat({"model": args.model, "dtype": dtype, "inject-layer": args.inject_layer, "experts": 7})
         base, tokenizer = load_base(settings.model)
         config = base.config
         batch = {k: v.to(base.device) for k, v in sample_batch(config.vocab_size, args.seq, args.question).items()}

@@ -1,8 +1,10 @@
 """ClientApp: one node's share of federated MoPs training.
 
-query  reports which data partition this node holds and its task counts, so that the server
-       can sample partitions reproducibly (a resumed run replays the same clients) and draw
-       the per-client task histogram from what the clients actually hold.
+query  reports which data this node holds: its partition of the run's dataset, or the node's own
+       file (`--node-config "data-file=PATH"`), read and checked here so that a node with bad
+       data is left out before round 1; its count per task of the run, and of tasks the run does
+       not know. The server samples by partition (a resumed run replays the same clients) and
+       draws the per-client task histogram from what the clients actually hold.
 train  installs the global experts and gate, runs `local-steps` optimizer steps on the
        node's partition, and replies with the updated experts and gate (nothing else of the
        model travels) and what happened: examples, loss, mean gate score per expert, time.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import time
 
 import torch  # noqa: F401  -- Ray workers must import torch before ArrayRecord.to_torch_state_dict()
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import task
@@ -28,16 +30,23 @@ def _settings(context: Context) -> Settings:
     return Settings.from_flat(context.run_config, context="run-config")
 
 
-def _partition(context: Context, settings: Settings) -> task.Partition:
+def _tasks(msg: Message) -> tuple[str, ...]:
+    """The run's tasks in expert order, as the server names them (a node may not hold the run's dataset)."""
+    return tuple(str(t) for t in msg.content["config"]["tasks"])
+
+
+def _partition(context: Context, settings: Settings, tasks: tuple[str, ...]) -> task.Partition:
     node = context.node_config
+    if "data-file" in node:
+        return task.local_partition(settings, tasks, str(node["data-file"]), int(node.get("partition-id", -1)))
     if "partition-id" not in node or "num-partitions" not in node:
-        raise ValueError("this node's node-config must set partition-id and num-partitions")
-    return task.partition(settings, int(node["partition-id"]), int(node["num-partitions"]))
+        raise ValueError("this node's node-config must set data-file, or partition-id and num-partitions")
+    return task.partition(settings, tasks, int(node["partition-id"]), int(node["num-partitions"]))
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    part = _partition(context, _settings(context))
+    part = _partition(context, _settings(context), _tasks(msg))
     metrics = MetricRecord(
         {
             "partition-id": part.partition_id,
@@ -46,7 +55,8 @@ def query(msg: Message, context: Context) -> Message:
             "task-counts": list(part.task_counts),
         }
     )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    unknown = ConfigRecord({"names": [t for t, _ in part.unknown_tasks], "counts": [n for _, n in part.unknown_tasks]})
+    return Message(RecordDict({"metrics": metrics, "unknown-tasks": unknown}), reply_to=msg)
 
 
 @app.train()
@@ -54,8 +64,9 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     settings = _settings(context)
     config = msg.content["config"]
-    session = task.ready_session(settings, str(config["start-state"]), str(config["input-prompts-sha"]))
-    part = _partition(context, settings)
+    tasks = _tasks(msg)
+    session = task.ready_session(settings, tasks, str(config["start-state"]), str(config["input-prompts-sha"]))
+    part = _partition(context, settings, tasks)
     examples = task.tokenised(part, session.formatter)
     global_state = msg.content["arrays"].to_torch_state_dict()
     model = session.model

@@ -10,22 +10,33 @@ on-disk caches (dequantised or compressed base, start state, activations) keep t
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from flwr_datasets.partitioner import DirichletPartitioner
 
 from mops_core.config import DataConfig, Settings
-from mops_core.data import TASKS, Example, Formatter, Record, load_records, sample_and_split
+from mops_core.data import Columns, DataError, Example, Formatter, Record, load_records, read_records, run_tasks, sample_and_split
 from mops_core.session import Session
 from mops_core.start_state import load_input_prompts, tensor_sha
 
 
 @dataclass(frozen=True)
 class Partition:
-    partition_id: int
-    num_partitions: int
+    """What one node trains on: a share of the run's dataset, or the node's own file."""
+
+    partition_id: int  # -1: a node with its own file and no partition-id
+    num_partitions: int  # 0 for a node's own file
     records: tuple[Record, ...]
-    task_counts: tuple[int, ...]  # per task of the dataset, in TASKS order
+    task_counts: tuple[int, ...]  # per task of the run, in its order
+    unknown_tasks: tuple[tuple[str, int], ...] = ()  # tasks the run does not know: (name, records), trained on all the same
+
+    @classmethod
+    def of(cls, records: tuple[Record, ...], tasks: tuple[str, ...], partition_id: int, num_partitions: int) -> Partition:
+        counts = Counter(r.task for r in records)
+        unknown = tuple(sorted((t, n) for t, n in counts.items() if t not in tasks))
+        return cls(partition_id, num_partitions, records, tuple(counts[t] for t in tasks), unknown)
 
 
 @functools.lru_cache(maxsize=2)
@@ -41,7 +52,7 @@ def dirichlet_split(data: DataConfig, num_partitions: int, alpha: float, min_siz
     from datasets import Dataset
 
     records = train_records(data)
-    tasks = TASKS[data.dataset]
+    tasks = run_tasks(data)
     if len(records) < num_partitions * min_size:
         raise ValueError(
             f"{len(records)} training samples cannot give {num_partitions} clients at least {min_size} each; "
@@ -63,27 +74,39 @@ def dirichlet_split(data: DataConfig, num_partitions: int, alpha: float, min_siz
         ) from exc
 
 
-def partition(settings: Settings, partition_id: int, num_partitions: int) -> Partition:
+def partition(settings: Settings, tasks: tuple[str, ...], partition_id: int, num_partitions: int) -> Partition:
+    """Partition `partition_id` of the Dirichlet split of the run's training data."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     fed = settings.federated
     indices = dirichlet_split(settings.data, num_partitions, fed.alpha, fed.min_partition_size)[partition_id]
     records = train_records(settings.data)
-    mine = tuple(records[i] for i in indices)
-    tasks = TASKS[settings.data.dataset]
-    counts = tuple(sum(1 for r in mine if r.task == t) for t in tasks)
-    return Partition(partition_id, num_partitions, mine, counts)
+    return Partition.of(tuple(records[i] for i in indices), tasks, partition_id, num_partitions)
+
+
+@functools.lru_cache(maxsize=2)
+def _file_records(path: Path, mtime_ns: int, size: int, columns: Columns) -> tuple[Record, ...]:
+    return tuple(read_records(path, columns))
+
+
+def local_partition(settings: Settings, tasks: tuple[str, ...], data_file: str, partition_id: int = -1) -> Partition:
+    """Every record of the node's own file, read with the run's column mapping (no shared dataset needed)."""
+    path = Path(data_file).expanduser()
+    if not path.exists():
+        raise DataError(f"data-file {path}: no such file or folder on this node")
+    stat = path.stat()  # a file changed between rounds is read again
+    return Partition.of(_file_records(path, stat.st_mtime_ns, stat.st_size, Columns.of(settings.data)), tasks, partition_id, 0)
 
 
 @functools.lru_cache(maxsize=1)
-def session(settings: Settings) -> Session:
-    """This process's session for the run's settings (the server made the on-disk caches; clients load them)."""
-    return Session.open(settings, progress=False)
+def session(settings: Settings, tasks: tuple[str, ...]) -> Session:
+    """This process's session for the run's settings and tasks (the server made the on-disk caches; clients load them)."""
+    return Session.open(settings, tasks=tasks, progress=False)
 
 
-def ready_session(settings: Settings, start_state: str, input_prompts_sha: str) -> Session:
+def ready_session(settings: Settings, tasks: tuple[str, ...], start_state: str, input_prompts_sha: str) -> Session:
     """The session with the server's frozen input prompts installed (checked by content hash)."""
-    found = session(settings)
+    found = session(settings, tasks)
     if tensor_sha(found.model.input_prompts) != input_prompts_sha:
         load_input_prompts(found.model, settings, start_state, input_prompts_sha)
     return found

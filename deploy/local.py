@@ -158,13 +158,16 @@ class Deployment:
         return self.flwr("supernode", "register", str(self.keys / f"{node}.pub"), CONNECTION)
 
     def start_supernode(
-        self, node: str, partition_id: int, num_partitions: int, *, key: bool = True, ca: bool = True, insecure: bool = False
+        self, node: str, partition_id: int, num_partitions: int, *, key: bool = True, ca: bool = True,
+        insecure: bool = False, node_config: str = "",
     ) -> subprocess.Popen:
+        """A SuperNode holding a partition of the run's dataset, or what `node_config` says (e.g. its own data-file)."""
         command = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port())]
         command += ["--insecure"] if insecure else (["--root-certificates", str(self.certs / "ca.crt")] if ca else [])
         if key:
             command += ["--auth-supernode-private-key", str(self.keys / node)]
-        command += ["--node-config", f"partition-id={partition_id} num-partitions={num_partitions}", "--max-retries", "3"]
+        node_config = node_config or f"partition-id={partition_id} num-partitions={num_partitions}"
+        command += ["--node-config", node_config, "--max-retries", "3"]
         return self._spawn(node, command)
 
     def run(

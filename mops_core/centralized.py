@@ -34,6 +34,7 @@ def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> di
     out_dir = Path(out_dir)
     started = time.perf_counter()
     session = Session.open(settings, progress=progress)
+    settings = session.settings  # with `experts` resolved for the data's tasks
     data, model = session.data, session.model
     log.info("data: %d train / %d test examples over %d tasks", len(data.train), len(data.test), len(data.tasks))
     start = start_state.prepare(session, progress=progress)

@@ -56,7 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .centralized import run
 
     settings = _settings_from_args(args)
-    out = Path(args.out or f"runs/{settings.data.dataset}-{settings.mops.method}")
+    name = Path(settings.data.dataset.rstrip("/")).stem or "data"  # a preset's name, or a file's, folder's or hub id's
+    out = Path(args.out or f"runs/{name}-{settings.mops.method}")
     run(settings, out, progress=not args.no_progress)
     report.console.print(f"checkpoint: {out / 'checkpoint'}  results: {out / 'results.json'}")
     return 0

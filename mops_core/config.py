@@ -61,7 +61,7 @@ class MoPsConfig:
         "how expert scores act: log-g on attention to the prompts ('attention'), the paper's literal "
         "product on the prompts' hidden states ('hidden'), or not at all ('none')",
     )
-    experts: int = field(7, "number of prompt experts E")
+    experts: int = field(0, "number of prompt experts E (0 = one per task of the run; expert i is pretrained on task i)")
     prompts_per_expert: int = field(10, "prompts per expert; K = experts x prompts-per-expert")
     inject_layer: int = field(
         -1, "0-based index of the first decoder layer that sees the trainable prompts (-1 = floor(0.31 L))"
@@ -89,16 +89,17 @@ class MoPsConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.experts < 1:
-            raise setting_error("experts", f"must be at least 1, got {self.experts}")
+        if self.experts < 0:
+            raise setting_error("experts", f"must be 0 (one per task) or more, got {self.experts}")
         if self.prompts_per_expert < 0:
             raise setting_error("prompts_per_expert", f"must be 0 or more, got {self.prompts_per_expert}")
         if self.inject_layer < -1:
             raise setting_error("inject_layer", f"must be -1 (auto) or a layer index, got {self.inject_layer}")
         if self.gate_hidden < 1:
             raise setting_error("gate_hidden", f"must be at least 1, got {self.gate_hidden}")
-        if not 0.0 <= self.gate_floor < 1.0 / self.experts:
-            raise setting_error("gate_floor", f"must be in [0, 1/experts) = [0, {1.0 / self.experts:.4g}), got {self.gate_floor}")
+        limit = 1.0 / self.experts if self.experts else 1.0  # 0 experts: checked again once the tasks are known
+        if not 0.0 <= self.gate_floor < limit:
+            raise setting_error("gate_floor", f"must be in [0, 1/experts) = [0, {limit:.4g}), got {self.gate_floor}")
 
     @property
     def num_prompts(self) -> int:
@@ -123,10 +124,25 @@ class MoPsConfig:
 class DataConfig:
     """The multi-task instruction data and its train/test split."""
 
-    dataset: Literal["dolly", "sni"] = field("dolly", "Dolly 15k (7 categories) or Super-NaturalInstructions (7 tasks)")
-    data_dir: str = field(
-        "", "folder holding dolly/ and sni/ JSONL files ('' = $MOPS_DATA_DIR, ../shared/data, then the hub)"
+    dataset: str = field(
+        "dolly",
+        "the data: 'dolly' or 'sni' (the paper's; a local copy first, then the hub), a .jsonl/.json/.parquet file "
+        "or a folder of them, a saved `datasets` folder, or a hub dataset id",
     )
+    data_dir: str = field(
+        "", "folder holding the presets' dolly/ and sni/ files ('' = $MOPS_DATA_DIR, ../shared/data, then the hub)"
+    )
+    tasks: str = field(
+        "",
+        "comma-separated tasks the run trains, in expert order ('' = the preset's seven, or every task of the data "
+        "sorted by name); records of other tasks are left out",
+    )
+    instruction_column: str = field(
+        "instruction", "field of your data (and of node-local files) holding the instruction; the presets know their own"
+    )
+    context_column: str = field("context", "field holding the context the instruction refers to ('' = the data has none)")
+    response_column: str = field("response", "field holding the reference response, the only tokens trained on")
+    task_column: str = field("task", "field holding each record's task label: the gate's routing target")
     samples: int = field(5000, "samples drawn evenly over the dataset's tasks before the split")
     test_fraction: float = field(0.1, "share of each task held out for testing")
     max_length: int = field(256, "maximum tokens of question + response (the sink and prompts come on top)")
@@ -139,6 +155,20 @@ class DataConfig:
             raise setting_error("test_fraction", f"must be between 0 and 1, got {self.test_fraction}")
         if self.max_length < 32:
             raise setting_error("max_length", f"must be at least 32 tokens, got {self.max_length}")
+        if not self.dataset.strip():
+            raise setting_error("dataset", "must name a preset, a file or folder, or a hub dataset")
+        for name in ("instruction_column", "response_column", "task_column"):
+            if not getattr(self, name).strip():
+                raise setting_error(name, "must name a field of the data")
+        if self.tasks.strip() and not self.task_list:
+            raise setting_error("tasks", f"names no task in {self.tasks!r}; leave it empty for every task of the data")
+        repeated = sorted({t for t in self.task_list if self.task_list.count(t) > 1})
+        if repeated:
+            raise setting_error("tasks", f"names {', '.join(repeated)} more than once")
+
+    @property
+    def task_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.tasks.split(",") if t.strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,7 +317,8 @@ check_unique_fields(CONCERNS)
 
 # The data settings that choose a compressed base's calibration text (with every compression setting
 # and the model, they decide the base a run tunes).
-CALIBRATION_DATA = ("dataset", "samples", "test_fraction", "max_length", "data_seed")
+CALIBRATION_DATA = ("dataset", "tasks", "instruction_column", "context_column", "response_column", "task_column",
+                    "samples", "test_fraction", "max_length", "data_seed")
 BASE_SETTINGS = ("model", *(f.name.replace("_", "-") for f in dataclasses.fields(CompressionConfig)),
                  *(name.replace("_", "-") for name in CALIBRATION_DATA))
 
@@ -315,6 +346,12 @@ class Settings:
         merged = self.to_flat()
         merged.update({k.replace("_", "-"): v for k, v in flat.items()})
         return Settings.from_flat(merged)
+
+    def for_tasks(self, tasks: tuple[str, ...]) -> Settings:
+        """These settings for a run on `tasks`: `experts` 0 becomes one expert per task."""
+        if not tasks:
+            raise setting_error("tasks", "the run has no task to train")
+        return self if self.mops.experts else self.replace(experts=len(tasks))
 
 
 SETTINGS_DOC_HEADER = """# Settings

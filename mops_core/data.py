@@ -1,7 +1,9 @@
-"""Dolly 15k and Super-NaturalInstructions: records, even sampling, split, template, batches.
+"""Multi-task instruction data: records, even sampling, split, template, batches.
 
-A record is (instruction, context, response, task). Both datasets reduce to it, so the rest
-of the pipeline does not care where the data came from. Tokenised examples keep the question
+A record is (instruction, context, response, task). Any source reduces to it through a column
+mapping: a JSONL/JSON/Parquet file or folder, a saved `datasets` folder, or a hub dataset; the
+paper's Dolly 15k and Super-NaturalInstructions are presets (a local copy first, then the hub).
+The rest of the pipeline does not care where the data came from. Tokenised examples keep the question
 (template + instruction + context) and the response apart: labels cover response tokens only,
 and the gate reads the question tokens only (NOTES.md: the gate sees what exists at inference).
 """
@@ -13,9 +15,10 @@ import logging
 import os
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -24,29 +27,6 @@ from .config import DataConfig
 
 log = logging.getLogger(__name__)
 
-TASKS: dict[str, tuple[str, ...]] = {
-    # Table 1 of the paper, in its order: expert i is pretrained on task i.
-    "dolly": (
-        "creative_writing",
-        "closed_qa",
-        "open_qa",
-        "summarization",
-        "information_extraction",
-        "classification",
-        "brainstorming",
-    ),
-    "sni": (
-        "task001_quoref_question_generation",
-        "task026_drop_question_generation",
-        "task044_essential_terms_identifying_essential_words",
-        "task1190_add_integer_to_list",
-        "task1429_evalution_semantic_relation_classification",
-        "task1703_ljspeech_textmodification",
-        "task698_mmmlu_answer_generation_global_facts",
-    ),
-}
-DOLLY_FILE = "dolly/databricks-dolly-15k.jsonl"
-DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
 IGNORE_INDEX = -100
 
 
@@ -77,12 +57,54 @@ class Example:
 
 # ---------------------------------------------------------------------------- reading
 
-
 MAX_LISTED_PROBLEMS = 20
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
 
 
-def _row_problem(line: bytes, required: Sequence[str]) -> tuple[dict | None, str | None]:
-    """(row, None) for a usable line, (None, problem) for one that is not."""
+@dataclass(frozen=True)
+class Columns:
+    """Which field of a row holds each part of a record ('' context: the data has none)."""
+
+    instruction: str = "instruction"
+    context: str = "context"
+    response: str = "response"
+    task: str = "task"
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> Columns:
+        return cls(cfg.instruction_column, cfg.context_column, cfg.response_column, cfg.task_column)
+
+    def by_setting(self) -> dict[str, str]:
+        named = {"instruction-column": self.instruction, "context-column": self.context,
+                 "response-column": self.response, "task-column": self.task}
+        return {setting: column for setting, column in named.items() if column}
+
+    def check_fields(self, fields: Iterable[str], source: object) -> None:
+        """Refuse a mapping that names a field the data does not have, naming the setting."""
+        fields = set(fields)
+        for setting, column in self.by_setting().items():
+            if column not in fields:
+                shown = ", ".join(sorted(fields)[:12]) or "none"
+                raise DataError(f"{setting} '{column}' is not a field of {source} (its fields: {shown})")
+
+    def problem(self, row: dict) -> str | None:
+        """Why a row cannot be a record, or None. Context may be null (no context); a task label may be a number."""
+        missing = [c for c in self.by_setting().values() if c not in row]
+        if missing:
+            return f"missing field(s) {', '.join(missing)}"
+        bad = [c for c in (self.instruction, self.response) if not isinstance(row[c], str)]
+        bad += [self.context] if self.context and not isinstance(row[self.context], (str, type(None))) else []
+        bad += [self.task] if isinstance(row[self.task], bool) or not isinstance(row[self.task], (str, int)) else []
+        if bad:
+            return f"field(s) {', '.join(f'{c} ({type(row[c]).__name__})' for c in bad)} must be strings"
+        return None
+
+    def record(self, row: dict) -> Record:
+        context = (row[self.context] or "") if self.context else ""
+        return Record(row[self.instruction].strip(), context.strip(), row[self.response].strip(), str(row[self.task]))
+
+
+def _parse_line(line: bytes) -> tuple[dict | None, str | None]:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -93,13 +115,33 @@ def _row_problem(line: bytes, required: Sequence[str]) -> tuple[dict | None, str
         return None, f"not valid JSON ({exc.msg}, column {exc.colno})"
     if not isinstance(row, dict):
         return None, f"expected a JSON object, got {type(row).__name__}"
-    missing = [k for k in required if k not in row]
-    if missing:
-        return None, f"missing field(s) {', '.join(missing)}"
-    bad = [f"{k} ({type(row[k]).__name__})" for k in required if not isinstance(row[k], str)]
-    if bad:
-        return None, f"field(s) {', '.join(bad)} must be strings"
     return row, None
+
+
+def _raise_problems(source: object, problems: Sequence[str], what: str = "line") -> None:
+    if problems:
+        listed = problems[:MAX_LISTED_PROBLEMS]
+        more = len(problems) - len(listed)
+        tail = [f"... and {more} more bad {what}s"] if more else []
+        raise DataError(f"{len(problems)} unreadable {what}(s) in {source}:\n" + "\n".join(listed + tail))
+
+
+def _jsonl_rows(path: Path) -> tuple[list[tuple[str, dict]], list[tuple[int, str]]]:
+    """(("FILE:LINE", row) for every object line, (line, problem) for every unusable one)."""
+    rows, problems = [], []
+    try:
+        with path.open("rb") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                row, problem = _parse_line(line.rstrip(b"\r\n"))
+                if problem:
+                    problems.append((lineno, f"{path}:{lineno}: {problem}"))
+                else:
+                    rows.append((f"{path}:{lineno}", row))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return rows, problems
 
 
 def read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
@@ -108,27 +150,150 @@ def read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
     Every unusable line is reported as `FILE:LINE: problem` (all of them, up to a limit), so that
     a file is fixed in one go; a file without a single row says so.
     """
-    rows, problems = [], []
-    try:
-        with path.open("rb") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                row, problem = _row_problem(line.rstrip(b"\r\n"), required)
-                if problem:
-                    problems.append(f"{path}:{lineno}: {problem}")
-                else:
-                    rows.append(row)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    if problems:
-        listed = problems[:MAX_LISTED_PROBLEMS]
-        more = len(problems) - len(listed)
-        tail = [f"... and {more} more bad lines"] if more else []
-        raise DataError(f"{len(problems)} unreadable line(s) in {path}:\n" + "\n".join(listed + tail))
+    rows, problems = _jsonl_rows(path)
+    for where, row in rows:
+        missing = [k for k in required if k not in row]
+        bad = [f"{k} ({type(row[k]).__name__})" for k in required if k in row and not isinstance(row[k], str)]
+        if missing or bad:
+            problem = f"missing field(s) {', '.join(missing)}" if missing else f"field(s) {', '.join(bad)} must be strings"
+            problems.append((int(where.rsplit(":", 1)[1]), f"{where}: {problem}"))
+    _raise_problems(path, [p for _, p in sorted(problems)])
     if not rows:
         raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
-    return rows
+    return [row for _, row in rows]
+
+
+def _table_records(rows: Sequence[tuple[str, dict]], columns: Columns, source: object,
+                   problems: Sequence[tuple[int, str]] = (), what: str = "line") -> list[Record]:
+    """Records from located rows; every bad row named by its location, in one error."""
+    if rows:
+        columns.check_fields({k for _, row in rows for k in row}, source)
+    found = list(problems)
+    for i, (where, row) in enumerate(rows):
+        problem = columns.problem(row)
+        if problem:
+            found.append((int(where.rsplit(":", 1)[1]) if what == "line" else i, f"{where}: {problem}"))
+    _raise_problems(source, [p for _, p in sorted(found)], what)
+    if not rows:
+        raise DataError(f"{source}: no rows (it is empty or holds only blank lines)")
+    return [columns.record(row) for _, row in rows]
+
+
+def _file_records(path: Path, columns: Columns) -> list[Record]:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            content = json.loads(path.read_bytes())
+        except json.JSONDecodeError:  # JSON Lines under a .json name, as `datasets` writes them
+            suffix = ".jsonl"
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: cannot be read ({exc})") from None
+        else:
+            if not isinstance(content, list):
+                raise DataError(f"{path}: expected a JSON array of objects (or JSON Lines), got a {type(content).__name__}")
+            bad = [(i, f"{path}: item {i}: expected a JSON object") for i, row in enumerate(content) if not isinstance(row, dict)]
+            rows = [(f"{path}: item {i}", row) for i, row in enumerate(content) if isinstance(row, dict)]
+            return _table_records(rows, columns, path, bad, what="item")
+    if suffix in (".jsonl", ".ndjson"):
+        rows, problems = _jsonl_rows(path)
+        return _table_records(rows, columns, path, problems)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+        columns.check_fields(table.column_names, path)
+        rows = [(f"{path}: row {i}", row) for i, row in enumerate(table.select(list(dict.fromkeys(columns.by_setting().values()))).to_pylist())]
+        return _table_records(rows, columns, path, what="row")
+    raise DataError(f"{path}: unknown format '{path.suffix}' (use {', '.join(DATA_SUFFIXES)}, or a saved `datasets` folder)")
+
+
+def _dataset_records(found: Any, columns: Columns, source: str, tasks: Sequence[str] | None) -> list[Record]:
+    """Records of a `datasets` Dataset or DatasetDict (every split, in name order), only `tasks` if given."""
+    import datasets
+
+    parts = [found[name] for name in sorted(found)] if isinstance(found, datasets.DatasetDict) else [found]
+    table = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    columns.check_fields(table.column_names, source)
+    if tasks:  # a hub dataset may hold thousands of tasks: keep the run's before converting rows
+        wanted = set(tasks)
+        table = table.filter(lambda t: str(t) in wanted, input_columns=columns.task)
+    table = table.select_columns(list(dict.fromkeys(columns.by_setting().values())))
+    rows = [(f"{source}: row {i}", row) for i, row in enumerate(table.to_list())]
+    return _table_records(rows, columns, source, what="row")
+
+
+def read_records(source: str | Path, columns: Columns, *, tasks: Sequence[str] | None = None) -> list[Record]:
+    """Records from a .jsonl/.json/.parquet file, a folder of them, a saved `datasets` folder, or a hub id.
+
+    `tasks` only lets a large `datasets` source drop other tasks early; the caller filters the rest.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _file_records(path, columns)
+    if path.is_dir():
+        if any((path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            import datasets
+
+            return _dataset_records(datasets.load_from_disk(str(path)), columns, str(path), tasks)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: holds no {', '.join(DATA_SUFFIXES)} file and is not a saved `datasets` folder")
+        return [record for file in files for record in _file_records(file, columns)]
+    name = str(source)
+    if name.startswith((".", "/", "~")) or name.endswith(DATA_SUFFIXES) or name.count("/") > 1:
+        raise DataError(f"{name}: no such file or folder")
+    try:
+        import datasets
+
+        found = datasets.load_dataset(name)
+    except Exception as exc:  # offline, no such dataset, gated, ...
+        raise DataError(f"{name} is not a local file or folder, and the hub dataset could not be loaded: {exc}") from None
+    return _dataset_records(found, columns, name, tasks)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A dataset the paper uses: its tasks (Table 1's order: expert i is pretrained on task i), where
+    a local copy lies under a data folder, and where it comes from on the hub."""
+
+    tasks: tuple[str, ...]
+    local: str  # a file under the data folder, '{task}' for one file per task
+    local_columns: Columns
+    hub_id: str
+    hub_columns: Columns
+
+    @property
+    def marker(self) -> str:
+        """What a data folder holds when it has a local copy."""
+        return self.local.split("{", 1)[0].rstrip("/") or self.local
+
+
+PRESETS: dict[str, Preset] = {
+    "dolly": Preset(
+        tasks=("creative_writing", "closed_qa", "open_qa", "summarization", "information_extraction",
+               "classification", "brainstorming"),  # not general_qa, as in the paper
+        local="dolly/databricks-dolly-15k.jsonl", local_columns=Columns(task="category"),
+        hub_id="databricks/databricks-dolly-15k", hub_columns=Columns(task="category"),
+    ),
+    "sni": Preset(
+        tasks=(
+            "task001_quoref_question_generation",
+            "task026_drop_question_generation",
+            "task044_essential_terms_identifying_essential_words",
+            "task1190_add_integer_to_list",
+            "task1429_evalution_semantic_relation_classification",
+            "task1703_ljspeech_textmodification",
+            "task698_mmmlu_answer_generation_global_facts",
+        ),
+        local="sni/{task}.jsonl", local_columns=Columns("definition", "input", "output", "task"),
+        # Super-NaturalInstructions on the hub, every task in one table (train and test splits).
+        hub_id="Muennighoff/natural-instructions", hub_columns=Columns("definition", "inputs", "targets", "task_name"),
+    ),
+}
+TASKS: dict[str, tuple[str, ...]] = {name: preset.tasks for name, preset in PRESETS.items()}
 
 
 def default_data_dirs() -> list[Path]:
@@ -142,80 +307,69 @@ def default_data_dirs() -> list[Path]:
 
 
 def resolve_data_dir(cfg: DataConfig) -> Path | None:
-    """The local data folder to read, or None to fall back to the hub."""
+    """The local folder holding the preset's copy, or None to fall back to the hub."""
     if cfg.data_dir:
         path = Path(cfg.data_dir).expanduser()
         if not path.is_dir():
             raise DataError(f"data-dir {path} does not exist")
         return path
-    marker = DOLLY_FILE if cfg.dataset == "dolly" else "sni"
+    marker = PRESETS[cfg.dataset].marker
     for path in default_data_dirs():
         if (path / marker).exists():
             return path
     return None
 
 
-def load_records(cfg: DataConfig) -> list[Record]:
+def _preset_records(name: str, cfg: DataConfig, tasks: Sequence[str]) -> list[Record]:
+    preset = PRESETS[name]
     folder = resolve_data_dir(cfg)
     if folder is None:
-        return _load_from_hub(cfg.dataset)
-    return _load_dolly(folder) if cfg.dataset == "dolly" else _load_sni(folder)
-
-
-def _load_dolly(folder: Path) -> list[Record]:
-    path = folder / DOLLY_FILE
-    if not path.exists():
-        raise DataError(f"Dolly file not found: {path}")
-    rows = read_jsonl(path, ("instruction", "context", "response", "category"))
-    return _dolly_records(rows, path)
-
-
-def _dolly_records(rows: Sequence[dict], source: object = "the Dolly data") -> list[Record]:
-    tasks = set(TASKS["dolly"])  # general_qa is not one of the paper's seven
-    records = [
-        Record(r["instruction"].strip(), r["context"].strip(), r["response"].strip(), r["category"])
-        for r in rows
-        if r["category"] in tasks
-    ]
-    if not records:
-        found = ", ".join(sorted({r["category"] for r in rows})[:10])
-        raise DataError(f"{source}: no row of the paper's seven Dolly categories ({', '.join(TASKS['dolly'])}); found {found}")
-    return records
-
-
-def _load_sni(folder: Path) -> list[Record]:
-    records: list[Record] = []
-    missing = []
-    for task in TASKS["sni"]:
-        path = folder / "sni" / f"{task}.jsonl"
-        if not path.exists():
-            missing.append(task)
-            continue
-        rows = read_jsonl(path, ("definition", "input", "output"))
-        records += [Record(r["definition"].strip(), r["input"].strip(), r["output"].strip(), task) for r in rows]
+        try:
+            return read_records(preset.hub_id, preset.hub_columns, tasks=tasks)
+        except DataError as exc:
+            looked = ", ".join(map(str, default_data_dirs()))
+            raise DataError(f"no local copy of {name} (looked for {preset.marker} in {looked}; set data-dir) and {exc}") from None
+    paths = {task: folder / preset.local.format(task=task) for task in tasks}
+    missing = [task for task, path in paths.items() if not path.exists()]
+    if len(missing) == len(paths):
+        raise DataError(f"no {name} data under {folder}: {', '.join(sorted(set(map(str, paths.values())))[:3])} not found")
     if missing:
-        log.warning("SNI tasks missing under %s/sni (their experts get no data): %s", folder, ", ".join(missing))
-    if not records:
-        raise DataError(f"no SNI task files found under {folder / 'sni'}")
-    return records
+        log.warning("%s tasks missing under %s (their experts get no data): %s", name, folder, ", ".join(missing))
+    files = dict.fromkeys(path for path in paths.values() if path.exists())
+    return [record for path in files for record in _file_records(path, preset.local_columns)]
 
 
-def _load_from_hub(dataset: str) -> list[Record]:
-    if dataset != "dolly":
-        raise DataError(
-            f"no local SNI files found (looked in {', '.join(map(str, default_data_dirs()))}); "
-            "set data-dir to a folder with sni/<task>.jsonl files"
-        )
-    try:
-        import datasets
+def load_records(cfg: DataConfig) -> list[Record]:
+    """The run's records: those of its tasks (every task of the data when it names none)."""
+    preset = cfg.dataset if cfg.dataset in PRESETS else None
+    wanted = cfg.task_list or (PRESETS[preset].tasks if preset else ())
+    if preset:
+        records = _preset_records(preset, cfg, wanted)
+    else:
+        records = read_records(cfg.dataset, Columns.of(cfg), tasks=wanted or None)
+    if not wanted:
+        return records
+    found = Counter(r.task for r in records)
+    held = ", ".join(sorted(found)[:12])
+    absent = [t for t in cfg.task_list if not found[t]]
+    if absent:
+        raise DataError(f"tasks: {', '.join(absent)} not in {cfg.dataset} (it holds: {held})")
+    keep = set(wanted)
+    chosen = [r for r in records if r.task in keep]
+    if not chosen:
+        raise DataError(f"{cfg.dataset}: no record of its tasks ({', '.join(wanted)}); it holds: {held}")
+    if len(chosen) < len(records):
+        log.info("%s: left out %d records of tasks the run does not train", cfg.dataset, len(records) - len(chosen))
+    return chosen
 
-        rows = datasets.load_dataset(DOLLY_HUB_ID, split="train")
-    except Exception as exc:  # offline, no such dataset, ...
-        raise DataError(
-            f"no local Dolly file found (looked in {', '.join(map(str, default_data_dirs()))}) and the hub "
-            f"dataset {DOLLY_HUB_ID} could not be loaded: {exc}"
-        ) from exc
-    return _dolly_records(list(rows), DOLLY_HUB_ID)
+
+def run_tasks(cfg: DataConfig) -> tuple[str, ...]:
+    """The run's tasks in expert order: `tasks`, the preset's (Table 1's order), or the data's, sorted."""
+    if cfg.task_list:
+        return cfg.task_list
+    if cfg.dataset in PRESETS:
+        return PRESETS[cfg.dataset].tasks
+    return tuple(sorted({r.task for r in load_records(cfg)}))
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -384,9 +538,10 @@ class PreparedData:
     test: list[Example]
 
 
-def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str] | None = None) -> PreparedData:
+    """Sample, split and tokenise the run's data; task ids follow `tasks` (default: `run_tasks`)."""
     records = load_records(cfg)
     train_records, test_records = sample_and_split(records, cfg)
-    tasks = TASKS[cfg.dataset]
+    tasks = tuple(tasks) if tasks is not None else run_tasks(cfg)
     formatter = Formatter(tokenizer, cfg.max_length, tasks)
     return PreparedData(tasks, train_records, test_records, formatter.examples(train_records), formatter.examples(test_records))

@@ -186,9 +186,11 @@ def plot_bars(
     return _save(fig, path)
 
 
-def plot_partitions(counts: dict[int, Sequence[int]], tasks: Sequence[str], path: str | Path) -> Path:
-    """Stacked bars: how many samples of each task every client holds (the non-i.i.d. split)."""
-    clients = sorted(counts)
+def plot_partitions(counts: dict[int | str, Sequence[int]], tasks: Sequence[str], path: str | Path) -> Path:
+    """Stacked bars: how many samples of each task every client holds (the non-i.i.d. split).
+
+    Clients are partition ids, then named nodes (nodes with their own data and no partition id)."""
+    clients = sorted(counts, key=lambda c: (isinstance(c, str), c if isinstance(c, int) else 0, str(c)))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.09 * len(clients) + 2), 4))
     bottom = [0] * len(clients)
     colours = plt.get_cmap("tab10")

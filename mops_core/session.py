@@ -11,6 +11,7 @@ The start state (P1 tuned, experts from it, gate pretrained) comes next: `start_
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from . import checkpoint
 from .activations import ActivationCache, tokenizer_identity
 from .compression.pipeline import prepare_base
 from .config import Settings
-from .data import TASKS, Example, Formatter, PreparedData, pad_token_id, prepare
+from .data import Example, Formatter, PreparedData, pad_token_id, prepare, run_tasks
 from .evaluate import EvalResult, evaluate
 from .loading import cache_root
 from .model import MoPsModel
@@ -37,6 +38,8 @@ def sink_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 def build_model(settings: Settings, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> MoPsModel:
     """The MoPs model on `base`, the gate initialised from `seed` and P1 at its starting point."""
+    if settings.mops.experts < 1:
+        raise ValueError("experts is 0 (one per task): resolve it for the run's tasks with Settings.for_tasks, as Session.open does")
     train = settings.train
     torch.manual_seed(train.seed)
     model = MoPsModel(base, settings.mops, sink_token_id(tokenizer)).to(base.device)
@@ -52,9 +55,14 @@ class Session:
     tokenizer: PreTrainedTokenizerBase
     model: MoPsModel
     cache: ActivationCache | None  # the states entering inject_layer, per sample (exact: all below is frozen)
+    tasks: tuple[str, ...]  # the run's tasks in expert order: task i's id is i
 
     @classmethod
-    def open(cls, settings: Settings, *, progress: bool = True) -> Session:
+    def open(cls, settings: Settings, *, tasks: Sequence[str] | None = None, progress: bool = True) -> Session:
+        """`tasks` are the run's (a client gets them from the server); by default they come from the data,
+        and `experts` 0 becomes one per task, so `session.settings` may differ from `settings` there."""
+        tasks = tuple(tasks) if tasks is not None else run_tasks(settings.data)
+        settings = settings.for_tasks(tasks)
         base, tokenizer = prepare_base(settings, progress=progress)
         model = build_model(settings, base, tokenizer)
         train, cache = settings.train, None
@@ -63,14 +71,14 @@ class Session:
                 model, tokenizer_identity(tokenizer), directory=cache_root(settings.model) / "activations",
                 memory_mb=train.activation_cache_mb, disk_mb=train.activation_cache_disk_mb,
             )
-        return cls(settings, base, tokenizer, model, cache)
+        return cls(settings, base, tokenizer, model, cache, tasks)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, overrides: dict | None = None, *, progress: bool = True) -> tuple[Session, checkpoint.Checkpoint]:
         """A checkpoint's model on its own (compressed) base, checked against it. `overrides` changes
         settings that do not shape the model (data-dir, eval-samples, model-cache-dir, device, ...)."""
         ckpt = checkpoint.read(path)
-        session = cls.open(ckpt.settings.replace(**(overrides or {})), progress=progress)
+        session = cls.open(ckpt.settings.replace(**(overrides or {})), tasks=ckpt.tasks or None, progress=progress)
         checkpoint.load_into(ckpt, session.model)
         return session, ckpt
 
@@ -80,13 +88,12 @@ class Session:
 
     @functools.cached_property
     def formatter(self) -> Formatter:
-        data = self.settings.data
-        return Formatter(self.tokenizer, data.max_length, TASKS[data.dataset])
+        return Formatter(self.tokenizer, self.settings.data.max_length, self.tasks)
 
     @functools.cached_property
     def data(self) -> PreparedData:
         """The run's train and test split, tokenised (a client reads only its partition instead)."""
-        return prepare(self.settings.data, self.tokenizer)
+        return prepare(self.settings.data, self.tokenizer, self.tasks)
 
     def evaluate(self, *, progress: bool = False, desc: str = "eval") -> EvalResult:
         """Perplexity on the test split (its first `eval-samples`), per task, and the gate per task."""

@@ -10,6 +10,7 @@ Everything heavy lives in `mops_core`; this file only wires it to Flower's Messa
 from __future__ import annotations
 
 import time
+from collections import Counter
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -30,25 +31,38 @@ from .strategy import MoPsFedAvg, wait_for_nodes
 app = ServerApp()
 
 
-def discover(grid: Grid, minimum: int, timeout: float) -> dict[int, dict]:
-    """Ask every connected node which partition it holds (and its task counts)."""
+def discover(grid: Grid, tasks: tuple[str, ...], minimum: int, timeout: float) -> tuple[dict[int, dict], set[int]]:
+    """Ask every connected node what data it holds: (what each usable node reported, the nodes to leave out).
+
+    A node that cannot read its data (a bad file, no shared dataset) is left out of sampling
+    with its error logged; tasks that nodes hold and the run does not know are named once.
+    """
     nodes = wait_for_nodes(grid, minimum, timeout)
-    asks = [Message(RecordDict({"config": ConfigRecord()}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    config = ConfigRecord({"tasks": list(tasks)})
+    asks = [Message(RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
     found: dict[int, dict] = {}
     reasons: list[str] = []
+    unknown: Counter = Counter()
     for reply in grid.send_and_receive(asks, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            log(WARNING, "node %d did not report its partition: %s", node, reply.error.reason)
+            log(WARNING, "node %d is left out: it could not read its data: %s", node, reply.error.reason)
             reasons.append(reply.error.reason)
             continue
-        metrics = next(iter(reply.content.metric_records.values()))
+        metrics = reply.content.metric_records["metrics"]
         found[node] = {k: metrics[k] for k in ("partition-id", "num-partitions", "num-examples", "task-counts")}
+        extra = reply.content.config_records.get("unknown-tasks")
+        if extra is not None:
+            found[node]["unknown-tasks"] = dict(zip(extra["names"], extra["counts"]))
+            unknown.update(found[node]["unknown-tasks"])
     if not found:  # every round would fail the same way: stop before training nothing
         why = "; ".join(dict.fromkeys(r.strip().splitlines()[-1] for r in reasons if r.strip())) or "no reply in time"
-        raise RuntimeError(f"none of the {len(nodes)} nodes could report its data partition: {why}")
+        raise RuntimeError(f"none of the {len(nodes)} nodes could report its data: {why}")
+    if unknown:
+        named = ", ".join(f"{t} ({n} records)" for t, n in sorted(unknown.items()))
+        log(WARNING, "nodes hold tasks the run does not know; they train on them and the gate routes them: %s", named)
     log(INFO, "%d nodes hold %d training samples in all", len(found), sum(f["num-examples"] for f in found.values()))
-    return found
+    return found, set(nodes) - set(found)
 
 
 @app.main()
@@ -71,7 +85,7 @@ def run(grid: Grid, settings: Settings) -> History:
         return history
 
     session = Session.open(settings)
-    data, model = session.data, session.model
+    model = session.model
     key, start_report = prepare_or_load(session)
     sha = tensor_sha(model.input_prompts)
     if start_report is not None:
@@ -82,21 +96,29 @@ def run(grid: Grid, settings: Settings) -> History:
             raise ResumeError(f"the checkpoint in {out} was trained with other input prompts than start state {key}")
         log(INFO, "resuming %s after round %d", out, done)
 
-    nodes = discover(grid, fed.min_available_nodes, fed.round_timeout)
-    history.info["clients"] = {str(f["partition-id"]): f["task-counts"] for f in nodes.values()}
-    report.plot_partitions({f["partition-id"]: f["task-counts"] for f in nodes.values()}, data.tasks, out / "client_tasks.png")
+    tasks = session.tasks
+    nodes, left_out = discover(grid, tasks, fed.min_available_nodes, fed.round_timeout)
+    # A node with its own file and no partition-id is named by its node id.
+    names = {n: str(f["partition-id"]) if f["partition-id"] >= 0 else f"node-{n}" for n, f in nodes.items()}
+    history.info["clients"] = {names[n]: f["task-counts"] for n, f in nodes.items()}
+    unknown = {names[n]: f["unknown-tasks"] for n, f in nodes.items() if f.get("unknown-tasks")}
+    if unknown:
+        history.info["unknown_tasks"] = unknown
+    report.plot_partitions({f["partition-id"] if f["partition-id"] >= 0 else names[n]: f["task-counts"] for n, f in nodes.items()},
+                           tasks, out / "client_tasks.png")
     payload = model.federated_state_dict()
     history.info.update(
         trainable_parameters=sum(p.numel() for p in model.trainable_parameters()),
         message_parameters=sum(t.numel() for t in payload.values()),
-        tasks=list(data.tasks),
+        tasks=list(tasks),
         base_fingerprint=base_fingerprint(model.base),
         base_parameters=sum(p.numel() for p in model.base.parameters()),
     )
     strategy = MoPsFedAvg(
         {k: tuple(v.shape) for k, v in payload.items()},
         seed=settings.train.seed,
-        partitions={n: f["partition-id"] for n, f in nodes.items()},
+        partitions={n: f["partition-id"] for n, f in nodes.items() if f["partition-id"] >= 0},
+        left_out=left_out,
         round_offset=max(done, 0),
         fraction_train=fed.fraction_train,
         min_available_nodes=fed.min_available_nodes,
@@ -112,7 +134,7 @@ def run(grid: Grid, settings: Settings) -> History:
         started = time.perf_counter()
         result = session.evaluate(desc=f"eval round {number}")
         row = history.add_round(number, result, strategy.rounds.get(number), time.perf_counter() - started)
-        checkpoint.save(out / "checkpoint", model, settings, list(data.tasks), extra={"round": number, "metrics": {"perplexity": result.perplexity}})
+        checkpoint.save(out / "checkpoint", model, session.settings, list(tasks), extra={"round": number, "metrics": {"perplexity": result.perplexity}})
         history.save()
         history.plot()
         report.plot_gate_heatmap(result, out / "gate_heatmap.png", title=f"Mean gate score per task, round {number}")
@@ -124,7 +146,7 @@ def run(grid: Grid, settings: Settings) -> History:
         ArrayRecord({k: v.cpu() for k, v in payload.items()}),
         num_rounds=fed.num_server_rounds - max(done, 0),
         timeout=fed.round_timeout,
-        train_config=ConfigRecord({"start-state": key, "input-prompts-sha": sha}),
+        train_config=ConfigRecord({"start-state": key, "input-prompts-sha": sha, "tasks": list(tasks)}),
         evaluate_fn=after_round,
     )
     first, last = history.rounds[0], history.rounds[-1]

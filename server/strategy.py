@@ -5,7 +5,8 @@ inconsistent. Ours sends only the trainable adapter arrays (experts and gate; th
 the frozen input prompts never travel), drops a bad reply (wrong keys or shapes, NaN/inf, no
 usable example count) with a log line naming the node and the problem, and averages the
 rest. Nodes are sampled by their data partition with a seeded RNG, so a resumed run trains
-the same clients in the same rounds as an uninterrupted one.
+the same clients in the same rounds as an uninterrupted one; nodes that could not read their
+data at discovery are never sampled.
 
 With `expert_weighting="gate"` each expert's prompts are averaged with weights examples x the
 client's mean gate score on that expert. In plain FedAvg an expert that one client of ten
@@ -137,6 +138,7 @@ class MoPsFedAvg(FedAvg):
         *,
         seed: int,
         partitions: dict[int, int] | None = None,
+        left_out: set[int] | frozenset[int] = frozenset(),
         round_offset: int = 0,
         fraction_train: float = 0.1,
         min_available_nodes: int = 2,
@@ -150,6 +152,7 @@ class MoPsFedAvg(FedAvg):
         self.expected = expected
         self.seed = seed
         self.partitions = partitions or {}  # node id -> partition id
+        self.left_out = frozenset(left_out)  # nodes that could not read their data at discovery
         self.round_offset = round_offset
         self.rounds: dict[int, RoundLog] = {}
         if expert_weighting not in ("examples", "gate"):
@@ -164,7 +167,9 @@ class MoPsFedAvg(FedAvg):
         return server_round + self.round_offset
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
-        nodes = wait_for_nodes(grid, self.min_available_nodes, self.wait_timeout)
+        nodes = [n for n in wait_for_nodes(grid, self.min_available_nodes, self.wait_timeout) if n not in self.left_out]
+        if not nodes:
+            raise RuntimeError(f"every connected node was left out at discovery ({len(self.left_out)} nodes could not read their data)")
         size = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
         ordered = sorted(nodes, key=lambda n: (self.partitions.get(n, math.inf), n))
         rng = random.Random(f"{self.seed}:{self.round_number(server_round)}")

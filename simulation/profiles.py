@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -143,12 +144,12 @@ class Cell:
     def id(self) -> str:
         """Readable and unique: the folder a new run of this cell writes (its full settings hashed).
 
-        Finished runs are found by their content (`same_settings`), not by this name, so a
-        setting added later leaves them usable.
+        Finished runs are found by their content (`same_settings`), not by this name.
         """
         digest = hashlib.sha256(json.dumps([self.kind, self.method, self.settings], sort_keys=True).encode()).hexdigest()[:8]
         compression = self.compression.replace(":", "-")
-        return f"{self.kind[:4]}-{self.method}-{self.dataset}-{compression}-{digest}"
+        dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.dataset.strip("/.~"))[-40:]  # a path or hub id names a folder too
+        return f"{self.kind[:4]}-{self.method}-{dataset}-{compression}-{digest}"
 
 
 DEFAULTS = Settings().to_flat()
@@ -174,7 +175,12 @@ GATE_ONLY = (
 
 def _settings(flat: dict[str, Any], gated: bool) -> dict[str, Any]:
     """Validated and complete: a wrong key or value fails here, before any cell runs."""
-    settings = Settings.from_flat(flat).to_flat()
+    from mops_core.data import PRESETS, run_tasks  # torch and transformers come with it: only when cells are made
+
+    resolved = Settings.from_flat(flat)
+    if resolved.data.dataset in PRESETS:  # a preset's tasks are known without reading it: say how many experts
+        resolved = resolved.for_tasks(run_tasks(resolved.data))
+    settings = resolved.to_flat()
     if not gated:
         settings.update({k: DEFAULTS[k] for k in GATE_ONLY})
     return settings

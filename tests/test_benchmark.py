@@ -3,6 +3,7 @@
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,3 +293,16 @@ def test_a_federated_cell_runs_through_the_flower_app(tiny_profile, tmp_path):
     assert [r["round"] for r in row["rounds"]] == [0, 1] and row["bytes_communicated"] > 0
     assert row["steps"] == 3 * 3 and len(row["tasks"]) == 7 and len(row["rounds"][1]["expert_share"]) == 3
     assert "Table 3" in (tmp_path / "bench" / "tables.md").read_text()
+
+
+def test_every_benchmark_script_imports_what_it_uses():
+    """The scripts under benchmarks/ run by hand, not in CI: at least their imports must follow the code."""
+    import importlib.util
+
+    scripts = sorted((Path(__file__).parent.parent / "benchmarks").glob("*.py"))
+    assert scripts
+    for path in scripts:
+        spec = importlib.util.spec_from_file_location(f"benchmark_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # the scripts only define things until __main__
+        assert callable(getattr(module, "main", None)), path.name

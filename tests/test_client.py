@@ -1,8 +1,10 @@
 """The ClientApp builds its model from the run config as `mops train` and the ServerApp do."""
 
+import json
 import tomllib
 from pathlib import Path
 
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
@@ -39,7 +41,8 @@ def test_a_run_config_value_of_every_concern_reaches_the_clients_model(tiny_mode
 
     monkeypatch.setattr(Session, "train", spy)
     arrays = ArrayRecord({k: v.cpu() for k, v in server.model.federated_state_dict().items()})
-    config = ConfigRecord({"server-round": 1, "start-state": key, "input-prompts-sha": tensor_sha(server.model.input_prompts)})
+    config = ConfigRecord({"server-round": 1, "start-state": key, "input-prompts-sha": tensor_sha(server.model.input_prompts),
+                           "tasks": list(server.tasks)})
     metadata = Metadata(
         run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
         created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN,
@@ -49,7 +52,7 @@ def test_a_run_config_value_of_every_concern_reaches_the_clients_model(tiny_mode
     reply = client_app.train(message, context)
 
     assert not reply.has_error() and reply.content["metrics"]["num-examples"] > 0
-    client = task.session(settings)
+    client = task.session(settings, server.tasks)
     assert client is not server and client.settings == settings
     assert Path(client.base.config.name_or_path) == tiny_model_dir  # model
     assert (tmp_path / "cache" / "compressed").is_dir()  # model-cache-dir
@@ -61,3 +64,57 @@ def test_a_run_config_value_of_every_concern_reaches_the_clients_model(tiny_mode
     assert client.cache is None  # train: the activation cache is off, as the run config says
     assert steps == [3]  # federated: local-steps
     assert torch.equal(client.model.input_prompts, server.model.input_prompts)  # the server's P1, installed
+
+
+def message(content, message_type):
+    metadata = Metadata(
+        run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
+        created_at=0.0, ttl=60.0, message_type=message_type,
+    )
+    return Message(RecordDict(content), metadata=metadata)
+
+
+def test_a_node_with_its_own_file_trains_on_exactly_its_records_without_the_shared_dataset(
+    tiny_model_dir, toy_data_dir, tmp_path, monkeypatch
+):
+    from helpers import toy_records
+
+    from mops_core.data import DataError, TASKS
+
+    common = {"model": str(tiny_model_dir), "model-cache-dir": str(tmp_path / "cache"), "prompts-per-expert": 2,
+              "inject-layer": 2, "gate-hidden": 16, "samples": 70, "max-length": 48, "input-prompt-steps": 1,
+              "gate-pretrain-steps": 2, "local-steps": 2}
+    server = Session.open(Settings.from_flat({**common, "data-dir": str(toy_data_dir)}), progress=False)
+    key, _ = prepare_or_load(server, progress=False)
+    assert server.model.experts == 7 == len(server.tasks)  # experts 0: one per task of the run
+
+    # The node's file: two of the run's tasks and one it does not know, under the default column names.
+    mine = toy_records((TASKS["dolly"][2], TASKS["dolly"][5], "poetry"), 4, seed=5)
+    own = tmp_path / "node" / "mine.jsonl"
+    own.parent.mkdir()
+    own.write_text("".join(json.dumps({"instruction": r.instruction, "context": r.context, "response": r.response,
+                                       "task": r.task}) + "\n" for r in mine))
+    # The node has no copy of the shared dataset: reading it would fail.
+    run_config = {**common, "dataset": str(tmp_path / "nowhere" / "shared.jsonl")}
+    context = Context(run_id=1, node_id=7, node_config={"data-file": str(own)}, state=RecordDict(), run_config=run_config)
+    tasks = ConfigRecord({"tasks": list(server.tasks)})
+
+    report = client_app.query(message({"config": tasks}, MessageType.QUERY), context).content
+    counts = report["metrics"]["task-counts"]
+    assert report["metrics"]["num-examples"] == 12 and counts[2] == counts[5] == 4 and sum(counts) == 8
+    assert list(report["unknown-tasks"]["names"]) == ["poetry"] and list(report["unknown-tasks"]["counts"]) == [4]
+
+    trained = []
+    original = Session.train
+    monkeypatch.setattr(Session, "train", lambda self, examples, count, **kw: trained.append(examples) or original(self, examples, count, **kw))
+    config = ConfigRecord({"server-round": 1, "start-state": key, "input-prompts-sha": tensor_sha(server.model.input_prompts),
+                           "tasks": list(server.tasks)})
+    arrays = ArrayRecord({k: v.cpu() for k, v in server.model.federated_state_dict().items()})
+    reply = client_app.train(message({"arrays": arrays, "config": config}, MessageType.TRAIN), context)
+    assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 12
+    assert trained == [server.formatter.examples(mine)]  # exactly the file's records, in its order
+    assert {ex.task_id for ex in trained[0]} == {2, 5, -1}  # the unknown task has no id, and is trained on all the same
+
+    own.write_text(own.read_text() + '{"instruction": "x", "context": "", "response": "y"}\n')
+    with pytest.raises(DataError, match=rf"{own}:13: missing field\(s\) task"):
+        client_app.query(message({"config": tasks}, MessageType.QUERY), context)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -15,6 +16,7 @@ from mops_core.data import (
     load_records,
     prepare,
     resolve_data_dir,
+    run_tasks,
     sample_and_split,
     task_counts,
 )
@@ -81,20 +83,20 @@ def test_every_unreadable_line_is_named_and_an_empty_file_says_so(tmp_path):
         fh.write(b'{"instruction": "caf\xe9", "context": "", "response": "y", "category": "open_qa"}\n')  # Latin-1, not UTF-8
         fh.write(b"\n")
         fh.write(b"42\n")
-        fh.write(b'{"instruction": "x", "context": null, "response": "y", "category": "open_qa"}\n')
+        fh.write(b'{"instruction": null, "context": "", "response": "y", "category": "open_qa"}\n')
     with pytest.raises(DataError) as err:
         load_records(DataConfig(data_dir=str(tmp_path)))
     lines = str(err.value).splitlines()
     assert lines[0] == f"3 unreadable line(s) in {path}:"
     assert lines[1] == f"{path}:8: not UTF-8 text (byte 0xe9 at column 21)"
     assert lines[2] == f"{path}:10: expected a JSON object, got int"
-    assert lines[3] == f"{path}:11: field(s) context (NoneType) must be strings"
+    assert lines[3] == f"{path}:11: field(s) instruction (NoneType) must be strings"
 
     path.write_text("\n\n")
     with pytest.raises(DataError, match=f"{path}: no rows"):
         load_records(DataConfig(data_dir=str(tmp_path)))
     write_dolly(tmp_path, [Record("q", "", "a", "general_qa")])
-    with pytest.raises(DataError, match="no row of the paper's seven Dolly categories.*found general_qa"):
+    with pytest.raises(DataError, match=r"no record of its tasks \(creative_writing.*it holds: general_qa"):
         load_records(DataConfig(data_dir=str(tmp_path)))
 
 
@@ -109,10 +111,15 @@ def test_many_bad_lines_are_listed_up_to_a_limit(tmp_path):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_records(DataConfig(data_dir=str(tmp_path / "nope")))
-    with pytest.raises(DataError, match="Dolly file not found"):
+    with pytest.raises(DataError, match="no dolly data under .*databricks-dolly-15k.jsonl not found"):
         load_records(DataConfig(data_dir=str(tmp_path)))
-    with pytest.raises(DataError, match="no SNI task files"):
+    with pytest.raises(DataError, match="no sni data under .*sni/task001_quoref_question_generation.jsonl"):
         load_records(DataConfig(dataset="sni", data_dir=str(tmp_path)))
+    with pytest.raises(DataError, match="no-such.jsonl: no such file or folder"):
+        load_records(DataConfig(dataset=str(tmp_path / "no-such.jsonl")))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="holds no .jsonl, .ndjson, .json, .parquet file"):
+        load_records(DataConfig(dataset=str(tmp_path)))
 
 
 def test_sni_reader_uses_the_tasks_present(tmp_path):
@@ -188,3 +195,112 @@ def test_data_beside_the_working_directory_is_found_as_flwr_run_starts_the_apps(
     monkeypatch.setenv("MOPS_DATA_DIR", str(tmp_path / "elsewhere"))
     write_dolly(tmp_path / "elsewhere", toy_records(DOLLY, per_task=1))
     assert resolve_data_dir(DataConfig()) == tmp_path / "elsewhere", "the environment comes first"
+
+
+# ---------------------------------------------------------------------------- your own data
+
+THREE = ("translate", "classify", "summarise")
+
+
+def write_tasks(path, records, fields=("instruction", "context", "response", "task")):
+    """Records as JSONL with the given field names (instruction, context, response, task)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for r in records:
+            fh.write(json.dumps(dict(zip(fields, (r.instruction, r.context, r.response, r.task)))) + "\n")
+    return path
+
+
+def test_your_own_jsonl_gives_its_tasks_sorted_and_the_tasks_setting_chooses_and_orders_them(tmp_path, tokenizer):
+    records = toy_records(THREE, per_task=10)
+    path = write_tasks(tmp_path / "mine.jsonl", records)
+    cfg = DataConfig(dataset=str(path), samples=30)
+    assert load_records(cfg) == records
+    assert run_tasks(cfg) == ("classify", "summarise", "translate")  # from the data, sorted
+    data = prepare(cfg, tokenizer)
+    assert data.tasks == ("classify", "summarise", "translate")
+    assert {(e.task_id, r.task) for e, r in zip(data.train, data.train_records)} == {(0, "classify"), (1, "summarise"), (2, "translate")}
+
+    chosen = DataConfig(dataset=str(path), samples=30, tasks="translate, classify")  # two of three, in this order
+    assert run_tasks(chosen) == ("translate", "classify")
+    assert task_counts(load_records(chosen)) == {"translate": 10, "classify": 10}
+    assert {e.task_id for e in prepare(chosen, tokenizer).train if e} == {0, 1}
+    with pytest.raises(DataError, match=r"tasks: rewrite not in .*mine.jsonl \(it holds: classify, summarise, translate\)"):
+        load_records(DataConfig(dataset=str(path), tasks="translate,rewrite"))
+
+
+def test_the_column_settings_map_any_field_names_and_a_field_the_data_lacks_is_refused_by_setting(tmp_path):
+    records = toy_records(THREE, per_task=3)
+    path = write_tasks(tmp_path / "mine.jsonl", records, fields=("prompt", "input", "output", "skill"))
+    mapped = DataConfig(dataset=str(path), instruction_column="prompt", context_column="input",
+                        response_column="output", task_column="skill")
+    assert load_records(mapped) == records
+    no_context = load_records(dataclasses.replace(mapped, context_column=""))
+    assert [r.context for r in no_context] == [""] * 9 and [r.response for r in no_context] == [r.response for r in records]
+    for setting, field in [("instruction_column", "instruction"), ("context_column", "context"),
+                           ("response_column", "answer"), ("task_column", "category")]:
+        with pytest.raises(DataError) as err:
+            load_records(dataclasses.replace(mapped, **{setting: field}))
+        assert str(err.value).startswith(f"{setting.replace('_', '-')} '{field}' is not a field of {path} (its fields: input, output, prompt, skill)")
+
+
+def test_json_parquet_folders_and_saved_datasets_read_as_the_same_records(tmp_path):
+    import datasets
+
+    records = toy_records(THREE, per_task=4)
+    rows = [{"instruction": r.instruction, "context": r.context, "response": r.response, "task": r.task} for r in records]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "b.parquet"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:5]), "test": datasets.Dataset.from_list(rows[5:])}).save_to_disk(str(tmp_path / "saved"))
+    folder = tmp_path / "folder"
+    write_tasks(folder / "part-1.jsonl", records[:6])
+    write_tasks(folder / "sub" / "part-2.jsonl", records[6:])
+    for source in ("a.json", "b.parquet", "folder"):
+        assert load_records(DataConfig(dataset=str(tmp_path / source))) == records, source
+    saved = load_records(DataConfig(dataset=str(tmp_path / "saved")))  # splits in name order: test, then train
+    assert saved == records[5:] + records[:5]
+
+    (tmp_path / "bad.json").write_text(json.dumps([rows[0], 7, {**rows[1], "response": 3}]))
+    with pytest.raises(DataError) as err:
+        load_records(DataConfig(dataset=str(tmp_path / "bad.json")))
+    assert str(err.value).splitlines()[1:] == [f"{tmp_path / 'bad.json'}: item 1: expected a JSON object",
+                                               f"{tmp_path / 'bad.json'}: item 2: field(s) response (int) must be strings"]
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="bad.parquet: not a readable Parquet file"):
+        load_records(DataConfig(dataset=str(tmp_path / "bad.parquet")))
+
+
+def sni_rows(tasks, per_task):
+    return [{"id": f"{task}-{i}", "task": task, "definition": f"Do {task}.", "input": f"[{i}] {task[:8]}", "output": f"out {i}"}
+            for task in tasks for i in range(per_task)]
+
+
+def test_sni_from_a_saved_hub_dataset_gives_the_records_of_the_local_layout(tmp_path, monkeypatch):
+    import datasets
+
+    import mops_core.data as data_module
+
+    tasks = TASKS["sni"][:3]
+    rows = sni_rows(tasks, 6)
+    local = tmp_path / "local"
+    for task in tasks:
+        path = local / "sni" / f"{task}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["task"] == task))
+    # The hub's schema (task_name, definition, inputs, targets), tasks interleaved, with tasks the run does not use.
+    hub_rows = [{"task_name": r["task"], "id": r["id"], "definition": r["definition"], "inputs": r["input"], "targets": r["output"]}
+                for r in reversed(rows)]
+    hub_rows += [{"task_name": "task999_other", "id": "x", "definition": "d", "inputs": "i", "targets": "t"}]
+    hub = tmp_path / "hub"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(hub_rows)}).save_to_disk(str(hub))
+
+    from_local = load_records(DataConfig(dataset="sni", data_dir=str(local)))
+    monkeypatch.setitem(data_module.PRESETS, "sni", dataclasses.replace(data_module.PRESETS["sni"], hub_id=str(hub)))
+    monkeypatch.setattr(data_module, "default_data_dirs", lambda: [tmp_path / "nothing here"])
+    from_hub = load_records(DataConfig(dataset="sni"))  # no local copy: the hub
+    assert sorted(from_hub, key=repr) == sorted(from_local, key=repr) and len(from_hub) == 18
+    cfg = DataConfig(dataset="sni", samples=18)
+    assert sample_and_split(from_hub, cfg) == sample_and_split(from_local, cfg), "the same split, whatever the source"
+
+    monkeypatch.setattr(data_module, "default_data_dirs", lambda: [local])
+    assert load_records(DataConfig(dataset="sni")) == from_local, "a local copy wins over the hub"

@@ -101,3 +101,43 @@ def test_a_restarted_superlink_keeps_its_nodes_and_runs(deployment):
     assert {n["node-id"] for n in deployment.nodes()} == nodes_before
     runs = {r["run-id"]: r for r in deployment.runs()}
     assert set(runs) == runs_before and all(r["status"].startswith("finished") for r in runs.values())
+
+
+def test_a_node_trains_on_its_own_file_and_a_node_with_an_unreadable_file_is_left_out(tmp_path_factory, tiny_model_dir, toy_data_dir):
+    from helpers import toy_records
+
+    from mops_core.data import TASKS
+
+    root = tmp_path_factory.mktemp("own-data")
+    mine = toy_records((TASKS["dolly"][1], TASKS["dolly"][4], "poetry"), 8, seed=3)
+    own = root / "own.jsonl"
+    own.write_text("".join(json.dumps({"instruction": r.instruction, "context": r.context, "response": r.response,
+                                       "task": r.task}) + "\n" for r in mine))
+    broken = root / "broken.jsonl"
+    broken.write_text(own.read_text().splitlines()[0] + "\n{not json\n")
+    d = Deployment(root)
+    d.prepare(["own", "broken"])
+    try:
+        d.start_superlink()
+        for node, data in (("own", own), ("broken", broken)):
+            assert d.register(node).returncode == 0
+            d.start_supernode(node, 0, 0, node_config=f'data-file="{data}" partition-id=7' if node == "own" else f'data-file="{data}"')
+        d.wait_online(2)
+        settings = {  # the shared dataset is the server's only: for its evaluation and gate pretraining
+            "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(root / "cache"),
+            "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140, "max-length": 64,
+            "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "fraction-train": 1.0,
+            "local-steps": 3, "num-server-rounds": 1, "min-available-nodes": 2, "out-dir": str(root / "run"),
+        }
+        done = d.run(settings)
+    finally:
+        d.stop_all()
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "is left out: it could not read its data" in output and f"{broken}:2: not valid JSON" in output, output[-3000:]
+    results = json.loads((root / "run" / "results.json").read_text())
+    counts = results["info"]["clients"]
+    assert list(counts) == ["7"] and counts["7"][1] == counts["7"][4] == 8 and sum(counts["7"]) == 16
+    assert results["info"]["unknown_tasks"] == {"7": {"poetry": 8}}
+    assert "poetry (8 records)" in output
+    assert results["rounds"][1]["sampled"] == results["rounds"][1]["accepted"] == 1

@@ -138,7 +138,7 @@ def test_the_balance_term_trains_the_gate_but_the_recorded_loss_is_the_language_
 
 @pytest.mark.parametrize(
     "key, value, words",
-    [("gate-floor", 0.5, "1/experts"), ("gate-balance", -0.1, "0 or more"), ("gate-lr-scale", -1.0, "0 or more"), ("gate-input", "mean", "gate-input")],
+    [("gate-floor", 1.0, "1/experts"), ("gate-balance", -0.1, "0 or more"), ("gate-lr-scale", -1.0, "0 or more"), ("gate-input", "mean", "gate-input")],
 )
 def test_impossible_remedy_settings_name_the_key(key, value, words):
     with pytest.raises(SettingsError, match=key.replace("-", "[-_]")) as info:

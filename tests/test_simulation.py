@@ -106,3 +106,20 @@ def test_resume_after_a_round_reaches_the_uninterrupted_state(fed, mops_run):
     b = load_file(str(out / "checkpoint" / "adapter_model.safetensors"))
     for name in a:
         assert (a[name] == b[name]).all(), f"{name} differs after resuming"
+
+
+def test_your_own_three_task_jsonl_trains_federated_with_one_expert_per_task(fed):
+    from helpers import toy_records
+
+    records = toy_records(("translate", "classify", "summarise"), 40)
+    data = fed["root"] / "mine.jsonl"
+    data.write_text("".join(json.dumps({"instruction": r.instruction, "context": r.context, "response": r.response,
+                                        "task": r.task}) + "\n" for r in records))
+    out = fed["root"] / "own-data"
+    results = run(fed, out, dataset=str(data), experts=0, samples=120, **{"num-server-rounds": 2})
+    rounds, info = results["rounds"], results["info"]
+    assert info["tasks"] == ["classify", "summarise", "translate"]
+    assert sum(sum(c) for c in info["clients"].values()) == 108 and all(len(c) == 3 for c in info["clients"].values())
+    assert all(r["accepted"] == 3 and len(r["client_gate_share"]) == 3 for r in rounds[1:])
+    assert set(rounds[-1]["per_task"]) == {"classify", "summarise", "translate"}
+    assert json.loads((out / "checkpoint" / "adapter_config.json").read_text())["num_experts"] == 3

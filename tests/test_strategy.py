@@ -1,5 +1,7 @@
 """MoPsFedAvg on hand-made replies: the average, the checks, the sampling. No Ray, no network."""
 
+import logging
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
@@ -175,17 +177,38 @@ class AnsweringGrid(FakeGrid):
         return [self.answer(m.metadata.dst_node_id) for m in messages]
 
 
-def partition_report(node):
+def partition_report(node, unknown=None):
     counts = {"partition-id": node, "num-partitions": 3, "num-examples": 4, "task-counts": [4, 0]}
-    return Message(RecordDict({"metrics": MetricRecord(counts)}), metadata=metadata(node, MessageType.QUERY))
+    content = RecordDict({"metrics": MetricRecord(counts)})
+    if unknown is not None:
+        content["unknown-tasks"] = ConfigRecord({"names": list(unknown), "counts": list(unknown.values())})
+    return Message(content, metadata=metadata(node, MessageType.QUERY))
 
 
-def test_discovery_goes_on_without_a_node_that_cannot_report_its_partition(server_identity):
+def test_discovery_leaves_out_a_node_that_cannot_read_its_data_and_it_is_never_sampled(server_identity, caplog):
     from server.app import discover
 
-    grid = AnsweringGrid([1, 2, 3], lambda n: reply(n, error="disk full") if n == 2 else partition_report(n))
-    found = discover(grid, 3, timeout=1.0)
+    bad_file = "DataError: 1 unreadable line(s) in /data/mine.jsonl:\n/data/mine.jsonl:3: not valid JSON (Expecting value, column 1)"
+    grid = AnsweringGrid([1, 2, 3], lambda n: reply(n, error=bad_file) if n == 2 else partition_report(n))
+    with caplog.at_level(logging.WARNING):
+        found, left_out = discover(grid, ("a", "b"), 3, timeout=1.0)
     assert sorted(found) == [1, 3] and found[3]["partition-id"] == 3 and found[1]["task-counts"] == [4, 0]
+    assert left_out == {2}
+    assert "node 2 is left out" in caplog.text and "/data/mine.jsonl:3: not valid JSON" in caplog.text
+    s = strategy(partitions={1: 1, 3: 3}, left_out=left_out, fraction_train=1.0, min_available_nodes=3)
+    assert all(sorted(s.sample(grid, r)) == [1, 3] for r in (1, 2, 3))
+
+
+def test_discovery_names_the_tasks_the_run_does_not_know_once(server_identity, caplog):
+    from server.app import discover
+
+    grid = AnsweringGrid([1, 2, 3], lambda n: partition_report(n, {"rewrite": 5, "poetry": 1} if n != 2 else {}))
+    with caplog.at_level(logging.WARNING):
+        found, left_out = discover(grid, ("a", "b"), 3, timeout=1.0)
+    assert not left_out and found[1]["unknown-tasks"] == {"rewrite": 5, "poetry": 1} and found[2]["unknown-tasks"] == {}
+    named = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert named == ["nodes hold tasks the run does not know; they train on them and the gate routes them: "
+                     "poetry (2 records), rewrite (10 records)"]
 
 
 def test_discovery_stops_the_run_with_the_nodes_reason_when_no_node_can_report_its_partition(server_identity):
@@ -195,7 +218,7 @@ def test_discovery_stops_the_run_with_the_nodes_reason_when_no_node_can_report_i
     reason = "\nException ClientAppException occurred. Message: no Dirichlet(alpha=0.5) split of 15 samples"
     grid = AnsweringGrid([1, 2, 3], lambda n: reply(n, error=reason))
     with pytest.raises(RuntimeError, match=r"none of the 3 nodes .*: Exception ClientAppException occurred. Message: no Dirichlet") as err:
-        discover(grid, 3, timeout=1.0)
+        discover(grid, ("a", "b"), 3, timeout=1.0)
     assert str(err.value).count("no Dirichlet") == 1  # the same reason once, not once per node
 
 

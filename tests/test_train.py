@@ -23,7 +23,7 @@ def toy_data(tokenizer, settings):
 
 def session_on(settings, base, tokenizer, data):
     """A session on this base and these in-memory data, without an activation cache."""
-    session = Session(settings, base, tokenizer, build_model(settings, base, tokenizer), cache=None)
+    session = Session(settings, base, tokenizer, build_model(settings, base, tokenizer), cache=None, tasks=data.tasks)
     session.data = data
     return session
 
@@ -137,6 +137,24 @@ def test_cli_train_then_eval_end_to_end(tmp_path, tiny_model_dir, toy_data_dir):
     evaluated = json.loads((out / "eval.json").read_text())
     assert evaluated["perplexity"] == pytest.approx(results["after"]["perplexity"], rel=1e-6)
     assert len(evaluated["gate_matrix"]) == 7 and len(evaluated["gate_matrix"][0]) == 7
+
+
+def test_your_own_three_task_jsonl_trains_and_evaluates_centrally_with_one_expert_per_task(tmp_path, tiny_model_dir, monkeypatch):
+    records = toy_records(("translate", "classify", "summarise"), 20)
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r.instruction, "response": r.response, "skill": r.task}) + "\n" for r in records))
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", str(tiny_model_dir), "--dataset", "mine.jsonl", "--no-progress"]
+    mapping = ["--instruction-column", "prompt", "--context-column", "", "--task-column", "skill"]
+    shape = ["--prompts-per-expert", "2", "--inject-layer", "2", "--max-length", "64", "--samples", "60"]
+    assert main(["train", *common, *mapping, *shape, "--steps", "3", "--gate-pretrain-steps", "10"]) == 0
+    out = tmp_path / "runs" / "mine-mops"  # named after the file
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"] == ["classify", "summarise", "translate"] and results["settings"]["experts"] == 3
+    assert json.loads((out / "checkpoint" / "adapter_config.json").read_text())["num_experts"] == 3
+    assert main(["eval", str(out), "--no-progress"]) == 0
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert len(evaluated["gate_matrix"]) == 3 and len(evaluated["gate_matrix"][0]) == 3
 
 
 def test_cli_reports_bad_settings_without_a_traceback(capsys, toy_data_dir):

@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import atomic
 from ..config import CALIBRATION_DATA, Settings
-from ..data import TASKS, Formatter, load_records, sample_and_split
+from ..data import Formatter, load_records, sample_and_split
 from ..loading import base_fingerprint, cache_root, load_base
 from .int8 import quantize_int8
 from .layerwise import MatrixStats, block_linears, prune_model
@@ -67,7 +67,7 @@ def calibration_ids(settings: Settings, tokenizer: PreTrainedTokenizerBase, sink
     cfg = settings.compression
     train, _ = sample_and_split(load_records(settings.data), settings.data)
     random.Random(settings.data.data_seed).shuffle(train)
-    formatter = Formatter(tokenizer, settings.data.max_length, TASKS[settings.data.dataset])
+    formatter = Formatter(tokenizer, settings.data.max_length, ())  # questions only: task ids do not matter here
     body = cfg.calibration_length - 1
     stream: list[int] = []
     for record in train:
