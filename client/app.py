@@ -8,10 +8,14 @@ query  reports which data this node holds: its partition of the run's dataset, o
 train  installs the global experts and gate, runs `local-steps` optimizer steps on the
        node's partition, and replies with the updated experts and gate (nothing else of the
        model travels) and what happened: examples, loss, mean gate score per expert, time.
+evaluate  scores the global experts and gate on the node's held-out share (`client-test-fraction`
+       of its data, never trained on) and replies the summed loss and tokens, overall and per
+       task, so that the server can weigh every client by its tokens.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch  # noqa: F401  -- Ray workers must import torch before ArrayRecord.to_torch_state_dict()
@@ -21,6 +25,7 @@ from flwr.clientapp import ClientApp
 from client import task
 from mops_core.checkpoint import load_adapter_tensors
 from mops_core.config import Settings
+from mops_core.session import Session
 from mops_core.train import round_seed
 
 app = ClientApp()
@@ -52,6 +57,7 @@ def query(msg: Message, context: Context) -> Message:
             "partition-id": part.partition_id,
             "num-partitions": part.num_partitions,
             "num-examples": len(part.records),
+            "num-heldout": len(part.heldout),
             "task-counts": list(part.task_counts),
         }
     )
@@ -59,18 +65,24 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics, "unknown-tasks": unknown}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    started = time.perf_counter()
+def _with_global_state(msg: Message, context: Context) -> tuple[Settings, Session, task.Partition]:
+    """The node's session with the server's start state and this round's experts and gate, and its data."""
     settings = _settings(context)
     config = msg.content["config"]
     tasks = _tasks(msg)
     session = task.ready_session(settings, tasks, str(config["start-state"]), str(config["input-prompts-sha"]))
-    part = _partition(context, settings, tasks)
-    examples = task.tokenised(part, session.formatter)
-    global_state = msg.content["arrays"].to_torch_state_dict()
     model = session.model
+    global_state = msg.content["arrays"].to_torch_state_dict()
     load_adapter_tensors(model, global_state, source="the server's message", keys=model.federated_state_dict())
+    return settings, session, _partition(context, settings, tasks)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
+    settings, session, part = _with_global_state(msg, context)
+    config, model = msg.content["config"], session.model
+    examples = task.tokenised(part, session.formatter)
 
     seed = round_seed(settings.train.seed, int(config["server-round"]), part.partition_id)
     train_started = time.perf_counter()
@@ -85,3 +97,20 @@ def train(msg: Message, context: Context) -> Message:
         metrics["gate"] = stats.mean_gate
     update = {k: v.cpu() for k, v in model.federated_state_dict().items()}
     return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    settings, session, part = _with_global_state(msg, context)
+    examples = session.formatter.examples(part.heldout)
+    result = session.evaluate(examples) if examples else None
+    tokens = result.tokens if result else 0
+    per_task = [result.per_task[t] if result and t in result.per_task else None for t in session.tasks]
+    metrics = {
+        "num-examples": len(examples),
+        "eval-tokens": tokens,
+        "eval-nll": result.loss * tokens if tokens else 0.0,  # summed over tokens: the server weighs by tokens
+        "task-tokens": [s.tokens if s else 0 for s in per_task],
+        "task-nll": [math.log(s.perplexity) * s.tokens if s else 0.0 for s in per_task],
+    }
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -10,6 +10,7 @@ on-disk caches (dequantised or compressed base, start state, activations) keep t
 from __future__ import annotations
 
 import functools
+import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +29,27 @@ class Partition:
 
     partition_id: int  # -1: a node with its own file and no partition-id
     num_partitions: int  # 0 for a node's own file
-    records: tuple[Record, ...]
-    task_counts: tuple[int, ...]  # per task of the run, in its order
+    records: tuple[Record, ...]  # what the node trains on
+    task_counts: tuple[int, ...]  # of those, per task of the run, in its order
     unknown_tasks: tuple[tuple[str, int], ...] = ()  # tasks the run does not know: (name, records), trained on all the same
 
+    heldout: tuple[Record, ...] = ()  # for federated evaluation: never trained on
+
     @classmethod
-    def of(cls, records: tuple[Record, ...], tasks: tuple[str, ...], partition_id: int, num_partitions: int) -> Partition:
-        counts = Counter(r.task for r in records)
+    def of(cls, records: tuple[Record, ...], tasks: tuple[str, ...], partition_id: int, num_partitions: int,
+           test_fraction: float = 0.0, seed: int = 0) -> Partition:
+        """The node's records, less a held-out share drawn with a seed of its own (the same on every call)."""
+        order = list(range(len(records)))
+        random.Random(f"{seed}:{partition_id}:{len(records)}").shuffle(order)
+        n_test = round(len(records) * test_fraction)
+        if test_fraction > 0 and len(records) >= 2:
+            n_test = min(max(n_test, 1), len(records) - 1)
+        held = set(order[:n_test])
+        train = tuple(r for i, r in enumerate(records) if i not in held)
+        counts = Counter(r.task for r in train)
         unknown = tuple(sorted((t, n) for t, n in counts.items() if t not in tasks))
-        return cls(partition_id, num_partitions, records, tuple(counts[t] for t in tasks), unknown)
+        heldout = tuple(r for i, r in enumerate(records) if i in held)
+        return cls(partition_id, num_partitions, train, tuple(counts[t] for t in tasks), unknown, heldout)
 
 
 @functools.lru_cache(maxsize=2)
@@ -81,7 +94,8 @@ def partition(settings: Settings, tasks: tuple[str, ...], partition_id: int, num
     fed = settings.federated
     indices = dirichlet_split(settings.data, num_partitions, fed.alpha, fed.min_partition_size)[partition_id]
     records = train_records(settings.data)
-    return Partition.of(tuple(records[i] for i in indices), tasks, partition_id, num_partitions)
+    return Partition.of(tuple(records[i] for i in indices), tasks, partition_id, num_partitions,
+                        fed.client_test_fraction, settings.data.data_seed)
 
 
 @functools.lru_cache(maxsize=2)
@@ -95,7 +109,8 @@ def local_partition(settings: Settings, tasks: tuple[str, ...], data_file: str, 
     if not path.exists():
         raise DataError(f"data-file {path}: no such file or folder on this node")
     stat = path.stat()  # a file changed between rounds is read again
-    return Partition.of(_file_records(path, stat.st_mtime_ns, stat.st_size, Columns.of(settings.data)), tasks, partition_id, 0)
+    records = _file_records(path, stat.st_mtime_ns, stat.st_size, Columns.of(settings.data))
+    return Partition.of(records, tasks, partition_id, 0, settings.federated.client_test_fraction, settings.data.data_seed)
 
 
 @functools.lru_cache(maxsize=1)

@@ -45,6 +45,7 @@ def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> di
                           desc=f"{settings.mops.method} training")
     train_seconds = time.perf_counter() - train_started
     after = session.evaluate(progress=progress, desc="eval (end)")
+    generation = session.generation(progress=progress)
 
     results = {
         "settings": settings.to_flat(),
@@ -55,6 +56,7 @@ def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> di
         "start": {"input_prompt_loss": start.input_prompt_loss, "gate_train_accuracy": start.gate_train_accuracy},
         "before": before.to_dict(),
         "after": after.to_dict(),
+        "generation": generation.to_dict() if generation else None,
         "train": {"steps": stats.steps, "mean_loss": stats.mean_loss, "seconds": train_seconds, "losses": stats.losses},
         "wall_seconds": time.perf_counter() - started,
     }
@@ -69,5 +71,7 @@ def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> di
     )
     report.plot_gate_heatmap(after, out_dir / "gate_heatmap.png")
     report.print_eval(after, title=f"{settings.mops.method}: test perplexity", before=before)
+    if generation is not None:
+        report.console.print(report.generation_table(generation))
     log.info("wrote %s", out_dir)
     return results

@@ -128,8 +128,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     session, ckpt = _load_tuned(args)
     result = session.evaluate(progress=not args.no_progress, desc="eval")
     report.print_eval(result, title=f"{ckpt.path}: test perplexity")
+    generation = session.generation(progress=not args.no_progress)
+    if generation is not None:
+        report.console.print(report.generation_table(generation))
     out = Path(args.out) if args.out else ckpt.path.parent
-    atomic.write_json(out / "eval.json", result.to_dict())
+    atomic.write_json(out / "eval.json", {**result.to_dict(), "generation": generation.to_dict() if generation else None})
     heatmap = report.plot_gate_heatmap(result, out / "gate_heatmap.png")
     report.console.print(f"wrote {out / 'eval.json'}" + (f" and {heatmap}" if heatmap else ""))
     return 0
@@ -170,7 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     questions = _read_questions(Path(args.input_file)) if args.input_file else None
     session, ckpt = _load_tuned(args)
     generator = Generator(session.model, session.formatter, session.tokenizer.eos_token_id, session.pad_id)
-    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "temperature": args.temperature, "top_p": args.top_p}
+    options = {"max_new_tokens": session.settings.train.max_new_tokens, "do_sample": args.sample, "temperature": args.temperature, "top_p": args.top_p}
     if args.sample_seed is not None:
         torch.manual_seed(args.sample_seed)
     tasks = ckpt.tasks
@@ -271,7 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--input", help="context for the instruction")
     gen.add_argument("--input-file", help="JSONL of {instruction, context}: answer them all")
     gen.add_argument("--output", help="JSONL for the answers of --input-file")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.7)
     gen.add_argument("--top-p", type=float, default=0.9)
@@ -291,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--markdown", action="store_true", help="as docs/settings.md holds them")
     st.set_defaults(func=cmd_settings)
 
-    ev = sub.add_parser("eval", help="test perplexity per task and the gate's expert shares of a checkpoint")
+    ev = sub.add_parser("eval", help="test perplexity per task, the gate's expert shares, and ROUGE-L / exact match of greedy answers")
     ev.add_argument("checkpoint", help="checkpoint directory (or the run directory holding checkpoint/)")
     ev.add_argument("--out", help="where eval.json and gate_heatmap.png go (default: beside the checkpoint)")
     ev.add_argument("--no-progress", action="store_true")

@@ -25,6 +25,7 @@ DEMO = {
 # Settings a resumed federated run may change; any other difference means another experiment.
 RESUMABLE = frozenset({
     "num-server-rounds", "resume", "round-timeout", "eval-samples", "eval-batch-size", "min-available-nodes", "out-dir",
+    "fraction-evaluate", "metrics-every", "generation-samples", "max-new-tokens",
 })
 
 
@@ -208,13 +209,17 @@ class TrainConfig:
     activation_cache_mb: float = field(2048.0, "memory the activation cache may use per process")
     activation_cache_disk_mb: float = field(8192.0, "disk the activation cache may use (under the model cache)")
     eval_samples: int = field(0, "test samples to evaluate (0 = the whole test split)")
+    generation_samples: int = field(
+        4, "test samples per task answered by greedy decoding and scored by ROUGE-L and exact match (0 = none)"
+    )
+    max_new_tokens: int = field(64, "most tokens generated per answer: by mops generate, and when scoring ROUGE-L and exact match")
     seed: int = field(0, "seed of initialisation and sample order")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "input_prompt_steps", "gate_pretrain_steps", "eval_samples"):
+        for name in ("steps", "input_prompt_steps", "gate_pretrain_steps", "eval_samples", "generation_samples"):
             if getattr(self, name) < 0:
                 raise setting_error(name, f"must be 0 or more, got {getattr(self, name)}")
-        for name in ("batch_size", "eval_batch_size", "gate_pretrain_samples"):
+        for name in ("batch_size", "eval_batch_size", "gate_pretrain_samples", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise setting_error(name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("lr", "input_prompt_lr", "gate_pretrain_lr"):
@@ -234,6 +239,15 @@ class FederatedConfig:
 
     num_server_rounds: int = field(3, "federated rounds (paper: 20)")
     fraction_train: float = field(0.1, "share of the connected nodes sampled each round (paper: 10 of 100)")
+    fraction_evaluate: float = field(
+        0.1, "share of the connected nodes that score each round's global adapter on their own held-out data (0 = none)"
+    )
+    client_test_fraction: float = field(
+        0.1, "share of each client's data held out, never trained on, for federated evaluation (0 = none: train on all)"
+    )
+    metrics_every: int = field(
+        0, "rounds between ROUGE-L / exact-match scoring of the global adapter on the server (0 = the last round only)"
+    )
     min_available_nodes: int = field(100, "round 1 waits until this many nodes are connected")
     local_steps: int = field(10, "optimizer steps each sampled client runs per round (paper: 250)")
     expert_aggregation: Literal["examples", "gate"] = field(
@@ -252,6 +266,14 @@ class FederatedConfig:
             raise setting_error("num_server_rounds", f"must be at least 1, got {self.num_server_rounds}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise setting_error("fraction_train", f"must be in (0, 1], got {self.fraction_train}")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise setting_error("fraction_evaluate", f"must be in [0, 1], got {self.fraction_evaluate}")
+        if not 0.0 <= self.client_test_fraction < 1.0:
+            raise setting_error("client_test_fraction", f"must be in [0, 1), got {self.client_test_fraction}")
+        if self.fraction_evaluate > 0 and self.client_test_fraction == 0:
+            raise setting_error("fraction_evaluate", "needs client-test-fraction above 0: the clients hold no data to evaluate on")
+        if self.metrics_every < 0:
+            raise setting_error("metrics_every", f"must be 0 or more, got {self.metrics_every}")
         if self.min_available_nodes < 1:
             raise setting_error("min_available_nodes", f"must be at least 1, got {self.min_available_nodes}")
         if self.local_steps < 1:

@@ -105,13 +105,15 @@ def evaluate(
     desc: str = "eval",
 ) -> EvalResult:
     examples = list(examples[:max_samples] if max_samples else examples)
+    # One bucket per task, and one more for tasks the run does not know (a node's own data may hold
+    # some): they count in the totals, not per task nor in routing.
     n_tasks = len(tasks)
-    nll = torch.zeros(n_tasks, dtype=torch.float64)
-    tokens = torch.zeros(n_tasks, dtype=torch.long)
-    samples = torch.zeros(n_tasks, dtype=torch.long)
-    gate_sum = torch.zeros(n_tasks, model.experts, dtype=torch.float64)
-    entropy_sum = torch.zeros(n_tasks, dtype=torch.float64)
-    routed_right = torch.zeros(n_tasks, dtype=torch.float64)
+    nll = torch.zeros(n_tasks + 1, dtype=torch.float64)
+    tokens = torch.zeros(n_tasks + 1, dtype=torch.long)
+    samples = torch.zeros(n_tasks + 1, dtype=torch.long)
+    gate_sum = torch.zeros(n_tasks + 1, model.experts, dtype=torch.float64)
+    entropy_sum = torch.zeros(n_tasks + 1, dtype=torch.float64)
+    routed_right = torch.zeros(n_tasks + 1, dtype=torch.float64)
     gated = 0
 
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
@@ -122,14 +124,15 @@ def evaluate(
         states = entering(model, batch, cache) if inject and cache is not None else None
         out = model(**batch, entering=states, inject=inject)
         task_ids = batch["task_ids"].cpu()
-        nll.index_add_(0, task_ids, out.nll.double().cpu())
-        tokens.index_add_(0, task_ids, out.tokens.cpu())
-        samples.index_add_(0, task_ids, torch.ones_like(task_ids))
+        bucket = torch.where(task_ids < 0, n_tasks, task_ids)
+        nll.index_add_(0, bucket, out.nll.double().cpu())
+        tokens.index_add_(0, bucket, out.tokens.cpu())
+        samples.index_add_(0, bucket, torch.ones_like(bucket))
         if out.gate is not None:
             gate = out.gate.double().cpu()
-            gate_sum.index_add_(0, task_ids, gate)
-            entropy_sum.index_add_(0, task_ids, -(gate * gate.clamp_min(1e-12).log()).sum(-1))
-            routed_right.index_add_(0, task_ids, (gate.argmax(-1) == expert_targets(task_ids, model.experts)).double())
+            gate_sum.index_add_(0, bucket, gate)
+            entropy_sum.index_add_(0, bucket, -(gate * gate.clamp_min(1e-12).log()).sum(-1))
+            routed_right.index_add_(0, bucket, (gate.argmax(-1) == expert_targets(task_ids, model.experts)).double())
             gated += len(chunk)
 
     total_tokens = int(tokens.sum())
@@ -142,9 +145,10 @@ def evaluate(
         for i, task in enumerate(tasks)
         if samples[i] > 0
     }
+    known = int(samples[:n_tasks].sum())
     matrix = None
     if gated:
-        matrix = (gate_sum / samples.clamp_min(1).unsqueeze(1).double()).tolist()
+        matrix = (gate_sum[:n_tasks] / samples[:n_tasks].clamp_min(1).unsqueeze(1).double()).tolist()
     return EvalResult(
         perplexity=_perplexity(nll.sum().item(), total_tokens),
         loss=nll.sum().item() / total_tokens if total_tokens else math.nan,
@@ -154,5 +158,5 @@ def evaluate(
         per_task=per_task,
         gate_matrix=matrix,
         gate_entropy=entropy_sum.sum().item() / gated if gated else None,
-        routing_accuracy=routed_right.sum().item() / gated if gated else None,
+        routing_accuracy=routed_right[:n_tasks].sum().item() / known if gated and known else None,
     )

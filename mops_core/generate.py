@@ -12,18 +12,23 @@ the decoder layers give it MoPs' behaviour, through the model's own splice and g
 
 Greedy decoding this way gives exactly the tokens that repeated full MoPs forward passes give
 (tests/test_generate.py), with one cached step per new token instead of a full pass.
+
+Many questions go in batches: each question is gated as in training (right padding, masked), and
+generation pads between the input prompts and the question ([sink, P1, pad.., question]), so that
+the prompts keep their positions for the splice and the gate bias and the question keeps its own
+(transformers numbers positions by the attention mask).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .data import Formatter
+from .data import Formatter, collate
 from .model import MoPsModel
 
 
@@ -117,6 +122,49 @@ class Generator:
             return None
         ones = torch.ones_like(question)
         return self.model.gate(self.model.gate_input(self.model.entering(question, ones), ones.bool()))
+
+    @torch.no_grad()
+    def gate_many(self, questions: Sequence[list[int]]) -> torch.Tensor | None:
+        """(B, E) log scores, each question gated as in training (right padding, masked)."""
+        if self.model.gate is None:
+            return None
+        from .data import Example
+
+        batch = collate([Example(tuple(q), len(q), -1) for q in questions], self.pad_token_id, with_response=False)
+        ids, mask = batch["input_ids"].to(self.model.device), batch["attention_mask"].to(self.model.device)
+        return self.model.gate(self.model.gate_input(self.model.entering(ids, mask), mask.bool()))
+
+    @torch.no_grad()
+    def answer_many(self, questions: Sequence[tuple[str, str]], *, max_new_tokens: int = 128, batch_size: int = 8,
+                    progress: bool = False) -> list[Answer]:
+        """Greedy answers to (instruction, context) pairs, `batch_size` at a time."""
+        from tqdm.auto import tqdm
+
+        model, answers = self.model, []
+        starts = range(0, len(questions), batch_size)
+        for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
+            ids = [self.formatter.question_ids(i, c) for i, c in questions[start : start + batch_size]]
+            log_g = self.gate_many(ids)
+            width = max(len(q) for q in ids)
+            padded = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
+            text_mask = torch.zeros((len(ids), width), dtype=torch.long)
+            for row, q in enumerate(ids):
+                padded[row, width - len(q) :] = torch.tensor(q)
+                text_mask[row, width - len(q) :] = 1
+            embeds = model.embed(padded.to(model.device))
+            mask = torch.cat([torch.ones(len(ids), 1 + model.num_prompts, dtype=torch.long), text_mask], 1).to(model.device)
+            with mixture_hooks(model, log_g):
+                out = model.base.generate(
+                    inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                    eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, use_cache=True, top_k=None,
+                    return_dict_in_generate=True,
+                )
+            for row, tokens in enumerate(out.sequences.tolist()):
+                if self.eos_token_id in tokens:
+                    tokens = tokens[: tokens.index(self.eos_token_id)]
+                text = self.formatter.tokenizer.decode(tokens, skip_special_tokens=True)
+                answers.append(Answer(text, tokens, [], None if log_g is None else log_g[row].exp().tolist()))
+        return answers
 
     @torch.no_grad()
     def answer(

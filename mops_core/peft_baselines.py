@@ -23,9 +23,10 @@ from transformers import PreTrainedModel
 from . import atomic, report
 from .compression.pipeline import prepare_base
 from .config import Settings
-from .data import IGNORE_INDEX, pad_token_id, prepare
+from .data import IGNORE_INDEX, Formatter, pad_token_id, prepare
 from .evaluate import evaluate
 from .loading import base_fingerprint
+from .metrics import first_per_task, score_answers
 from .model import MoPsOutput
 from .train import make_optimizer, train_steps
 
@@ -85,6 +86,24 @@ class PeftBaseline(nn.Module):
         return MoPsOutput(loss, nll, labelled.sum(1), None, None)
 
 
+    @torch.no_grad()
+    def answer_many(self, formatter: Formatter, questions: list[tuple[str, str]], *, max_new_tokens: int, batch_size: int,
+                    eos_id: int, pad_id: int, progress: bool = False) -> list[str]:
+        """Greedy answers, `batch_size` at a time: [sink, question] left-padded, as any causal LM generates."""
+        answers = []
+        for start in range(0, len(questions), batch_size):
+            ids = [[self.sink_token_id] + formatter.question_ids(i, c) for i, c in questions[start : start + batch_size]]
+            width = max(map(len, ids))
+            batch = torch.tensor([[pad_id] * (width - len(q)) + q for q in ids], device=self.device)
+            mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in ids], device=self.device)
+            out = self.peft.generate(input_ids=batch, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=eos_id, pad_token_id=pad_id, top_k=None)
+            for tokens in out[:, width:].tolist():
+                tokens = tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+                answers.append(formatter.tokenizer.decode(tokens, skip_special_tokens=True))
+        return answers
+
+
 def run(settings: Settings, kind: str, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Train a PEFT baseline centrally with MoPs' data, steps and learning rate; write results.json."""
     from .centralized import sink_token_id
@@ -110,6 +129,15 @@ def run(settings: Settings, kind: str, out_dir: str | Path, *, progress: bool = 
     )
     train_seconds = time.perf_counter() - train_started
     after = evaluate(model, data.test, desc=f"{kind} eval (end)", **score)
+    generation = None
+    if settings.train.generation_samples:
+        chosen = first_per_task(data.test_records, data.tasks, settings.train.generation_samples)
+        texts = model.answer_many(
+            Formatter(tokenizer, settings.data.max_length, data.tasks), [(r.instruction, r.context) for r in chosen],
+            max_new_tokens=settings.train.max_new_tokens, batch_size=settings.train.eval_batch_size,
+            eos_id=tokenizer.eos_token_id, pad_id=pad_id,
+        )
+        generation = score_answers(texts, chosen, data.tasks, settings.train.max_new_tokens)
     results = {
         "settings": settings.to_flat(),
         "method": kind,
@@ -118,6 +146,7 @@ def run(settings: Settings, kind: str, out_dir: str | Path, *, progress: bool = 
         "trainable_parameters": trainable,
         "before": before.to_dict(),
         "after": after.to_dict(),
+        "generation": generation.to_dict() if generation else None,
         "train": {"steps": stats.steps, "mean_loss": stats.mean_loss, "seconds": train_seconds, "losses": stats.losses},
         "wall_seconds": time.perf_counter() - started,
     }

@@ -67,6 +67,19 @@ def gate_matrix_table(tasks, matrix, entropy, accuracy, per_task: Mapping[str, T
     return table
 
 
+def generation_table(result, title: str = "greedy answers: ROUGE-L and exact match (%)") -> Table:
+    """Per task and overall, from a `metrics.GenerationResult`."""
+    table = Table(title=title)
+    for name in ("task", "samples", "ROUGE-L", "exact match"):
+        table.add_column(name, justify="left" if name == "task" else "right")
+    for task, score in result.per_task.items():
+        if score.samples:
+            table.add_row(task, str(score.samples), _fmt(score.rouge_l, 1), _fmt(score.exact_match, 1))
+    table.add_row("all", str(result.overall.samples), _fmt(result.overall.rouge_l, 1), _fmt(result.overall.exact_match, 1), style="bold")
+    table.caption = f"at most {result.max_new_tokens} new tokens per answer"
+    return table
+
+
 def gate_table(result: EvalResult) -> Table | None:
     if result.gate_matrix is None:
         return None
@@ -175,7 +188,7 @@ def plot_bars(
         ax.axhline(0.0, color="black", linewidth=0.8)
     elif finite:  # perplexities differ by little: show the differences, not the distance from 0
         low, high = min(finite), max(finite)
-        pad = max(0.05 * (high - low), 0.01 * high)
+        pad = max(0.05 * (high - low), 0.01 * abs(high), 1e-3)  # all equal (ROUGE-L 0 everywhere): still a range
         ax.set_ylim(low - 3 * pad, high + 3 * pad)
     long_names = max(len(name) for name in groups) > 16 if groups else False  # task names: slant them
     ax.set_xticks(range(len(groups)), list(groups), fontsize=8, rotation=25 if long_names else 0, ha="right" if long_names else "center")

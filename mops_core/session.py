@@ -24,6 +24,8 @@ from .compression.pipeline import prepare_base
 from .config import Settings
 from .data import Example, Formatter, PreparedData, pad_token_id, prepare, run_tasks
 from .evaluate import EvalResult, evaluate
+from .generate import Generator
+from .metrics import GenerationResult, generation_scores
 from .loading import cache_root
 from .model import MoPsModel
 from .train import GateRegulariser, StepStats, init_input_prompts, make_mops_optimizer, train_steps
@@ -95,13 +97,25 @@ class Session:
         """The run's train and test split, tokenised (a client reads only its partition instead)."""
         return prepare(self.settings.data, self.tokenizer, self.tasks)
 
-    def evaluate(self, *, progress: bool = False, desc: str = "eval") -> EvalResult:
-        """Perplexity on the test split (its first `eval-samples`), per task, and the gate per task."""
+    def evaluate(self, examples: list[Example] | None = None, *, progress: bool = False, desc: str = "eval") -> EvalResult:
+        """Perplexity per task and overall, and the gate per task: on the test split (its first
+        `eval-samples`), or on all of `examples` (a client's held-out share)."""
         train = self.settings.train
         return evaluate(
-            self.model, self.data.test, self.data.tasks, pad_id=self.pad_id, batch_size=train.eval_batch_size,
-            max_samples=train.eval_samples, cache=self.cache, progress=progress, desc=desc,
+            self.model, self.data.test if examples is None else examples, self.tasks, pad_id=self.pad_id,
+            batch_size=train.eval_batch_size, max_samples=train.eval_samples if examples is None else 0,
+            cache=self.cache, progress=progress, desc=desc,
         )
+
+    def generation(self, *, progress: bool = False) -> GenerationResult | None:
+        """ROUGE-L and exact match of greedy answers to the first `generation-samples` test samples of
+        every task; None when that is 0."""
+        train = self.settings.train
+        if not train.generation_samples:
+            return None
+        generator = Generator(self.model, self.formatter, self.tokenizer.eos_token_id, self.pad_id)
+        return generation_scores(generator, self.data.test_records, self.tasks, per_task=train.generation_samples,
+                                 max_new_tokens=train.max_new_tokens, batch_size=train.eval_batch_size, progress=progress)
 
     def train(self, examples: list[Example], steps: int, *, seed: int, progress: bool = False, desc: str = "train") -> StepStats:
         """`steps` optimizer steps of the experts and the gate, with a fresh optimizer (a client's round)."""

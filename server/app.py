@@ -20,7 +20,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from mops_core import checkpoint, report
-from mops_core.config import Settings
+from mops_core.config import FederatedConfig, Settings
 from mops_core.loading import base_fingerprint
 from mops_core.session import Session
 from mops_core.start_state import prepare_or_load, tensor_sha
@@ -51,6 +51,7 @@ def discover(grid: Grid, tasks: tuple[str, ...], minimum: int, timeout: float) -
             continue
         metrics = reply.content.metric_records["metrics"]
         found[node] = {k: metrics[k] for k in ("partition-id", "num-partitions", "num-examples", "task-counts")}
+        found[node]["num-heldout"] = metrics.get("num-heldout", 0)
         extra = reply.content.config_records.get("unknown-tasks")
         if extra is not None:
             found[node]["unknown-tasks"] = dict(zip(extra["names"], extra["counts"]))
@@ -63,6 +64,11 @@ def discover(grid: Grid, tasks: tuple[str, ...], minimum: int, timeout: float) -
         log(WARNING, "nodes hold tasks the run does not know; they train on them and the gate routes them: %s", named)
     log(INFO, "%d nodes hold %d training samples in all", len(found), sum(f["num-examples"] for f in found.values()))
     return found, set(nodes) - set(found)
+
+
+def scores_text(number: int, fed: FederatedConfig) -> bool:
+    """Whether round `number` scores greedy answers: every `metrics-every` rounds (from the start), and the last."""
+    return number == fed.num_server_rounds or (fed.metrics_every > 0 and number % fed.metrics_every == 0)
 
 
 @app.main()
@@ -100,7 +106,8 @@ def run(grid: Grid, settings: Settings) -> History:
     nodes, left_out = discover(grid, tasks, fed.min_available_nodes, fed.round_timeout)
     # A node with its own file and no partition-id is named by its node id.
     names = {n: str(f["partition-id"]) if f["partition-id"] >= 0 else f"node-{n}" for n, f in nodes.items()}
-    history.info["clients"] = {names[n]: f["task-counts"] for n, f in nodes.items()}
+    history.info["clients"] = {names[n]: f["task-counts"] for n, f in nodes.items()}  # what each trains on, per task
+    history.info["clients_heldout"] = {names[n]: f["num-heldout"] for n, f in nodes.items()}  # for federated evaluation
     unknown = {names[n]: f["unknown-tasks"] for n, f in nodes.items() if f.get("unknown-tasks")}
     if unknown:
         history.info["unknown_tasks"] = unknown
@@ -124,6 +131,8 @@ def run(grid: Grid, settings: Settings) -> History:
         min_available_nodes=fed.min_available_nodes,
         expert_weighting=fed.expert_aggregation if model.gate is not None else "examples",
         wait_timeout=fed.round_timeout,
+        fraction_evaluate=fed.fraction_evaluate,
+        tasks=list(tasks),
     )
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -133,7 +142,10 @@ def run(grid: Grid, settings: Settings) -> History:
         checkpoint.load_adapter_tensors(model, arrays.to_torch_state_dict(), source=f"round {number}", keys=payload)
         started = time.perf_counter()
         result = session.evaluate(desc=f"eval round {number}")
-        row = history.add_round(number, result, strategy.rounds.get(number), time.perf_counter() - started)
+        generated = time.perf_counter()
+        generation = session.generation() if scores_text(number, fed) else None
+        row = history.add_round(number, result, strategy.rounds.get(number), time.perf_counter() - started, generation)
+        row["generation_seconds"] = time.perf_counter() - generated if generation else 0.0
         checkpoint.save(out / "checkpoint", model, session.settings, list(tasks), extra={"round": number, "metrics": {"perplexity": result.perplexity}})
         history.save()
         history.plot()
@@ -141,12 +153,14 @@ def run(grid: Grid, settings: Settings) -> History:
         log(INFO, "%s", progress_line(row))
         return MetricRecord({"perplexity": result.perplexity, "loss": result.loss})
 
+    shared = {"start-state": key, "input-prompts-sha": sha, "tasks": list(tasks)}  # what a client needs to rebuild the model
     strategy.start(
         grid,
         ArrayRecord({k: v.cpu() for k, v in payload.items()}),
         num_rounds=fed.num_server_rounds - max(done, 0),
         timeout=fed.round_timeout,
-        train_config=ConfigRecord({"start-state": key, "input-prompts-sha": sha, "tasks": list(tasks)}),
+        train_config=ConfigRecord(shared),
+        evaluate_config=ConfigRecord(shared),
         evaluate_fn=after_round,
     )
     first, last = history.rounds[0], history.rounds[-1]

@@ -16,6 +16,7 @@ from typing import Any
 from mops_core import atomic, report
 from mops_core.config import RESUMABLE, Settings
 from mops_core.evaluate import EvalResult, gate_collapse
+from mops_core.metrics import GenerationResult
 
 from .strategy import RoundLog
 
@@ -67,7 +68,8 @@ class History:
         if self.rounds:
             self.started = time.perf_counter() - self.rounds[-1].get("wall_seconds", 0.0)
 
-    def add_round(self, number: int, result: EvalResult, wire: RoundLog | None, eval_seconds: float) -> dict:
+    def add_round(self, number: int, result: EvalResult, wire: RoundLog | None, eval_seconds: float,
+                  generation: GenerationResult | None = None) -> dict:
         row: dict[str, Any] = {
             "round": number,
             "perplexity": result.perplexity,
@@ -79,6 +81,7 @@ class History:
             "routing_accuracy": result.routing_accuracy,
             "gate_matrix": result.gate_matrix,
             **(gate_collapse(result.gate_matrix) or {}),
+            "generation": generation.to_dict() if generation else None,
             "eval_seconds": eval_seconds,
             "wall_seconds": time.perf_counter() - self.started,
         }
@@ -107,6 +110,11 @@ def progress_line(row: dict) -> str:
         return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
     parts = [f"round {row['round']:>3}", f"ppl {num('perplexity', '.3f')}", f"train loss {num('train_loss', '.3f')}"]
+    client = row.get("client_eval")
+    if client:  # federated evaluation: token-weighted over the clients, and its spread over them
+        parts.append(f"clients' ppl {client['perplexity']:.3f} (p10-p90 {client['p10']:.2f}-{client['p90']:.2f}, {client['clients']} clients)")
+    if row.get("generation"):
+        parts.append(f"ROUGE-L {row['generation']['rouge_l']:.1f} EM {row['generation']['exact_match']:.1f}")
     if row.get("gate_entropy") is not None:
         parts.append(f"gate entropy {num('gate_entropy', '.2f')}")
     if row.get("task_entropy"):  # gate-collapse diagnostics: entropy of each task's mean gate, each expert's share

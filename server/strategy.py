@@ -49,6 +49,8 @@ class RoundLog:
     client_metrics: dict = field(default_factory=dict)  # example-weighted mean of the accepted replies' metrics
     started: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0  # configure_train -> aggregate_train done
+    client_eval: dict | None = None  # federated evaluation: token-weighted perplexity and its spread over clients
+    client_eval_seconds: float = 0.0  # configure_evaluate -> aggregate_evaluate done
 
 
 STALL_HINT_SECONDS = 30.0  # no new node for this long: say why the run may be waiting in vain
@@ -118,6 +120,49 @@ def reply_problem(
     return None
 
 
+EVAL_KEYS = ("num-examples", "eval-tokens", "eval-nll", "task-tokens", "task-nll")
+
+
+def eval_reply_problem(content: RecordDict, tasks: int) -> str | None:
+    """Why an evaluation reply cannot be counted, or None."""
+    if len(content.metric_records) != 1:
+        return f"expected one MetricRecord, got {len(content.metric_records)}"
+    metrics = next(iter(content.metric_records.values()))
+    missing = [k for k in EVAL_KEYS if k not in metrics]
+    if missing:
+        return f"no {', '.join(missing)} in its metrics"
+    for key in EVAL_KEYS:
+        values = metrics[key] if isinstance(metrics[key], list) else [metrics[key]]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
+            return f"metric '{key}' must be finite and non-negative, got {metrics[key]!r}"
+    if len(metrics["task-tokens"]) != tasks or len(metrics["task-nll"]) != tasks:
+        return f"'task-tokens' and 'task-nll' must list one value per task ({tasks})"
+    if metrics["eval-tokens"] == 0 and metrics["eval-nll"] > 0:
+        return "a loss without tokens"
+    return None
+
+
+def aggregate_client_eval(metrics: list[dict], tasks: list[str]) -> dict | None:
+    """Token-weighted perplexity over the clients (overall and per task), and its spread over clients:
+    the 10th, 50th and 90th percentile of the clients' own perplexities. None without tokens."""
+    tokens = np.array([m["eval-tokens"] for m in metrics], dtype=np.float64)
+    if tokens.sum() <= 0:
+        return None
+    nll = np.array([m["eval-nll"] for m in metrics], dtype=np.float64)
+    scored = tokens > 0
+    own = np.exp(nll[scored] / tokens[scored])  # each client's perplexity on its held-out data
+    task_tokens = np.array([m["task-tokens"] for m in metrics], dtype=np.float64).sum(0)
+    task_nll = np.array([m["task-nll"] for m in metrics], dtype=np.float64).sum(0)
+    p10, p50, p90 = np.percentile(own, [10, 50, 90])
+    return {
+        "perplexity": float(np.exp(nll.sum() / tokens.sum())),
+        "loss": float(nll.sum() / tokens.sum()),
+        "tokens": int(tokens.sum()), "clients": int(scored.sum()), "samples": int(sum(m["num-examples"] for m in metrics)),
+        "p10": float(p10), "p50": float(p50), "p90": float(p90),
+        "per_task": {t: float(np.exp(task_nll[i] / task_tokens[i])) for i, t in enumerate(tasks) if task_tokens[i] > 0},
+    }
+
+
 def gate_weighted_experts(replies: list[Message], weight_key: str) -> np.ndarray:
     """Each expert's prompts averaged over the replies with weights examples x the reply's gate on it."""
     total = norm = None
@@ -144,11 +189,15 @@ class MoPsFedAvg(FedAvg):
         min_available_nodes: int = 2,
         expert_weighting: Literal["examples", "gate"] = "examples",
         wait_timeout: float = math.inf,
+        fraction_evaluate: float = 0.0,
+        tasks: list[str] | None = None,
     ) -> None:
         super().__init__(
-            fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
-            min_evaluate_nodes=0, min_available_nodes=min_available_nodes,
+            fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=1,
+            min_evaluate_nodes=1 if fraction_evaluate > 0 else 0, min_available_nodes=min_available_nodes,
         )
+        self.tasks = list(tasks or [])
+        self.eval_started: dict[int, float] = {}  # round -> when its evaluation messages went out
         self.expected = expected
         self.seed = seed
         self.partitions = partitions or {}  # node id -> partition id
@@ -166,13 +215,15 @@ class MoPsFedAvg(FedAvg):
         """The run's round number: Flower counts from 1 again when a run resumes."""
         return server_round + self.round_offset
 
-    def sample(self, grid: Grid, server_round: int) -> list[int]:
+    def sample(self, grid: Grid, server_round: int, *, evaluate: bool = False) -> list[int]:
+        """The round's nodes, drawn by partition with a seeded RNG (evaluation draws with its own)."""
         nodes = [n for n in wait_for_nodes(grid, self.min_available_nodes, self.wait_timeout) if n not in self.left_out]
         if not nodes:
             raise RuntimeError(f"every connected node was left out at discovery ({len(self.left_out)} nodes could not read their data)")
-        size = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
+        fraction, least = (self.fraction_evaluate, self.min_evaluate_nodes) if evaluate else (self.fraction_train, self.min_train_nodes)
+        size = min(len(nodes), max(int(len(nodes) * fraction), least))
         ordered = sorted(nodes, key=lambda n: (self.partitions.get(n, math.inf), n))
-        rng = random.Random(f"{self.seed}:{self.round_number(server_round)}")
+        rng = random.Random(f"{self.seed}:{self.round_number(server_round)}" + (":evaluate" if evaluate else ""))
         return rng.sample(ordered, size)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -186,6 +237,36 @@ class MoPsFedAvg(FedAvg):
         shown = sorted(self.partitions.get(n, -1) for n in node_ids)
         log(INFO, "round %d: training on %d nodes (partitions %s)", number, len(node_ids), shown)
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        node_ids = self.sample(grid, server_round, evaluate=True)
+        number = self.round_number(server_round)
+        self.eval_started[number] = time.perf_counter()
+        config["server-round"] = number
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, node_ids, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Clients' held-out scores weighed by tokens; a failed or bad reply is logged and left out."""
+        round_log = self.rounds.setdefault(self.round_number(server_round), RoundLog(self.round_number(server_round)))
+        usable = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(WARNING, "node %d (partition %s) failed to evaluate: %s", node, self.partitions.get(node, "?"), msg.error.reason)
+                continue
+            problem = eval_reply_problem(msg.content, len(self.tasks))
+            if problem:
+                log(WARNING, "dropping the evaluation reply of node %d (partition %s): %s", node, self.partitions.get(node, "?"), problem)
+                continue
+            usable.append(dict(next(iter(msg.content.metric_records.values()))))
+        round_log.client_eval = aggregate_client_eval(usable, self.tasks) if usable else None
+        round_log.client_eval_seconds = time.perf_counter() - self.eval_started.pop(round_log.round, time.perf_counter())
+        if round_log.client_eval is None:
+            return None
+        return MetricRecord({k: v for k, v in round_log.client_eval.items() if k != "per_task"})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_log = self.rounds.setdefault(self.round_number(server_round), RoundLog(self.round_number(server_round)))

@@ -109,6 +109,9 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict
             "rounds": [{k: r.get(k) for k in ("round", "perplexity", "gate_entropy", "task_entropy", "expert_share")} for r in rounds],
             "curve": {"x": [r["round"] for r in rounds], "y": [r["perplexity"] for r in rounds], "label": "test perplexity"},
         }
+    generation = results.get("generation") if cell.kind == "centralized" else results["rounds"][-1].get("generation")
+    row.update(rouge_l=generation["rouge_l"] if generation else None, exact_match=generation["exact_match"] if generation else None,
+               task_rouge_l={t: s["rouge_l"] for t, s in generation["per_task"].items()} if generation else None)
     return {**common, **row, **(gate_collapse(row["gate_matrix"]) or {})}
 
 
@@ -265,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every cell (repeatable)")
     parser.add_argument("--only", choices=("centralized", "federated"), help="run one kind of cell")
     parser.add_argument("--variants", help="comma-separated names of the profile's variants to run (default: all)")
+    parser.add_argument("--datasets", help="comma-separated datasets of the main cells, e.g. dolly,sni (default: the profile's)")
+    parser.add_argument("--compressions", help="comma-separated compressions of the main cells (default: the profile's)")
+    parser.add_argument("--methods", help="comma-separated methods to run: prompt, mops, lora, ia3, fedprompt (default: all)")
+    parser.add_argument("--no-sweeps", action="store_true", help="only the cells of the main tables: no L_int or prompt-count sweep")
     parser.add_argument("--seeds", help="comma-separated seeds of every main cell, e.g. 0,1,2,3 (default: the profile's)")
     parser.add_argument("--supernodes", type=int, help="simulated clients of federated cells (default: the profile's)")
     parser.add_argument("--client-cpus", type=int, default=2, help="CPUs per ClientApp actor")
@@ -298,6 +305,25 @@ def main(argv: list[str] | None = None) -> int:
                           f"{', '.join(profile.variants)}", soft_wrap=True)
             return 2
         profile = replace(profile, variants={name: profile.variants[name] for name in names})
+    chosen = {name: tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+              for name, value in (("datasets", args.datasets), ("compressions", args.compressions), ("methods", args.methods)) if value}
+    if any(not values for values in chosen.values()):
+        console.print(f"[red]error:[/red] --{next(n for n, v in chosen.items() if not v)}: names nothing", soft_wrap=True)
+        return 2
+    unknown = set(chosen.get("methods", ())) - {"prompt", "mops", *PEFT_METHODS, "fedprompt"}
+    if unknown:
+        console.print(f"[red]error:[/red] --methods: {', '.join(sorted(unknown))} is not one of prompt, mops, "
+                      f"{', '.join(PEFT_METHODS)}, fedprompt", soft_wrap=True)
+        return 2
+    if "methods" in chosen:
+        keep = chosen.pop("methods")
+        profile = replace(profile, centralized_methods=tuple(m for m in profile.centralized_methods if m in keep),
+                          federated_methods=tuple(m for m in profile.federated_methods if m in keep))
+        if "mops" not in keep:
+            profile = replace(profile, inject_layers=(), prompts_per_expert=())
+    profile = replace(profile, **chosen)
+    if args.no_sweeps:
+        profile = replace(profile, inject_layers=(), prompts_per_expert=())
     out = args.out or PROJECT / "runs" / f"benchmark-{profile.name}"
     kinds = (args.only,) if args.only else ("centralized", "federated")
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from mops_core.train import expert_targets
 
 CSV_COLUMNS = (
     "id", "kind", "method", "study", "dataset", "compression", "model", "seed", "inject-layer", "experts",
-    "prompts-per-expert", "lr", "steps", "num-server-rounds", "local-steps", "perplexity_start", "perplexity",
+    "prompts-per-expert", "lr", "steps", "num-server-rounds", "local-steps", "perplexity_start", "perplexity", "rouge_l", "exact_match",
     "trainable_parameters", "bytes_communicated", "gate_entropy", "routing_accuracy", "wall_seconds", "base_fingerprint", "dir",
 )
 METHOD_NAMES = {"prompt": "prompt tuning", "mops": "MoPs", "lora": "LoRA", "ia3": "IA3", "fedprompt": "FedPrompt"}
@@ -73,9 +74,16 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def _ppl(runs: Sequence[dict] | None, key: str = "perplexity") -> tuple[float | None, float | None]:
-    if not runs:
+    values = [r[key] for r in runs or [] if r.get(key) is not None]
+    if not values:
         return None, None
-    return _mean_sd([r[key] for r in runs])
+    return _mean_sd(values)
+
+
+def _rouge(runs: Sequence[dict] | None) -> str:
+    """Mean ROUGE-L (± sd over seeds) of greedy answers, '-' for runs that scored none."""
+    mean, sd = _ppl(runs, "rouge_l")
+    return "-" if mean is None else f"{mean:.1f}" + ("" if sd is None else f" ± {sd:.1f}")
 
 
 def _with_sd(mean: float | None, sd: float | None) -> str:
@@ -114,12 +122,14 @@ def comparison(records: Sequence[dict], kind: str, baseline: str, title: str) ->
         seeds = max(len(base or []), len(mops or []))
         rows.append([
             *label(key), str(seeds), _num(_ppl(base, "perplexity_start")[0]), _with_sd(b, b_sd), _with_sd(m, m_sd), _num(gain),
-            "-" if gain is None else f"{100 * gain / b:+.1f}%", verdict,
+            "-" if gain is None else f"{100 * gain / b:+.1f}%", verdict, _rouge(base), _rouge(mops),
         ])
     if not rows:
         return None
-    headers = [*label_headers, "seeds", "start", METHOD_NAMES[baseline], "MoPs", "gain", "gain %", "better"]
-    return Grid(title, headers, rows, "test perplexity (lower is better); gain = baseline - MoPs")
+    headers = [*label_headers, "seeds", "start", METHOD_NAMES[baseline], "MoPs", "gain", "gain %", "better",
+               f"ROUGE-L {METHOD_NAMES[baseline]}", "ROUGE-L MoPs"]
+    return Grid(title, headers, rows, "test perplexity (lower is better); gain = baseline - MoPs; "
+                "ROUGE-L (%, higher is better) of greedy answers to the first test samples of every task")
 
 
 def peft_comparison(records: Sequence[dict], title: str) -> Grid | None:
@@ -139,9 +149,11 @@ def peft_comparison(records: Sequence[dict], title: str) -> Grid | None:
         values = {m: _ppl(row[m]) for m in methods if m in row}
         best = min(values, key=lambda m: values[m][0]) if values else None
         cells = [(_with_sd(*values[m]) + (" *" if m == best else "")) if m in values else "-" for m in methods]
-        rows.append([*label(key), *cells])
+        rows.append([*label(key), *cells, *(_rouge(row.get(m)) for m in methods)])
+    headers += [f"ROUGE-L {METHOD_NAMES[m]}" for m in methods]
     steps = sorted({r["steps"] for row in table.values() for runs in row.values() for r in runs})
-    return Grid(title, headers, rows, f"test perplexity after {', '.join(map(str, steps))} steps; * best in the row")
+    return Grid(title, headers, rows, f"test perplexity after {', '.join(map(str, steps))} steps; * best in the row; "
+                "ROUGE-L (%) of greedy answers")
 
 
 def gate_diagnostics(records: Sequence[dict]) -> Grid | None:
@@ -363,6 +375,10 @@ def write_figures(records: Sequence[dict], folder: Path) -> list[Path]:
             path = draw(records, kind, baseline, folder / f"{name}-{kind}.png")
             if path:
                 written.append(path)
+    for dataset in sorted({r["dataset"] for r in records}):
+        path = _rouge_figure(records, dataset, folder / f"rouge-{re.sub(r'[^A-Za-z0-9_.-]+', '_', dataset)}.png")
+        if path:
+            written.append(path)
     for study, label, figure in (("inject-layer", "L_int (inject-layer)", "fig2-inject-layer.png"),
                                  ("prompts-per-expert", "prompts per expert", "fig3-prompts-per-expert.png")):
         path = _sweep(records, study, label, folder / figure)
@@ -402,6 +418,19 @@ def sweep_points(records: Sequence[dict], study: str) -> dict[str, dict[float, f
                 value = r["inject_layer"]
             points.setdefault(METHOD_NAMES[r["method"]], {})[value] = r["perplexity"]
     return points
+
+
+def _rouge_figure(records: Sequence[dict], dataset: str, path: Path) -> Path | None:
+    """ROUGE-L of every method of the main grid on one dataset, per compression (mean ± sd over seeds)."""
+    groups: dict[str, dict[str, tuple[float, float | None]]] = {}
+    for r in records:
+        if r["dataset"] == dataset and r["study"] == "main" and r.get("rouge_l") is not None and "default" in (r.get("variants") or ["default"]):
+            name = ("federated " if r["kind"] == "federated" and r["method"] == "mops" else "") + METHOD_NAMES[r["method"]]
+            groups.setdefault(r["compression"], {}).setdefault(name, []).append(r["rouge_l"])
+    if not groups:
+        return None
+    bars = {c: {m: _mean_sd(v) for m, v in methods.items()} for c, methods in groups.items()}
+    return report.plot_bars(bars, path, ylabel="ROUGE-L (%)", title=f"{dataset}: ROUGE-L of greedy answers (higher is better)")
 
 
 def _variant_namer(table: dict[Key, object]) -> Callable[[Key], str]:

@@ -83,6 +83,28 @@ def test_variants_and_seeds_options_choose_the_cells_and_name_what_is_wrong(caps
     assert "fast gate" in message and "paper (one lr)" in message
 
 
+def test_datasets_compressions_methods_and_no_sweeps_choose_the_cells(capsys):
+    def listed(*options):
+        assert main(["--profile", "quick", *options, "--dry-run"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return lines[0], [line.split()[:2] for line in lines if line.startswith(("cent-", "fede-"))]
+
+    summary, all_cells = listed()
+    assert summary == "model smollm2; data dolly; compression sparsegpt:0.75, sparsegpt:2:4; seeds 0"
+    assert len(all_cells) == 16 and any(study != "main" for _, study in all_cells)  # 12 main cells and 4 sweeps
+    summary, chosen = listed("--datasets", "dolly,sni", "--compressions", "sparsegpt:0.75", "--methods", "prompt,mops,fedprompt",
+                             "--no-sweeps")
+    assert summary == "model smollm2; data dolly, sni; compression sparsegpt:0.75; seeds 0"
+    assert sorted(name.rsplit("-", 1)[0] for name, _ in chosen) == sorted(
+        f"{kind}-{method}-{data}-sparsegpt-0.75" for data in ("dolly", "sni")
+        for kind, method in (("cent", "prompt"), ("cent", "mops"), ("fede", "fedprompt"), ("fede", "mops")))
+    assert {study for _, study in chosen} == {"main"}
+    _, no_mops = listed("--methods", "lora")  # the sweeps are MoPs runs: gone with MoPs
+    assert [name.split("-")[1] for name, _ in no_mops] == ["lora", "lora"]
+    assert main(["--profile", "quick", "--methods", "mops,lorra", "--dry-run"]) == 2
+    assert "--methods: lorra is not one of prompt, mops, lora, ia3, fedprompt" in capsys.readouterr().out
+
+
 def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
     grid = cells(tiny_profile)
     assert [(c.method, c.study) for c in grid] == [("prompt", "main"), ("mops", "main"), ("mops", "inject-layer")]
@@ -108,6 +130,9 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
     base, mops = by_method["prompt"]["perplexity"], by_method["mops"]["perplexity"]
     assert numbers[:4] == pytest.approx([by_method["prompt"]["perplexity_start"], base, mops, base - mops], abs=2e-3)
     assert numbers[4] == pytest.approx(100 * (base - mops) / base, abs=0.05)  # printed as +x.y%
+    rouge = [by_method["prompt"]["rouge_l"], by_method["mops"]["rouge_l"]]  # ROUGE-L of greedy answers, beside
+    assert numbers[5:] == pytest.approx(rouge, abs=0.051) and all(0 <= r <= 100 for r in rouge)
+    assert by_method["mops"]["task_rouge_l"].keys() == set(by_method["mops"]["tasks"])
     # The per-task table: each task's perplexities from the records, its gain, and the gate's routing of that task.
     section = markdown.split("### Per task, centralized")[1]
     mops_run = by_method["mops"]
@@ -123,7 +148,7 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
     assert len(csv_lines) == 4 and csv_lines[0].startswith("id,kind,method")
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert "curve-centralized-dolly-none.png" in figures and "fig2-inject-layer.png" in figures
-    assert "per-task-centralized.png" in figures
+    assert "per-task-centralized.png" in figures and "rouge-dolly.png" in figures
     assert any(name.startswith("gate-cent-mops") for name in figures)
 
     # Resume: finished cells are skipped; a changed setting is a new cell that runs.
@@ -275,6 +300,27 @@ def test_peft_baseline_scores_like_the_plain_model_before_training(pretrained_ba
     assert {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad} == {"default"}
     out.loss.backward()
     assert all(p.grad is not None for p in model.trainable_parameters())
+
+
+def test_peft_baselines_answer_in_batches_as_the_model_answers_one_question_at_a_time(pretrained_base, tokenizer):
+    formatter = Formatter(tokenizer, 64, TASKS["dolly"])
+    model = PeftBaseline(copy.deepcopy(pretrained_base), "lora", sink_token_id(tokenizer))
+    with torch.no_grad():  # a LoRA that has learnt something: B != 0
+        for name, p in model.peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    questions = [("abc defg", ""), ("ijk lmnop qrs tuv wx", "abc"), ("q", "")]
+    never = tokenizer.unk_token_id  # as the end of an answer: all 8 tokens are compared, wherever the model would stop
+    batched = model.answer_many(formatter, questions, max_new_tokens=8, batch_size=3, eos_id=never, pad_id=tokenizer.pad_token_id)
+    alone = []
+    for instruction, context in questions:
+        ids = torch.tensor([[sink_token_id(tokenizer)] + formatter.question_ids(instruction, context)])
+        out = model.peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                  eos_token_id=never, pad_token_id=tokenizer.pad_token_id, top_k=None)
+        tokens = out[0, ids.shape[1]:].tolist()
+        assert never not in tokens and len(tokens) == 8
+        alone.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    assert batched == alone and len(set(alone)) > 1
 
 
 @pytest.mark.slow

@@ -100,9 +100,11 @@ def test_a_node_with_its_own_file_trains_on_exactly_its_records_without_the_shar
     tasks = ConfigRecord({"tasks": list(server.tasks)})
 
     report = client_app.query(message({"config": tasks}, MessageType.QUERY), context).content
+    part = task.local_partition(Settings.from_flat(run_config), server.tasks, str(own))
+    assert len(part.heldout) == 1 and sorted(part.records + part.heldout, key=repr) == sorted(mine, key=repr)  # 10% held out
     counts = report["metrics"]["task-counts"]
-    assert report["metrics"]["num-examples"] == 12 and counts[2] == counts[5] == 4 and sum(counts) == 8
-    assert list(report["unknown-tasks"]["names"]) == ["poetry"] and list(report["unknown-tasks"]["counts"]) == [4]
+    assert report["metrics"]["num-examples"] == 11 and counts[2] + counts[5] == sum(counts) == 11 - dict(part.unknown_tasks).get("poetry", 0)
+    assert list(report["unknown-tasks"]["names"]) == ["poetry"]
 
     trained = []
     original = Session.train
@@ -111,9 +113,16 @@ def test_a_node_with_its_own_file_trains_on_exactly_its_records_without_the_shar
                            "tasks": list(server.tasks)})
     arrays = ArrayRecord({k: v.cpu() for k, v in server.model.federated_state_dict().items()})
     reply = client_app.train(message({"arrays": arrays, "config": config}, MessageType.TRAIN), context)
-    assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 12
-    assert trained == [server.formatter.examples(mine)]  # exactly the file's records, in its order
-    assert {ex.task_id for ex in trained[0]} == {2, 5, -1}  # the unknown task has no id, and is trained on all the same
+    assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 11
+    assert trained == [server.formatter.examples(part.records)]  # exactly the file's records but the held-out one, in order
+    assert {ex.task_id for ex in trained[0]} <= {2, 5, -1} and -1 in {ex.task_id for ex in trained[0]}  # unknown: trained on
+
+    # Federated evaluation scores the held-out record only, summed so that the server can weigh by tokens.
+    scored = client_app.evaluate(message({"arrays": arrays, "config": config}, MessageType.EVALUATE), context).content["metrics"]
+    held = server.formatter.examples(part.heldout)
+    assert scored["num-examples"] == 1 and scored["eval-tokens"] == sum(e.response_len for e in held)
+    expected = server.evaluate(held)
+    assert scored["eval-nll"] == pytest.approx(expected.loss * expected.tokens, rel=1e-5) and len(scored["task-tokens"]) == 7
 
     own.write_text(own.read_text() + '{"instruction": "x", "context": "", "response": "y"}\n')
     with pytest.raises(DataError, match=rf"{own}:13: missing field\(s\) task"):

@@ -128,6 +128,7 @@ def test_a_node_trains_on_its_own_file_and_a_node_with_an_unreadable_file_is_lef
             "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140, "max-length": 64,
             "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "fraction-train": 1.0,
             "local-steps": 3, "num-server-rounds": 1, "min-available-nodes": 2, "out-dir": str(root / "run"),
+            "client-test-fraction": 0.0, "fraction-evaluate": 0.0,  # the node trains on every record of its file
         }
         done = d.run(settings)
     finally:

@@ -51,6 +51,23 @@ def test_cached_greedy_generation_equals_full_forward_passes(pretrained_base, to
         assert (answer.gate is None) == (gating == "none")
 
 
+@pytest.mark.parametrize("gating, method", [("attention", "mops"), ("hidden", "mops"), ("none", "prompt")])
+def test_batched_greedy_generation_gives_the_tokens_of_one_question_at_a_time(pretrained_base, tokenizer, gating, method):
+    model, generator = tuned(pretrained_base, tokenizer, gating, method)
+    # Questions of different lengths, so that the batch pads; one with a context.
+    questions = [("abc defg", ""), ("ijk lmnop qrs tuv wx abc defg hij", "klm nop"), ("q", ""), ("ABC DEF GHI", "x")]
+    one_by_one = [generator.answer(i, c, max_new_tokens=10) for i, c in questions]
+    batched = generator.answer_many(questions, max_new_tokens=10, batch_size=3)  # a full batch and a short one
+    assert [a.token_ids for a in batched] == [a.token_ids for a in one_by_one]
+    assert [a.text for a in batched] == [a.text for a in one_by_one]
+    assert any(len(set(a.token_ids)) > 1 for a in batched), "answers worth comparing"
+    for b, a in zip(batched, one_by_one):
+        if gating == "none":
+            assert b.gate is None and a.gate is None
+        else:
+            torch.testing.assert_close(torch.tensor(b.gate), torch.tensor(a.gate), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("gating", ["attention", "hidden"])
 def test_the_hooks_really_act(pretrained_base, tokenizer, gating):
     """Teeth for the test above: the base without the hooks scores the same tokens differently."""

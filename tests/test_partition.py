@@ -53,3 +53,21 @@ def test_a_lower_alpha_gives_each_client_fewer_tasks(records):
         return sum(shares) / len(shares)
 
     assert purity(0.1) > 0.6 > 0.4 > purity(100.0)
+
+
+def test_each_client_holds_out_a_share_it_never_trains_on_the_same_on_every_call(records):
+    from mops_core.config import Settings
+
+    data = records(50, tasks=3)
+    settings = Settings.from_flat({"samples": data.samples, "client-test-fraction": 0.2, "min-partition-size": 5})
+    tasks = DOLLY[:3]
+    for pid in range(4):
+        part = task.partition(settings, tasks, pid, 4)
+        mine = [data_records for data_records in task.dirichlet_split(settings.data, 4, 0.5, 5)[pid]]
+        assert len(part.records) + len(part.heldout) == len(mine)
+        assert not set(part.records) & set(part.heldout) and len(part.heldout) == round(0.2 * len(mine))
+        assert sum(part.task_counts) == len(part.records)  # what the client trains on
+        again = task.partition(settings, tasks, pid, 4)
+        assert (again.records, again.heldout) == (part.records, part.heldout)
+    whole = task.partition(settings.replace(client_test_fraction=0.0, fraction_evaluate=0.0), tasks, 0, 4)
+    assert not whole.heldout and len(whole.records) == len(task.dirichlet_split(settings.data, 4, 0.5, 5)[0])

@@ -29,6 +29,8 @@ def test_kebab_and_snake_keys_and_string_values_are_coerced():
         ({"max-length": 8}, "setting 'max-length': must be at least 32"),
         ({"input-prompt-init": "text", "input-prompt-text": " "}, "setting 'input-prompt-text': must hold some text"),
         ({"expert-aggregation": "tasks"}, "setting 'expert-aggregation': must be one of 'examples', 'gate'"),
+        ({"client-test-fraction": 0.0}, "setting 'fraction-evaluate': needs client-test-fraction above 0"),
+        ({"max-new-tokens": 0}, "setting 'max-new-tokens': must be at least 1"),
     ],
 )
 def test_bad_settings_name_the_key(values, message):
@@ -139,6 +141,12 @@ EFFECTS = {
     "activation-cache-mb": ["test_activations.py::test_the_memory_and_disk_limits_hold"],
     "activation-cache-disk-mb": ["test_activations.py::test_the_memory_and_disk_limits_hold"],
     "eval-samples": ["test_train.py::test_batch_size_eval_samples_and_seed_act_as_they_say"],
+    "generation-samples": ["test_train.py::test_generation_samples_and_max_new_tokens_choose_what_is_answered_and_how_long"],
+    "max-new-tokens": ["test_train.py::test_generation_samples_and_max_new_tokens_choose_what_is_answered_and_how_long"],
+    "fraction-evaluate": ["test_strategy.py::test_evaluation_samples_its_own_share_of_the_nodes_and_flower_no_longer_skips_it",
+                          "test_simulation.py::test_main_job_trains_mops_across_clients_and_perplexity_falls"],
+    "client-test-fraction": ["test_partition.py::test_each_client_holds_out_a_share_it_never_trains_on_the_same_on_every_call"],
+    "metrics-every": ["test_strategy.py::test_metrics_every_chooses_the_rounds_that_score_greedy_answers"],
     "seed": ["test_train.py::test_batch_size_eval_samples_and_seed_act_as_they_say", "test_strategy.py::test_sampling_follows_partitions_not_node_ids_so_a_resumed_run_replays_it"],
     "num-server-rounds": ["test_simulation.py::test_main_job_trains_mops_across_clients_and_perplexity_falls"],
     "fraction-train": ["test_strategy.py::test_sampling_follows_partitions_not_node_ids_so_a_resumed_run_replays_it"],

@@ -64,9 +64,19 @@ def test_main_job_trains_mops_across_clients_and_perplexity_falls(mops_run):
         assert len(r["client_gate_share"]) == 7
         # what the gate did with each task's test samples
         assert set(r["task_routing"]) == set(r["per_task"]) == set(r["task_gate_entropy"])
+        # federated evaluation every round: 0.1 of 3 nodes is one, on its own held-out share
+        client = r["client_eval"]
+        assert client["clients"] == 1 and client["tokens"] > 0 and client["p10"] <= client["p50"] <= client["p90"]
+        assert 1.0 < client["perplexity"] < 1e4 and set(client["per_task"]) <= set(r["per_task"])
+    # ROUGE-L and exact match of greedy answers, after the last round only (the default)
+    assert [r["round"] for r in rounds if r["generation"]] == [3]
+    generation = rounds[-1]["generation"]
+    assert generation["samples"] == 14 and 0 <= generation["rouge_l"] <= 100 and len(generation["examples"]) == 7  # 2 test samples a task
     info = results["info"]
     assert sorted(info["clients"]) == ["0", "1", "2"]
-    assert sum(sum(c) for c in info["clients"].values()) == 126  # 90% of 140, all handed out
+    held = info["clients_heldout"]
+    assert sum(sum(c) for c in info["clients"].values()) + sum(held.values()) == 126  # 90% of 140, all handed out
+    assert all(h >= 1 for h in held.values())  # every client holds some back for federated evaluation
     assert info["message_parameters"] == info["trainable_parameters"]  # an RMS gate has no statistics to send
     raw = info["message_parameters"] * 4 * 3  # float32 experts + gate to 3 clients
     assert raw <= rounds[1]["bytes_down"] < raw + 3 * 2048  # plus the records' own headers
@@ -119,7 +129,8 @@ def test_your_own_three_task_jsonl_trains_federated_with_one_expert_per_task(fed
     results = run(fed, out, dataset=str(data), experts=0, samples=120, **{"num-server-rounds": 2})
     rounds, info = results["rounds"], results["info"]
     assert info["tasks"] == ["classify", "summarise", "translate"]
-    assert sum(sum(c) for c in info["clients"].values()) == 108 and all(len(c) == 3 for c in info["clients"].values())
+    trained = sum(sum(c) for c in info["clients"].values())
+    assert trained + sum(info["clients_heldout"].values()) == 108 and all(len(c) == 3 for c in info["clients"].values())
     assert all(r["accepted"] == 3 and len(r["client_gate_share"]) == 3 for r in rounds[1:])
     assert set(rounds[-1]["per_task"]) == {"classify", "summarise", "translate"}
     assert json.loads((out / "checkpoint" / "adapter_config.json").read_text())["num_experts"] == 3

@@ -233,3 +233,68 @@ def test_waiting_for_nodes_explains_a_federation_too_small_and_gives_up_at_the_t
     with pytest.raises(RuntimeError, match=r"only 2 of the 100 nodes .*num-supernodes=100"):
         wait_for_nodes(FakeGrid({1: 0, 2: 1}), 100, timeout=0.05, poll=0.01)
     assert "run it with num-supernodes=100, or set min-available-nodes=2" in caplog.text
+
+
+def eval_reply(node, tokens, nll, task_tokens=None, task_nll=None, **changes):
+    metrics = {"num-examples": 2, "eval-tokens": tokens, "eval-nll": nll,
+               "task-tokens": task_tokens or [tokens, 0], "task-nll": task_nll or [nll, 0.0], **changes}
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), metadata=metadata(node, MessageType.EVALUATE))
+
+
+def test_federated_evaluation_weighs_clients_by_tokens_and_reports_their_spread():
+    from server.strategy import aggregate_client_eval
+
+    tokens = np.array([10, 40, 25, 5, 20])
+    loss = np.array([2.0, 1.5, 3.0, 0.5, 2.5])  # mean NLL per token of each client
+    replies = [dict(eval_reply(n, int(t), float(l * t), [int(t), 0], [float(l * t), 0.0]).content["metrics"])
+               for n, (t, l) in enumerate(zip(tokens, loss))]
+    result = aggregate_client_eval(replies, ["a", "b"])
+    assert result["loss"] == pytest.approx(np.average(loss, weights=tokens))
+    assert result["perplexity"] == pytest.approx(np.exp(np.average(loss, weights=tokens)))
+    assert [result["p10"], result["p50"], result["p90"]] == pytest.approx(np.percentile(np.exp(loss), [10, 50, 90]))
+    assert result["tokens"] == 100 and result["clients"] == 5 and result["per_task"] == pytest.approx({"a": result["perplexity"]})
+
+
+def test_a_bad_evaluation_reply_is_dropped_with_the_node_named(caplog):
+    s = strategy(fraction_evaluate=0.5, tasks=["a", "b"])
+    good = [eval_reply(1, 10, 20.0), eval_reply(2, 30, 30.0)]
+    bad = [
+        eval_reply(3, 10, float("nan")),  # NaN loss
+        eval_reply(4, 10, 5.0, **{"eval-tokens": None}),  # no token count
+        eval_reply(5, -3, 5.0),  # a negative count
+        eval_reply(6, 10, 5.0, task_tokens=[10]),  # not one count per task
+        reply(7, error="out of memory"),
+    ]
+    with caplog.at_level(logging.WARNING):
+        metrics = s.aggregate_evaluate(1, good + bad)
+    assert metrics["perplexity"] == pytest.approx(np.exp(50.0 / 40)) and metrics["clients"] == 2
+    assert s.rounds[1].client_eval["tokens"] == 40
+    for node in (3, 4, 5, 6, 7):
+        assert f"node {node} " in caplog.text
+    assert "metric 'eval-nll' must be finite" in caplog.text and "no eval-tokens" in caplog.text
+
+
+def test_evaluation_samples_its_own_share_of_the_nodes_and_flower_no_longer_skips_it(caplog, server_identity):
+    from mops_core.config import Settings
+
+    with caplog.at_level(logging.WARNING):
+        s = strategy(partitions=dict(zip(range(100, 120), range(20))), fraction_evaluate=Settings().federated.fraction_evaluate,
+                     min_available_nodes=20, left_out={100})
+    assert "evaluation will be skipped" not in caplog.text
+    grid = FakeGrid(range(100, 120))
+    picked = s.sample(grid, 1, evaluate=True)
+    assert len(picked) == 1 and 100 not in picked and picked == s.sample(grid, 1, evaluate=True)
+    messages = list(s.configure_evaluate(1, ArrayRecord({k: Array(v) for k, v in arrays(0).items()}), ConfigRecord({"tasks": ["a"]}), grid))
+    assert [m.metadata.dst_node_id for m in messages] == picked and messages[0].metadata.message_type == MessageType.EVALUATE
+    assert list(strategy(fraction_evaluate=0.0).configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid)) == []
+
+
+def test_metrics_every_chooses_the_rounds_that_score_greedy_answers():
+    from mops_core.config import FederatedConfig
+    from server.app import scores_text
+
+    rounds = lambda **kw: [n for n in range(0, 7) if scores_text(n, FederatedConfig(num_server_rounds=6, **kw))]  # noqa: E731
+    assert rounds() == [6]  # the default: the last round only
+    assert rounds(metrics_every=2) == [0, 2, 4, 6]  # the start too, as the baseline of the curve
+    assert rounds(metrics_every=4) == [0, 4, 6]

@@ -157,6 +157,32 @@ def test_your_own_three_task_jsonl_trains_and_evaluates_centrally_with_one_exper
     assert len(evaluated["gate_matrix"]) == 3 and len(evaluated["gate_matrix"][0]) == 3
 
 
+def test_generation_samples_and_max_new_tokens_choose_what_is_answered_and_how_long(tokenizer, pretrained_base, monkeypatch):
+    from mops_core.generate import Generator
+    from mops_core.metrics import rouge_l
+
+    settings = tiny_settings(generation_samples=2, max_new_tokens=5)
+    data = toy_data(tokenizer, settings)
+    session = session_on(settings, copy.deepcopy(pretrained_base), tokenizer, data)
+    asked, answered = [], []
+    original = Generator.answer_many
+
+    def spy(self, questions, **kw):
+        asked.append((list(questions), kw["max_new_tokens"]))
+        answered.extend(original(self, questions, **kw))
+        return answered[-len(questions):]
+
+    monkeypatch.setattr(Generator, "answer_many", spy)
+    result = session.generation()
+    firsts = [r for t in TASKS3 for r in [r for r in data.test_records if r.task == t][:2]]
+    assert asked == [([(r.instruction, r.context) for r in firsts], 5)]  # the first two test samples of every task
+    assert all(len(a.token_ids) <= 5 for a in answered) and any(len(a.token_ids) == 5 for a in answered)
+    assert result.overall.samples == 6 and {s.samples for s in result.per_task.values()} == {2}
+    expected = sum(rouge_l(a.text, r.response) for a, r in zip(answered, firsts)) / 6
+    assert result.overall.rouge_l == pytest.approx(expected)
+    assert session_on(settings.replace(generation_samples=0), pretrained_base, tokenizer, data).generation() is None
+
+
 def test_cli_reports_bad_settings_without_a_traceback(capsys, toy_data_dir):
     assert main(["train", "--experts", "zero", "--data-dir", str(toy_data_dir)]) == 2
     assert "setting 'experts': expected an integer" in capsys.readouterr().out
