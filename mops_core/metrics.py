@@ -12,6 +12,7 @@ Answers come from greedy decoding with the KV-cache generator, in batches, on th
 from __future__ import annotations
 
 import functools
+import logging
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,12 @@ def exact_match(prediction: str, reference: str) -> float:
 def _scorer():
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    # Its constructor logs through absl, which gives the root logger a handler of its own: every
+    # Flower log line would then print twice. Keep the root logger as it was.
+    handlers = list(logging.root.handlers)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    logging.root.handlers[:] = handlers
+    return scorer
 
 
 def rouge_l(prediction: str, reference: str) -> float:

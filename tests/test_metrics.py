@@ -54,3 +54,14 @@ def test_the_first_samples_of_every_task_in_the_runs_task_order():
     records = [Record(str(i), "", "r", t) for i, t in enumerate("abacbca")]
     chosen = first_per_task(records, ("c", "a", "b"), 2)
     assert [(r.task, r.instruction) for r in chosen] == [("c", "3"), ("c", "5"), ("a", "0"), ("a", "2"), ("b", "1"), ("b", "4")]
+
+
+def test_scoring_leaves_the_root_logger_alone_so_flower_lines_print_once(monkeypatch):
+    import logging
+
+    from mops_core import metrics
+
+    metrics._scorer.cache_clear()
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a ServerApp process, where pytest adds none
+    rouge_l("a b", "a")
+    assert logging.root.handlers == []
