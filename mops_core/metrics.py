@@ -69,7 +69,8 @@ class GenerationResult:
         task = lambda s: {"samples": s.samples, "rouge_l": s.rouge_l, "exact_match": s.exact_match}  # noqa: E731
         return {
             "rouge_l": self.overall.rouge_l, "exact_match": self.overall.exact_match, "samples": self.overall.samples,
-            "max_new_tokens": self.max_new_tokens, "per_task": {t: task(s) for t, s in self.per_task.items()},
+            "max_new_tokens": self.max_new_tokens,
+            "per_task": {t: task(s) for t, s in self.per_task.items() if s.samples},  # a task without test samples scores nothing
             "examples": self.examples,
         }
 

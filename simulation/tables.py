@@ -430,7 +430,8 @@ def _rouge_figure(records: Sequence[dict], dataset: str, path: Path) -> Path | N
     if not groups:
         return None
     bars = {c: {m: _mean_sd(v) for m, v in methods.items()} for c, methods in groups.items()}
-    return report.plot_bars(bars, path, ylabel="ROUGE-L (%)", title=f"{dataset}: ROUGE-L of greedy answers (higher is better)")
+    return report.plot_bars(bars, path, ylabel="ROUGE-L (%)", title=f"{dataset}: ROUGE-L of greedy answers (higher is better)",
+                            signed=True)  # from 0: a few points of ROUGE-L on a few samples, not a zoom onto them
 
 
 def _variant_namer(table: dict[Key, object]) -> Callable[[Key], str]:

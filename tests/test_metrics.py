@@ -46,7 +46,8 @@ def test_scores_are_means_per_task_and_each_sample_counts_once_overall():
     assert result.per_task["x"].samples == 2 and result.per_task["x"].rouge_l == 50.0 and result.per_task["x"].exact_match == 50.0
     assert result.per_task["y"].rouge_l == 100.0 and result.per_task["z"].samples == 0
     assert result.overall.samples == 3 and result.overall.rouge_l == pytest.approx(200 / 3)
-    assert result.to_dict()["per_task"]["x"] == {"samples": 2, "rouge_l": 50.0, "exact_match": 50.0}
+    assert result.to_dict()["per_task"] == {"x": {"samples": 2, "rouge_l": 50.0, "exact_match": 50.0},
+                                            "y": {"samples": 1, "rouge_l": 100.0, "exact_match": 100.0}}  # not z: unscored
     assert [e["task"] for e in result.examples] == ["x", "y"]  # one answer of each task to read
 
 
