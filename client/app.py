@@ -3,8 +3,12 @@
 query  reports which data this node holds: its partition of the run's dataset, or the node's own
        file (`--node-config "data-file=PATH"`), read and checked here so that a node with bad
        data is left out before round 1; its count per task of the run, and of tasks the run does
-       not know. The server samples by partition (a resumed run replays the same clients) and
-       draws the per-client task histogram from what the clients actually hold.
+       not know. It also reports the fingerprint of the base it loaded (the server leaves out a
+       node whose base differs) and whether it holds the run's frozen input prompts. The server
+       samples by partition (a resumed run replays the same clients) and draws the per-client
+       task histogram from what the clients actually hold.
+query.start_state  stores the frozen input prompts the server sends a node that lacks them,
+       after checking their hash (nothing is stored otherwise).
 train  installs the global experts and gate, runs `local-steps` optimizer steps on the
        node's partition, and replies with the updated experts and gate (nothing else of the
        model travels) and what happened: examples, loss, mean gate score per expert, time.
@@ -18,21 +22,38 @@ from __future__ import annotations
 import math
 import time
 
-import torch  # noqa: F401  -- Ray workers must import torch before ArrayRecord.to_torch_state_dict()
+import torch  # first: Ray workers must import torch before ArrayRecord.to_torch_state_dict()
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import task
 from mops_core.checkpoint import load_adapter_tensors
 from mops_core.config import Settings
+from mops_core.model import INPUT_PROMPTS
 from mops_core.session import Session
+from mops_core.start_state import StartStateError, has_input_prompts, store_input_prompts
 from mops_core.train import round_seed
 
 app = ClientApp()
 
 
+def clip_when_asked(msg: Message, context: Context, call_next):
+    """Flower's client-side DP clipping, for the runs whose server asks for it (dp-clipping=client)."""
+    if KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+# What a node may set for itself with --node-config: where its base is and how it runs it.
+NODE_SETTINGS = ("model", "model-cache-dir", "device", "dtype")
+
+
 def _settings(context: Context) -> Settings:
-    return Settings.from_flat(context.run_config, context="run-config")
+    """The run's settings, with what this node's --node-config says of its own base."""
+    own = {k: context.node_config[k] for k in NODE_SETTINGS if k in context.node_config}
+    return Settings.from_flat({**context.run_config, **own}, context="run-config and node-config")
 
 
 def _tasks(msg: Message) -> tuple[str, ...]:
@@ -51,7 +72,8 @@ def _partition(context: Context, settings: Settings, tasks: tuple[str, ...]) -> 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    part = _partition(context, _settings(context), _tasks(msg))
+    settings, tasks = _settings(context), _tasks(msg)
+    part = _partition(context, settings, tasks)
     metrics = MetricRecord(
         {
             "partition-id": part.partition_id,
@@ -59,10 +81,22 @@ def query(msg: Message, context: Context) -> Message:
             "num-examples": len(part.records),
             "num-heldout": len(part.heldout),
             "task-counts": list(part.task_counts),
+            "has-input-prompts": int(has_input_prompts(settings, str(msg.content["config"]["input-prompts-sha"]))),
         }
     )
+    node = ConfigRecord({"base-fingerprint": task.fingerprint(settings, tasks)})
     unknown = ConfigRecord({"names": [t for t, _ in part.unknown_tasks], "counts": [n for _, n in part.unknown_tasks]})
-    return Message(RecordDict({"metrics": metrics, "unknown-tasks": unknown}), reply_to=msg)
+    return Message(RecordDict({"metrics": metrics, "node": node, "unknown-tasks": unknown}), reply_to=msg)
+
+
+@app.query("start_state")
+def receive_input_prompts(msg: Message, context: Context) -> Message:
+    sha = str(msg.content["config"]["input-prompts-sha"])
+    arrays = msg.content["arrays"]
+    if list(arrays.keys()) != [INPUT_PROMPTS]:
+        raise StartStateError(f"a start-state message must carry '{INPUT_PROMPTS}' alone, got {sorted(arrays.keys())}; nothing was stored")
+    store_input_prompts(_settings(context), torch.from_numpy(arrays[INPUT_PROMPTS].numpy()), sha)
+    return Message(RecordDict({"metrics": MetricRecord({"stored": 1})}), reply_to=msg)
 
 
 def _with_global_state(msg: Message, context: Context) -> tuple[Settings, Session, task.Partition]:
@@ -70,14 +104,14 @@ def _with_global_state(msg: Message, context: Context) -> tuple[Settings, Sessio
     settings = _settings(context)
     config = msg.content["config"]
     tasks = _tasks(msg)
-    session = task.ready_session(settings, tasks, str(config["start-state"]), str(config["input-prompts-sha"]))
+    session = task.ready_session(settings, tasks, str(config["input-prompts-sha"]))
     model = session.model
     global_state = msg.content["arrays"].to_torch_state_dict()
     load_adapter_tensors(model, global_state, source="the server's message", keys=model.federated_state_dict())
     return settings, session, _partition(context, settings, tasks)
 
 
-@app.train()
+@app.train(mods=[clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     settings, session, part = _with_global_state(msg, context)

@@ -19,6 +19,7 @@ from flwr_datasets.partitioner import DirichletPartitioner
 
 from mops_core.config import DataConfig, Settings
 from mops_core.data import Columns, DataError, Example, Formatter, Record, load_records, read_records, run_tasks, sample_and_split
+from mops_core.loading import base_fingerprint
 from mops_core.session import Session
 from mops_core.start_state import load_input_prompts, tensor_sha
 
@@ -119,12 +120,18 @@ def session(settings: Settings, tasks: tuple[str, ...]) -> Session:
     return Session.open(settings, tasks=tasks, progress=False)
 
 
-def ready_session(settings: Settings, tasks: tuple[str, ...], start_state: str, input_prompts_sha: str) -> Session:
+def ready_session(settings: Settings, tasks: tuple[str, ...], input_prompts_sha: str) -> Session:
     """The session with the server's frozen input prompts installed (checked by content hash)."""
     found = session(settings, tasks)
     if tensor_sha(found.model.input_prompts) != input_prompts_sha:
-        load_input_prompts(found.model, settings, start_state, input_prompts_sha)
+        load_input_prompts(found.model, settings, input_prompts_sha)
     return found
+
+
+@functools.lru_cache(maxsize=2)
+def fingerprint(settings: Settings, tasks: tuple[str, ...]) -> str:
+    """The identity of the base this node loaded, as the server computes its own."""
+    return base_fingerprint(session(settings, tasks).base)
 
 
 @functools.lru_cache(maxsize=8)

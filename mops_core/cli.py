@@ -68,13 +68,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     from . import atomic
     from .centralized import evaluate_plain_base
-    from .compression.pipeline import compress_base
+    from .compression.pipeline import compress_base, export_base
     from .data import prepare
     from .loading import base_fingerprint, load_base
 
     settings = _settings_from_args(args)
     if settings.compression.compression == "none":
         raise SettingsError("setting 'compression': say what to do, e.g. --compression sparsegpt:0.5")
+    if args.export and settings.compression.spec.method == "int8":
+        raise SettingsError("--export: int8 needs no export (each node quantises the same base in seconds, to the same "
+                            "fingerprint), and its quantised modules cannot be saved as a Hugging Face model")
     progress = not args.no_progress
     base, tokenizer = load_base(settings.model)
     data = prepare(settings.data, tokenizer)
@@ -104,6 +107,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
             "perplexity_compressed": after.perplexity, "per_task_dense": before.to_dict()["per_task"],
             "per_task_compressed": after.to_dict()["per_task"],
         })
+    if args.export:
+        fingerprint = export_base(base, tokenizer, settings, Path(args.export))
+        report.console.print(f"exported to {args.export}: nodes load it with model = \"{args.export}\" (fingerprint {fingerprint})",
+                             soft_wrap=True, highlight=False)
     return 0
 
 
@@ -264,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compress", help="compress the base (cached), report sparsity and test perplexity before/after")
     comp.add_argument("--out", help="also write compression.json there")
+    comp.add_argument("--export", metavar="DIR", help="also write the compressed base to DIR, a Hugging Face model that "
+                      "federated nodes load with model = DIR (compressed already, the server's fingerprint)")
     comp.add_argument("--no-progress", action="store_true")
     _add_settings(comp)
     comp.set_defaults(func=cmd_compress)

@@ -261,8 +261,43 @@ class FederatedConfig:
     out_dir: str = field("runs/federated", "where checkpoints, results.json and figures go")
     resume: bool = field(False, "continue from the checkpoint in out-dir, at the round after it")
     round_timeout: float = field(3600.0, "seconds the server waits for a round's replies, and for min-available-nodes to connect")
+    update_norm_bound: str = field(
+        "",
+        "drop a client's update whose L2 distance from the round's global experts and gate exceeds this: a number "
+        "(absolute), or Nx (N times the round's median client update, e.g. 3x); '' = no bound",
+    )
+    dp_clip: float = field(
+        0.0, "differential privacy (Flower's fixed-clipping wrapper): clip every client update to this L2 norm (0 = no DP)"
+    )
+    dp_noise: float = field(
+        0.0, "differential privacy: Gaussian noise multiplier z; the average gets noise of std z x dp-clip / sampled clients"
+    )
+    dp_clipping: Literal["server", "client"] = field(
+        "server", "where updates are clipped under DP: by the server on receipt, or by each client before it replies"
+    )
+
+    @property
+    def norm_bound(self) -> tuple[float, bool] | None:
+        """(bound, relative to the round's median), or None when updates are not bounded."""
+        text = self.update_norm_bound.strip()
+        if not text:
+            return None
+        relative = text.endswith("x")
+        return float(text.removesuffix("x")), relative
 
     def __post_init__(self) -> None:
+        try:
+            bound = self.norm_bound
+        except ValueError:
+            raise setting_error("update_norm_bound", f"must be a number or Nx (e.g. 3x), got {self.update_norm_bound!r}") from None
+        if bound is not None and not (math.isfinite(bound[0]) and bound[0] > 0 and (bound[0] >= 1 or not bound[1])):
+            raise setting_error("update_norm_bound", f"must be positive (a multiple of the median at least 1x), got {self.update_norm_bound!r}")
+        if not (math.isfinite(self.dp_clip) and self.dp_clip >= 0):
+            raise setting_error("dp_clip", f"must be 0 (no DP) or a positive norm, got {self.dp_clip}")
+        if not (math.isfinite(self.dp_noise) and self.dp_noise >= 0):
+            raise setting_error("dp_noise", f"must be 0 or more, got {self.dp_noise}")
+        if self.dp_noise > 0 and self.dp_clip == 0:
+            raise setting_error("dp_noise", "needs dp-clip: the noise is scaled to the clipping norm")
         if self.num_server_rounds < 1:
             raise setting_error("num_server_rounds", f"must be at least 1, got {self.num_server_rounds}")
         if not 0.0 < self.fraction_train <= 1.0:

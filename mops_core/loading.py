@@ -121,7 +121,7 @@ def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
         source = ModelSource("local", str(cached))
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
-    with _quiet_progress():  # a sub-second load; in simulation every Ray actor would print a bar
+    with quiet_progress():  # a sub-second load; in simulation every Ray actor would print a bar
         model, tokenizer = _from_pretrained(source, dtype=dtype)
     check_architecture(model)
     model.to(device=device, dtype=dtype)
@@ -132,7 +132,7 @@ def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
 
 
 @contextlib.contextmanager
-def _quiet_progress() -> Iterator[None]:
+def quiet_progress() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()

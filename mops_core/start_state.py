@@ -2,11 +2,12 @@
 
 The paper treats the pretrained input prompts P1 like the compressed base: part of the frozen
 model every client holds, never part of what is averaged. The server prepares the start
-state once (or loads it from the cache), stores it as an adapter checkpoint under a key
-derived from everything that determines it, and names that key in each round's config.
-Clients read P1 from the same cache (shared in simulation and on one machine; provisioned
-with the base in a real deployment) and check its content hash, so that no client ever
-trains against input prompts other than the server's.
+state once (or loads it from the cache) and stores it as an adapter checkpoint under a key
+derived from everything that determines it. What a client lacks of it is P1 alone (the experts
+and the gate arrive with every round), so P1 is also kept content-addressed, under its hash:
+the server publishes it in its own cache (a simulated client, or a node sharing the machine,
+finds it there) and sends it once to a node that reports lacking it; the node checks the hash
+before it stores anything. No client ever trains against input prompts other than the server's.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from . import checkpoint
-from .atomic import file_lock
+from .atomic import directory, file_lock
 from .config import Settings
 from .loading import base_fingerprint, cache_root
 from .model import INPUT_PROMPTS, MoPsModel
@@ -89,17 +92,43 @@ def prepare_or_load(session: Session, *, progress: bool = True) -> tuple[str, St
     return key, report
 
 
-def load_input_prompts(model: MoPsModel, settings: Settings, key: str, expected_sha: str) -> None:
-    """Install the server's frozen input prompts into a client's model, verified by content hash."""
-    path = start_state_dir(settings, key)
-    try:
-        tensors = checkpoint.read(path).tensors
-    except checkpoint.CheckpointError as exc:
+def input_prompts_path(settings: Settings, sha: str) -> Path:
+    """Where P1 with content hash `sha` lives in this machine's cache."""
+    return cache_root(settings.model) / "input-prompts" / sha / "input_prompts.safetensors"
+
+
+def has_input_prompts(settings: Settings, sha: str) -> bool:
+    return input_prompts_path(settings, sha).is_file()
+
+
+def store_input_prompts(settings: Settings, prompts: torch.Tensor, sha: str) -> Path:
+    """Keep P1 under its hash, after checking that it is what `sha` says; nothing is written otherwise."""
+    prompts = prompts.detach().float().cpu().contiguous()
+    if prompts.ndim != 2 or not torch.isfinite(prompts).all():
+        raise StartStateError(f"the input prompts {sha} must be a finite (prompts, width) matrix; nothing was stored")
+    if tensor_sha(prompts) != sha:
         raise StartStateError(
-            f"start state {key} is not available on this node ({exc}); "
-            f"provision {path} with the base model, or run the server on this machine first"
-        ) from None
-    prompts = tensors.get(INPUT_PROMPTS)
-    if prompts is None or tensor_sha(prompts) != expected_sha:
-        raise StartStateError(f"start state at {path} does not hold the input prompts the server uses (hash mismatch)")
+            f"the input prompts received do not match their hash (expected {sha}, got {tensor_sha(prompts)}); nothing was stored"
+        )
+    path = input_prompts_path(settings, sha)
+    with file_lock(path.parent.with_name(sha + ".lock")):
+        if not path.is_file():
+            with directory(path.parent) as tmp:
+                save_file({INPUT_PROMPTS: prompts}, str(tmp / path.name))
+    return path
+
+
+def load_input_prompts(model: MoPsModel, settings: Settings, sha: str) -> None:
+    """Install the server's frozen input prompts into a client's model, verified by content hash."""
+    path = input_prompts_path(settings, sha)
+    if not path.is_file():
+        raise StartStateError(
+            f"the input prompts {sha} are not in this node's cache ({path}); the server sends them when it admits the node"
+        )
+    try:
+        prompts = load_file(str(path)).get(INPUT_PROMPTS)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise StartStateError(f"{path} is corrupt ({exc}); delete it and the server sends it again") from None
+    if prompts is None or tensor_sha(prompts) != sha:
+        raise StartStateError(f"{path} does not hold the input prompts {sha} (hash mismatch); delete it and the server sends it again")
     checkpoint.load_adapter_tensors(model, {INPUT_PROMPTS: prompts}, source=str(path), keys=[INPUT_PROMPTS])

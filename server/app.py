@@ -1,7 +1,7 @@
 """ServerApp: federated MoPs (or FedPrompt) over many non-i.i.d. clients.
 
     settings -> base, data, model -> start state (P1 pretrained, prompts, gate pretrained)
-             -> ask every node for its partition -> rounds of MoPsFedAvg
+             -> admit every node (its partition, its base; P1 sent where lacking) -> rounds of MoPsFedAvg
              -> after each round: evaluate on the test split, checkpoint, results.json, figures
 
 Everything heavy lives in `mops_core`; this file only wires it to Flower's Message API.
@@ -10,12 +10,11 @@ Everything heavy lives in `mops_core`; this file only wires it to Flower's Messa
 from __future__ import annotations
 
 import time
-from collections import Counter
 from logging import INFO, WARNING
 from pathlib import Path
 
 import torch  # noqa: F401  -- before ArrayRecord.to_torch_state_dict()
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -23,47 +22,34 @@ from mops_core import checkpoint, report
 from mops_core.config import FederatedConfig, Settings
 from mops_core.loading import base_fingerprint
 from mops_core.session import Session
-from mops_core.start_state import prepare_or_load, tensor_sha
+from mops_core.start_state import prepare_or_load, store_input_prompts, tensor_sha
 
+from .admission import Admission
 from .history import History, ResumeError, progress_line
+from .privacy import with_privacy
 from .strategy import MoPsFedAvg, wait_for_nodes
 
 app = ServerApp()
 
 
-def discover(grid: Grid, tasks: tuple[str, ...], minimum: int, timeout: float) -> tuple[dict[int, dict], set[int]]:
-    """Ask every connected node what data it holds: (what each usable node reported, the nodes to leave out).
+def discover(grid: Grid, admission: Admission, minimum: int, timeout: float) -> None:
+    """Admit every connected node (its data, its base, the input prompts) once `minimum` are connected.
 
-    A node that cannot read its data (a bad file, no shared dataset) is left out of sampling
-    with its error logged; tasks that nodes hold and the run does not know are named once.
+    Stops with the reasons when fewer than `minimum` (min-available-nodes) can train: every round
+    would wait for nodes that never come.
     """
     nodes = wait_for_nodes(grid, minimum, timeout)
-    config = ConfigRecord({"tasks": list(tasks)})
-    asks = [Message(RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    found: dict[int, dict] = {}
-    reasons: list[str] = []
-    unknown: Counter = Counter()
-    for reply in grid.send_and_receive(asks, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            log(WARNING, "node %d is left out: it could not read its data: %s", node, reply.error.reason)
-            reasons.append(reply.error.reason)
-            continue
-        metrics = reply.content.metric_records["metrics"]
-        found[node] = {k: metrics[k] for k in ("partition-id", "num-partitions", "num-examples", "task-counts")}
-        found[node]["num-heldout"] = metrics.get("num-heldout", 0)
-        extra = reply.content.config_records.get("unknown-tasks")
-        if extra is not None:
-            found[node]["unknown-tasks"] = dict(zip(extra["names"], extra["counts"]))
-            unknown.update(found[node]["unknown-tasks"])
-    if not found:  # every round would fail the same way: stop before training nothing
-        why = "; ".join(dict.fromkeys(r.strip().splitlines()[-1] for r in reasons if r.strip())) or "no reply in time"
-        raise RuntimeError(f"none of the {len(nodes)} nodes could report its data: {why}")
+    admitted = admission.admit(grid, nodes)
+    if len(admitted) < minimum:
+        why = "; ".join(f"node {n}: {r.strip().splitlines()[-1] if r.strip() else r}" for n, r in sorted(admission.reasons.items()))
+        raise RuntimeError(f"only {len(admitted)} of the {len(nodes)} connected nodes can train and min-available-nodes "
+                           f"is {minimum}: {why or 'no reply in time'}")
+    unknown = admission.unknown_task_counts()
     if unknown:
         named = ", ".join(f"{t} ({n} records)" for t, n in sorted(unknown.items()))
         log(WARNING, "nodes hold tasks the run does not know; they train on them and the gate routes them: %s", named)
-    log(INFO, "%d nodes hold %d training samples in all", len(found), sum(f["num-examples"] for f in found.values()))
-    return found, set(nodes) - set(found)
+    reports = admission.reports.values()
+    log(INFO, "%d nodes hold %d training samples in all", len(reports), sum(r["num-examples"] for r in reports))
 
 
 def scores_text(number: int, fed: FederatedConfig) -> bool:
@@ -103,29 +89,26 @@ def run(grid: Grid, settings: Settings) -> History:
         log(INFO, "resuming %s after round %d", out, done)
 
     tasks = session.tasks
-    nodes, left_out = discover(grid, tasks, fed.min_available_nodes, fed.round_timeout)
-    # A node with its own file and no partition-id is named by its node id.
-    names = {n: str(f["partition-id"]) if f["partition-id"] >= 0 else f"node-{n}" for n, f in nodes.items()}
-    history.info["clients"] = {names[n]: f["task-counts"] for n, f in nodes.items()}  # what each trains on, per task
-    history.info["clients_heldout"] = {names[n]: f["num-heldout"] for n, f in nodes.items()}  # for federated evaluation
-    unknown = {names[n]: f["unknown-tasks"] for n, f in nodes.items() if f.get("unknown-tasks")}
-    if unknown:
-        history.info["unknown_tasks"] = unknown
-    report.plot_partitions({f["partition-id"] if f["partition-id"] >= 0 else names[n]: f["task-counts"] for n, f in nodes.items()},
+    fingerprint = base_fingerprint(model.base)
+    store_input_prompts(settings, model.input_prompts, sha)  # a node sharing this cache needs no message
+    admission = Admission(settings, tasks, fingerprint, model.input_prompts, sha, fed.round_timeout)
+    discover(grid, admission, fed.min_available_nodes, fed.round_timeout)
+    history.info.update(admission.info())
+    names = admission.names()
+    report.plot_partitions({r["partition-id"] if r["partition-id"] >= 0 else names[n]: r["task-counts"] for n, r in admission.reports.items()},
                            tasks, out / "client_tasks.png")
     payload = model.federated_state_dict()
     history.info.update(
         trainable_parameters=sum(p.numel() for p in model.trainable_parameters()),
         message_parameters=sum(t.numel() for t in payload.values()),
         tasks=list(tasks),
-        base_fingerprint=base_fingerprint(model.base),
+        base_fingerprint=fingerprint,
         base_parameters=sum(p.numel() for p in model.base.parameters()),
     )
     strategy = MoPsFedAvg(
         {k: tuple(v.shape) for k, v in payload.items()},
         seed=settings.train.seed,
-        partitions={n: f["partition-id"] for n, f in nodes.items() if f["partition-id"] >= 0},
-        left_out=left_out,
+        admission=admission,
         round_offset=max(done, 0),
         fraction_train=fed.fraction_train,
         min_available_nodes=fed.min_available_nodes,
@@ -133,7 +116,13 @@ def run(grid: Grid, settings: Settings) -> History:
         wait_timeout=fed.round_timeout,
         fraction_evaluate=fed.fraction_evaluate,
         tasks=list(tasks),
+        norm_bound=fed.norm_bound,
     )
+    sampled = max(int(len(admission.reports) * fed.fraction_train), 1)
+    runner = with_privacy(strategy, fed, sampled)
+    if runner is not strategy:
+        history.info["privacy"] = {"clipping": fed.dp_clipping, "clip": fed.dp_clip, "noise_multiplier": fed.dp_noise,
+                                   "clients_per_round": sampled, "noise_std": fed.dp_noise * fed.dp_clip / sampled}
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         number = strategy.round_number(server_round)
@@ -144,6 +133,7 @@ def run(grid: Grid, settings: Settings) -> History:
         result = session.evaluate(desc=f"eval round {number}")
         generated = time.perf_counter()
         generation = session.generation() if scores_text(number, fed) else None
+        history.info.update(admission.info())  # nodes admitted since
         row = history.add_round(number, result, strategy.rounds.get(number), time.perf_counter() - started, generation)
         row["generation_seconds"] = time.perf_counter() - generated if generation else 0.0
         checkpoint.save(out / "checkpoint", model, session.settings, list(tasks), extra={"round": number, "metrics": {"perplexity": result.perplexity}})
@@ -153,14 +143,13 @@ def run(grid: Grid, settings: Settings) -> History:
         log(INFO, "%s", progress_line(row))
         return MetricRecord({"perplexity": result.perplexity, "loss": result.loss})
 
-    shared = {"start-state": key, "input-prompts-sha": sha, "tasks": list(tasks)}  # what a client needs to rebuild the model
-    strategy.start(
+    runner.start(
         grid,
         ArrayRecord({k: v.cpu() for k, v in payload.items()}),
         num_rounds=fed.num_server_rounds - max(done, 0),
         timeout=fed.round_timeout,
-        train_config=ConfigRecord(shared),
-        evaluate_config=ConfigRecord(shared),
+        train_config=admission.config(),
+        evaluate_config=admission.config(),
         evaluate_fn=after_round,
     )
     first, last = history.rounds[0], history.rounds[-1]

@@ -86,7 +86,7 @@ class History:
             "wall_seconds": time.perf_counter() - self.started,
         }
         if wire is not None:
-            row.update({k: v for k, v in asdict(wire).items() if k not in ("round", "started", "client_metrics")})
+            row.update({k: v for k, v in asdict(wire).items() if k not in ("round", "started", "client_metrics", "screened")})
             row["train_loss"] = wire.client_metrics.get("train-loss")
             row["client_gate_share"] = wire.client_metrics.get("gate")
         self.rounds = [r for r in self.rounds if r["round"] < number] + [row]

@@ -4,9 +4,11 @@ Flower's FedAvg averages whatever arrays come back and stops aggregating when on
 inconsistent. Ours sends only the trainable adapter arrays (experts and gate; the base and
 the frozen input prompts never travel), drops a bad reply (wrong keys or shapes, NaN/inf, no
 usable example count) with a log line naming the node and the problem, and averages the
-rest. Nodes are sampled by their data partition with a seeded RNG, so a resumed run trains
-the same clients in the same rounds as an uninterrupted one; nodes that could not read their
-data at discovery are never sampled.
+rest. With `update-norm-bound` it also drops a well-formed update that moved too far from the
+global state (a bug, or a bad actor scaling its update): absolute, or relative to the round's
+median update, which adapts as the updates shrink over training. Nodes are sampled by their
+data partition with a seeded RNG, so a resumed run trains the same clients in the same rounds
+as an uninterrupted one; nodes left out at admission are never sampled.
 
 With `expert_weighting="gate"` each expert's prompts are averaged with weights examples x the
 client's mean gate score on that expert. In plain FedAvg an expert that one client of ten
@@ -31,6 +33,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from mops_core.checkpoint import tensor_problems
+
+from .admission import Admission
 from mops_core.model import PROMPTS as EXPERTS_KEY  # (E, prompts per expert, width): axis 0 is the expert
 
 
@@ -51,6 +55,8 @@ class RoundLog:
     seconds: float = 0.0  # configure_train -> aggregate_train done
     client_eval: dict | None = None  # federated evaluation: token-weighted perplexity and its spread over clients
     client_eval_seconds: float = 0.0  # configure_evaluate -> aggregate_evaluate done
+    update_norm_median: float | None = None  # median L2 distance of the well-formed updates from the global state
+    screened: bool = False  # the replies were checked (once per round, before any DP clipping)
 
 
 STALL_HINT_SECONDS = 30.0  # no new node for this long: say why the run may be waiting in vain
@@ -163,6 +169,12 @@ def aggregate_client_eval(metrics: list[dict], tasks: list[str]) -> dict | None:
     }
 
 
+def update_norm(reply: Message, current: dict[str, np.ndarray]) -> float:
+    """L2 distance of a reply's arrays from the global state the round started from, over every array."""
+    arrays = next(iter(reply.content.array_records.values()))
+    return float(math.sqrt(sum(np.sum((arrays[k].numpy().astype(np.float64) - v) ** 2) for k, v in current.items())))
+
+
 def gate_weighted_experts(replies: list[Message], weight_key: str) -> np.ndarray:
     """Each expert's prompts averaged over the replies with weights examples x the reply's gate on it."""
     total = norm = None
@@ -191,6 +203,8 @@ class MoPsFedAvg(FedAvg):
         wait_timeout: float = math.inf,
         fraction_evaluate: float = 0.0,
         tasks: list[str] | None = None,
+        admission: Admission | None = None,
+        norm_bound: tuple[float, bool] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=1,
@@ -200,8 +214,11 @@ class MoPsFedAvg(FedAvg):
         self.eval_started: dict[int, float] = {}  # round -> when its evaluation messages went out
         self.expected = expected
         self.seed = seed
-        self.partitions = partitions or {}  # node id -> partition id
-        self.left_out = frozenset(left_out)  # nodes that could not read their data at discovery
+        # Nodes that connect after discovery are admitted before they are first sampled; the
+        # admission's partition map and left-out set are the strategy's, updated as it admits.
+        self.admission = admission
+        self.partitions = admission.partitions if admission else dict(partitions or {})  # node id -> partition id
+        self.left_out = admission.left_out if admission else set(left_out)  # never sampled: bad data, a foreign base
         self.round_offset = round_offset
         self.rounds: dict[int, RoundLog] = {}
         if expert_weighting not in ("examples", "gate"):
@@ -210,6 +227,8 @@ class MoPsFedAvg(FedAvg):
             raise ValueError(f"expert_weighting='gate' needs the '{EXPERTS_KEY}' array among the averaged ones")
         self.gate_experts = expected[EXPERTS_KEY][0] if expert_weighting == "gate" else None
         self.wait_timeout = wait_timeout
+        self.norm_bound = norm_bound  # (bound, relative to the round's median) or None: FederatedConfig.norm_bound
+        self.current: dict[str, np.ndarray] | None = None  # the global state the round's updates are measured from
 
     def round_number(self, server_round: int) -> int:
         """The run's round number: Flower counts from 1 again when a run resumes."""
@@ -217,9 +236,15 @@ class MoPsFedAvg(FedAvg):
 
     def sample(self, grid: Grid, server_round: int, *, evaluate: bool = False) -> list[int]:
         """The round's nodes, drawn by partition with a seeded RNG (evaluation draws with its own)."""
-        nodes = [n for n in wait_for_nodes(grid, self.min_available_nodes, self.wait_timeout) if n not in self.left_out]
+        connected = wait_for_nodes(grid, self.min_available_nodes, self.wait_timeout)
+        if self.admission is not None:
+            newcomers = [n for n in connected if n not in self.admission.seen]
+            if newcomers:
+                log(INFO, "admitting %d nodes that connected since: %s", len(newcomers), newcomers)
+                self.admission.admit(grid, newcomers)
+        nodes = [n for n in connected if n not in self.left_out]
         if not nodes:
-            raise RuntimeError(f"every connected node was left out at discovery ({len(self.left_out)} nodes could not read their data)")
+            raise RuntimeError(f"every connected node was left out ({len(self.left_out)} nodes: bad data or a foreign base)")
         fraction, least = (self.fraction_evaluate, self.min_evaluate_nodes) if evaluate else (self.fraction_train, self.min_train_nodes)
         size = min(len(nodes), max(int(len(nodes) * fraction), least))
         ordered = sorted(nodes, key=lambda n: (self.partitions.get(n, math.inf), n))
@@ -229,6 +254,7 @@ class MoPsFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         number = self.round_number(server_round)
         round_log = self.rounds[number] = RoundLog(number)
+        self.current = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
         node_ids = self.sample(grid, server_round)
         config["server-round"] = number
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -268,8 +294,11 @@ class MoPsFedAvg(FedAvg):
             return None
         return MetricRecord({k: v for k, v in round_log.client_eval.items() if k != "per_task"})
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies that may be averaged: failed and malformed ones dropped, then any update farther
+        from the global state than `update_norm_bound`, each with a log line naming the node."""
         round_log = self.rounds.setdefault(self.round_number(server_round), RoundLog(self.round_number(server_round)))
+        round_log.screened = True
         accepted: list[Message] = []
         metric_keys: set[str] | None = None
         for msg in replies:
@@ -285,19 +314,41 @@ class MoPsFedAvg(FedAvg):
             if problem is None and metric_keys is not None and keys != metric_keys:
                 problem = f"its metrics {sorted(keys)} differ from the other replies' {sorted(metric_keys)}"
             if problem:
-                round_log.dropped.append(f"node {node}: {problem}")
-                log(WARNING, "dropping the reply of node %d (partition %s): %s", node, self.partitions.get(node, "?"), problem)
+                self._drop(round_log, node, problem)
                 continue
             metric_keys = keys if metric_keys is None else metric_keys
             accepted.append(msg)
-            round_log.train_seconds += float(next(iter(msg.content.metric_records.values())).get("train-seconds", 0.0))
+        if accepted and self.current is not None:
+            norms = [update_norm(m, self.current) for m in accepted]
+            round_log.update_norm_median = float(np.median(norms))
+            if self.norm_bound is not None:
+                bound, relative = self.norm_bound
+                limit = bound * round_log.update_norm_median if relative else bound
+                kept = []
+                for msg, norm in zip(accepted, norms):
+                    if norm > limit:
+                        what = f"{bound:g}x the round's median {round_log.update_norm_median:.4g}" if relative else f"{bound:g}"
+                        self._drop(round_log, msg.metadata.src_node_id, f"its update's norm {norm:.4g} exceeds update-norm-bound ({what})")
+                    else:
+                        kept.append(msg)
+                accepted = kept
         round_log.accepted = len(accepted)
+        round_log.train_seconds = sum(float(next(iter(m.content.metric_records.values())).get("train-seconds", 0.0)) for m in accepted)
+        # A fixed summation order makes the average bit-reproducible, whatever order Ray replies in.
+        return sorted(accepted, key=lambda m: (self.partitions.get(m.metadata.src_node_id, math.inf), m.metadata.src_node_id))
+
+    def _drop(self, round_log: RoundLog, node: int, problem: str) -> None:
+        round_log.dropped.append(f"node {node}: {problem}")
+        log(WARNING, "dropping the reply of node %d (partition %s): %s", node, self.partitions.get(node, "?"), problem)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        round_log = self.rounds.setdefault(self.round_number(server_round), RoundLog(self.round_number(server_round)))
+        # Under a DP wrapper the replies were screened before they were clipped (see server/privacy.py).
+        accepted = list(replies) if round_log.screened else self.screen(server_round, replies)
         if not accepted:
             log(WARNING, "round %d: no usable reply; the global state stays as it was", round_log.round)
             round_log.seconds = time.perf_counter() - round_log.started
             return None, None
-        # A fixed summation order makes the average bit-reproducible, whatever order Ray replies in.
-        accepted.sort(key=lambda m: (self.partitions.get(m.metadata.src_node_id, math.inf), m.metadata.src_node_id))
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None and self.gate_experts is not None:
             arrays[EXPERTS_KEY] = Array(gate_weighted_experts(accepted, self.weighted_by_key))

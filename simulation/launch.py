@@ -1,7 +1,7 @@
 """Run the Flower app as a Ray-backed simulation through `flwr run`, the way a user does.
 
     python -m simulation.launch [--supernodes 100] [--client-cpus 2] [--client-gpus 0] \
-        [--run-config "method='fedprompt' num-server-rounds=5"] ...
+        [--run-config "method='fedprompt' num-server-rounds=5"] [--ray-address HOST:6379] ...
 
 It checks the settings first (a wrong key fails in a fraction of a second, before Ray starts),
 writes the local SuperLink connection into `$FLWR_HOME/config.toml` (default `./.flwr`), runs
@@ -11,6 +11,11 @@ would replace the CPU torch with a CUDA build), on a local SuperLink of its own 
 so that a SuperLink another run left behind never gets the run), and stops that SuperLink
 once the run is over. It sets `MOPS_DATA_DIR` to the project's `../shared/data`, so that the
 apps find the data wherever the launcher is started from.
+
+With `--ray-address` the simulation runs on an existing Ray cluster instead of a Ray of its own:
+Flower's Ray backend calls `ray.init()`, which joins the cluster `RAY_ADDRESS` names, so the
+ClientApp actors spread over every node's CPUs (or GPUs). The launcher's SuperLink is fresh, so
+it inherits that variable; the run's actors end with the run and the cluster stays up.
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ def launch(
     flwr_home: Path | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
+    ray_address: str | None = None,
 ) -> int:
     """Run the app once; returns `flwr run`'s exit code."""
     flwr_home = Path(flwr_home or os.environ.get("FLWR_HOME") or PROJECT / ".flwr").resolve()
@@ -111,6 +117,7 @@ def launch(
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray's own advice; silences a warning per actor
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        **({"RAY_ADDRESS": ray_address} if ray_address else {}),
         **(env or {}),
     }
     full_env = with_shared_data({**full_env, **own_superlink_ports(full_env)})
@@ -181,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flwr-home", type=Path, help="Flower's home for this run (default ./.flwr)")
     parser.add_argument("--out-dir", help="where results go (default runs/federated; or out-dir in --run-config)")
     parser.add_argument("--run-config", action="append", default=[], help="settings, as for `flwr run --run-config`")
+    parser.add_argument("--ray-address", help="run on this existing Ray cluster (HOST:PORT of its head, as `ray start --head` "
+                        "prints) instead of a local Ray started for the run")
     args = parser.parse_args(argv)
     try:
         values, out = check_run(args.run_config, args.out_dir, args.supernodes)
@@ -195,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         client_cpus=args.client_cpus,
         client_gpus=args.client_gpus,
         flwr_home=args.flwr_home,
+        ray_address=args.ray_address,
     )
     after = finished_rounds(out)
     resuming = any("resume" in text and "true" in text for text in args.run_config)

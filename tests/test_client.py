@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from client import app as client_app
@@ -13,7 +14,7 @@ from client import task
 from mops_core.compression.layerwise import block_linears
 from mops_core.config import Settings
 from mops_core.session import Session
-from mops_core.start_state import prepare_or_load, tensor_sha
+from mops_core.start_state import prepare_or_load, store_input_prompts, tensor_sha
 
 PYPROJECT = Path(__file__).parent.parent / "pyproject.toml"
 
@@ -31,7 +32,8 @@ def test_a_run_config_value_of_every_concern_reaches_the_clients_model(tiny_mode
     }
     settings = Settings.from_flat(run_config)
     server = Session.open(settings, progress=False)  # what the ServerApp prepares before round 1
-    key, _ = prepare_or_load(server, progress=False)
+    prepare_or_load(server, progress=False)
+    store_input_prompts(settings, server.model.input_prompts, tensor_sha(server.model.input_prompts))
     steps = []
     original = Session.train
 
@@ -41,7 +43,7 @@ def test_a_run_config_value_of_every_concern_reaches_the_clients_model(tiny_mode
 
     monkeypatch.setattr(Session, "train", spy)
     arrays = ArrayRecord({k: v.cpu() for k, v in server.model.federated_state_dict().items()})
-    config = ConfigRecord({"server-round": 1, "start-state": key, "input-prompts-sha": tensor_sha(server.model.input_prompts),
+    config = ConfigRecord({"server-round": 1, "input-prompts-sha": tensor_sha(server.model.input_prompts),
                            "tasks": list(server.tasks)})
     metadata = Metadata(
         run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
@@ -85,7 +87,9 @@ def test_a_node_with_its_own_file_trains_on_exactly_its_records_without_the_shar
               "inject-layer": 2, "gate-hidden": 16, "samples": 70, "max-length": 48, "input-prompt-steps": 1,
               "gate-pretrain-steps": 2, "local-steps": 2}
     server = Session.open(Settings.from_flat({**common, "data-dir": str(toy_data_dir)}), progress=False)
-    key, _ = prepare_or_load(server, progress=False)
+    prepare_or_load(server, progress=False)
+    sha = tensor_sha(server.model.input_prompts)
+    store_input_prompts(server.settings, server.model.input_prompts, sha)
     assert server.model.experts == 7 == len(server.tasks)  # experts 0: one per task of the run
 
     # The node's file: two of the run's tasks and one it does not know, under the default column names.
@@ -97,7 +101,7 @@ def test_a_node_with_its_own_file_trains_on_exactly_its_records_without_the_shar
     # The node has no copy of the shared dataset: reading it would fail.
     run_config = {**common, "dataset": str(tmp_path / "nowhere" / "shared.jsonl")}
     context = Context(run_id=1, node_id=7, node_config={"data-file": str(own)}, state=RecordDict(), run_config=run_config)
-    tasks = ConfigRecord({"tasks": list(server.tasks)})
+    tasks = ConfigRecord({"tasks": list(server.tasks), "input-prompts-sha": sha})
 
     report = client_app.query(message({"config": tasks}, MessageType.QUERY), context).content
     part = task.local_partition(Settings.from_flat(run_config), server.tasks, str(own))
@@ -109,7 +113,7 @@ def test_a_node_with_its_own_file_trains_on_exactly_its_records_without_the_shar
     trained = []
     original = Session.train
     monkeypatch.setattr(Session, "train", lambda self, examples, count, **kw: trained.append(examples) or original(self, examples, count, **kw))
-    config = ConfigRecord({"server-round": 1, "start-state": key, "input-prompts-sha": tensor_sha(server.model.input_prompts),
+    config = ConfigRecord({"server-round": 1, "input-prompts-sha": tensor_sha(server.model.input_prompts),
                            "tasks": list(server.tasks)})
     arrays = ArrayRecord({k: v.cpu() for k, v in server.model.federated_state_dict().items()})
     reply = client_app.train(message({"arrays": arrays, "config": config}, MessageType.TRAIN), context)
@@ -127,3 +131,55 @@ def test_a_node_with_its_own_file_trains_on_exactly_its_records_without_the_shar
     own.write_text(own.read_text() + '{"instruction": "x", "context": "", "response": "y"}\n')
     with pytest.raises(DataError, match=rf"{own}:13: missing field\(s\) task"):
         client_app.query(message({"config": tasks}, MessageType.QUERY), context)
+
+
+def test_a_node_with_its_own_cache_reports_its_base_and_stores_the_input_prompts_only_when_their_hash_holds(
+    tiny_model_dir, toy_data_dir, tmp_path
+):
+    from mops_core.loading import base_fingerprint
+    from mops_core.model import INPUT_PROMPTS
+    from mops_core.start_state import StartStateError, input_prompts_path
+
+    common = {"model": str(tiny_model_dir), "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 70,
+              "max-length": 48, "input-prompt-steps": 1, "gate-pretrain-steps": 2, "local-steps": 1, "data-dir": str(toy_data_dir)}
+    server = Session.open(Settings.from_flat({**common, "model-cache-dir": str(tmp_path / "server")}), progress=False)
+    prepare_or_load(server, progress=False)
+    prompts, sha = server.model.input_prompts.detach().float().clone(), tensor_sha(server.model.input_prompts)
+    node_cache = tmp_path / "node"  # another machine: nothing of the server's cache
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2, "model-cache-dir": str(node_cache)},
+                      state=RecordDict(), run_config={**common, "model-cache-dir": str(tmp_path / "server")})
+    config = ConfigRecord({"tasks": list(server.tasks), "input-prompts-sha": sha})
+
+    report = client_app.query(message({"config": config}, MessageType.QUERY), context).content
+    assert report["metrics"]["has-input-prompts"] == 0  # the node's own cache (node-config) is empty
+    assert report["node"]["base-fingerprint"] == base_fingerprint(server.base)
+    arrays = ArrayRecord({k: v.cpu() for k, v in server.model.federated_state_dict().items()})
+    train = message({"arrays": arrays, "config": ConfigRecord({**config, "server-round": 1})}, MessageType.TRAIN)
+    with pytest.raises(StartStateError, match="not in this node's cache"):
+        client_app.train(train, context)
+
+    def send(tensor, claimed):
+        start = message({"arrays": ArrayRecord({INPUT_PROMPTS: tensor}), "config": ConfigRecord({"input-prompts-sha": claimed})},
+                        "query.start_state")
+        return client_app.receive_input_prompts(start, context)
+
+    tampered = prompts.clone()
+    tampered[0, 0] += 1e-3
+    with pytest.raises(StartStateError, match=f"do not match their hash \\(expected {sha}"):
+        send(tampered, sha)
+    assert not any(node_cache.rglob("*.safetensors"))  # nothing cached
+    assert send(prompts, sha).content["metrics"]["stored"] == 1
+    assert input_prompts_path(Settings.from_flat({**common, "model-cache-dir": str(node_cache)}), sha).is_file()
+    assert client_app.query(message({"config": config}, MessageType.QUERY), context).content["metrics"]["has-input-prompts"] == 1
+    assert not client_app.train(train, context).has_error()
+    assert torch.equal(task.session(Settings.from_flat({**common, "model-cache-dir": str(node_cache)}), server.tasks).model.input_prompts,
+                       server.model.input_prompts)
+
+    other = {**context.node_config, "model": str(tmp_path / "elsewhere")}  # a node that loads another base
+    server.base.save_pretrained(tmp_path / "elsewhere")
+    server.tokenizer.save_pretrained(tmp_path / "elsewhere")
+    weights = load_file(str(tmp_path / "elsewhere" / "model.safetensors"))
+    save_file({k: v * 1.5 if v.ndim == 2 else v for k, v in weights.items()}, str(tmp_path / "elsewhere" / "model.safetensors"),
+              metadata={"format": "pt"})
+    foreign = Context(run_id=1, node_id=8, node_config=other, state=RecordDict(), run_config=context.run_config)
+    assert client_app.query(message({"config": config}, MessageType.QUERY), foreign).content["node"]["base-fingerprint"] != base_fingerprint(server.base)

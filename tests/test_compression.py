@@ -1,5 +1,6 @@
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -243,3 +244,41 @@ def test_cli_compress_reports_sparsity_and_perplexity(tmp_path, tiny_model_dir, 
     written = json.loads((tmp_path / "compression.json").read_text())
     assert written["sparsity"] == pytest.approx(0.5) and written["perplexity_compressed"] != written["perplexity_dense"]
     assert main(args) == 0 and "from the cache" in capsys.readouterr().out
+
+
+def test_an_exported_base_loads_on_another_machine_with_the_servers_fingerprint_and_is_not_compressed_again(
+    tmp_path, tiny_model_dir, toy_data_dir, capsys, caplog
+):
+    from mops_core.cli import main
+    from mops_core.compression.pipeline import EXPORT_FILE, prepare_base
+    from mops_core.config import Settings
+    from mops_core.loading import base_fingerprint
+
+    common = ["--data-dir", str(toy_data_dir), "--calibration-samples", "8", "--calibration-length", "32", "--samples", "140",
+              "--max-length", "64", "--no-progress", "--compression", "sparsegpt:2:4"]
+    export = tmp_path / "exported"
+    assert main(["compress", "--model", str(tiny_model_dir), "--model-cache-dir", str(tmp_path / "server"), *common,
+                 "--export", str(export)]) == 0
+    assert f'model = "{export}"' in capsys.readouterr().out
+    flat = {"model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "compression": "sparsegpt:2:4", "calibration-samples": 8,
+            "calibration-length": 32, "samples": 140, "max-length": 64}
+    server, _ = prepare_base(Settings.from_flat({**flat, "model-cache-dir": str(tmp_path / "server")}), progress=False)
+    # The node: only the exported folder, an empty cache, no data (nothing to calibrate on) and the run's settings.
+    node_flat = {**flat, "model": str(export), "model-cache-dir": str(tmp_path / "node"), "data-dir": str(tmp_path / "no-data")}
+    with caplog.at_level(logging.WARNING):
+        node, _ = prepare_base(Settings.from_flat(node_flat), progress=False)
+    assert base_fingerprint(node) == base_fingerprint(server) and not caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(node.state_dict().values(), server.state_dict().values()))
+    assert not (tmp_path / "node" / "compressed").exists()  # nothing compressed again
+    node_none, _ = prepare_base(Settings.from_flat({**node_flat, "compression": "none"}), progress=False)
+    assert base_fingerprint(node_none) == base_fingerprint(server) and "is used as it is" in caplog.text
+
+    record = json.loads((export / EXPORT_FILE).read_text())
+    (export / EXPORT_FILE).write_text(json.dumps({**record, "fingerprint": "0" * 32}))
+    with pytest.raises(CompressionCacheError, match="does not reproduce the fingerprint"):
+        prepare_base(Settings.from_flat(node_flat), progress=False)
+    (export / EXPORT_FILE).write_text("{")
+    with pytest.raises(CompressionCacheError, match="is corrupt"):
+        prepare_base(Settings.from_flat(node_flat), progress=False)
+    assert main(["compress", "--model", str(tiny_model_dir), *common[:-1], "int8", "--export", str(tmp_path / "x")]) == 2
+    assert "int8 needs no export" in capsys.readouterr().out and not (tmp_path / "x").exists()

@@ -127,7 +127,7 @@ def test_a_node_trains_on_its_own_file_and_a_node_with_an_unreadable_file_is_lef
             "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(root / "cache"),
             "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140, "max-length": 64,
             "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "fraction-train": 1.0,
-            "local-steps": 3, "num-server-rounds": 1, "min-available-nodes": 2, "out-dir": str(root / "run"),
+            "local-steps": 3, "num-server-rounds": 1, "min-available-nodes": 1, "out-dir": str(root / "run"),
             "client-test-fraction": 0.0, "fraction-evaluate": 0.0,  # the node trains on every record of its file
         }
         done = d.run(settings)
@@ -135,10 +135,55 @@ def test_a_node_trains_on_its_own_file_and_a_node_with_an_unreadable_file_is_lef
         d.stop_all()
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
-    assert "is left out: it could not read its data" in output and f"{broken}:2: not valid JSON" in output, output[-3000:]
+    assert "is left out: it could not load its data or base" in output and f"{broken}:2: not valid JSON" in output, output[-3000:]
     results = json.loads((root / "run" / "results.json").read_text())
     counts = results["info"]["clients"]
     assert list(counts) == ["7"] and counts["7"][1] == counts["7"][4] == 8 and sum(counts["7"]) == 16
     assert results["info"]["unknown_tasks"] == {"7": {"poetry": 8}}
     assert "poetry (8 records)" in output
     assert results["rounds"][1]["sampled"] == results["rounds"][1]["accepted"] == 1
+
+
+def test_a_node_on_another_machine_gets_the_input_prompts_by_message_and_a_node_with_a_foreign_base_never_trains(
+    tmp_path_factory, tiny_model_dir, toy_data_dir
+):
+    from mops_core.compression.pipeline import export_base, prepare_base
+    from mops_core.config import Settings
+
+    root = tmp_path_factory.mktemp("provisioning")
+    settings = {
+        "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(root / "server-cache"),
+        "compression": "magnitude:0.5", "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140,
+        "max-length": 64, "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "fraction-train": 1.0,
+        "min-partition-size": 5, "local-steps": 2, "num-server-rounds": 1, "min-available-nodes": 2, "fraction-evaluate": 0.0,
+        "out-dir": str(root / "run"),
+    }
+    # What an operator provisions: the server's compressed base (mops compress --export), and by mistake another one.
+    for name, compression in (("base", "magnitude:0.5"), ("foreign", "magnitude:0.25")):
+        flat = {**settings, "compression": compression, "model-cache-dir": str(root / "export-cache")}
+        model, tokenizer = prepare_base(Settings.from_flat(flat), progress=False)
+        export_base(model, tokenizer, Settings.from_flat(flat), root / name)
+    d = Deployment(root)
+    d.prepare(["shared", "remote", "foreign"])
+    try:
+        d.start_superlink()
+        for i, node in enumerate(("shared", "remote", "foreign")):
+            assert d.register(node).returncode == 0
+            own = "" if node == "shared" else f' model="{root / ("base" if node == "remote" else "foreign")}" model-cache-dir="{root / node}"'
+            d.start_supernode(node, i, 3, node_config=f"partition-id={i} num-partitions=3{own}")
+        d.wait_online(3)
+        done = d.run(settings)
+    finally:
+        d.stop_all()
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "perplexity" in output, output[-3000:]
+    results = json.loads((root / "run" / "results.json").read_text())
+    info = results["info"]
+    assert sorted(info["clients"]) == ["0", "1"] and len(info["left_out"]) == 1  # partition 2: the foreign base
+    [why] = info["left_out"].values()
+    assert why.startswith("its base has fingerprint ") and f"the server's {info['base_fingerprint']}" in why
+    assert "--export DIR" in output and why in output
+    assert info["input_prompts_sent"] == 1  # to the remote node only: the shared one finds them in the server's cache
+    assert len(list((root / "remote" / "input-prompts").glob("*/input_prompts.safetensors"))) == 1
+    assert not (root / "foreign" / "input-prompts").exists()
+    assert results["rounds"][1]["sampled"] == results["rounds"][1]["accepted"] == 2

@@ -28,13 +28,17 @@ def test_compose_wires_one_superlink_and_authenticated_tls_supernodes():
     for i, name in enumerate(sorted(nodes)):
         command = services[name]["command"]
         assert "--root-certificates=/run/secrets/ca.crt" in command and f"--auth-supernode-private-key=/run/secrets/node-{i}" in command
-        assert f"--node-config=partition-id={i} num-partitions={len(nodes)}" in command
+        assert f"--node-config=partition-id={i} num-partitions={len(nodes)} ${{NODE_{i}_CONFIG:-}}" in command
+        # A node has a cache of its own (the input prompts reach it by message) and the exported bases, read-only.
+        assert services[name]["volumes"][:2] == [f"node-{i}-cache:/cache", "${MOPS_BASES:-./bases}:/bases:ro"]
         assert not any("--insecure" in c for c in command)
     declared = set(COMPOSE["secrets"])
     for name, service in services.items():
         assert set(service.get("secrets", [])) <= declared, name
         assert service["build"]["args"]["TORCH_INDEX"].startswith("${TORCH_INDEX")
-    assert {"state", "cache"} <= set(COMPOSE["volumes"])
+    caches = [v.split(":")[0] for s in services.values() for v in s.get("volumes", []) if v.endswith(":/cache")]
+    assert len(caches) == len(set(caches)) == len(nodes) + 1  # no cache is shared
+    assert {"state", *caches} <= set(COMPOSE["volumes"])
 
 
 @pytest.mark.slow  # runs Flower's own CLIs

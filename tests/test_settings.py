@@ -158,6 +158,12 @@ EFFECTS = {
     "out-dir": ["test_launch.py::test_the_out_dir_is_given_once_or_twice_alike"],
     "resume": ["test_simulation.py::test_resume_after_a_round_reaches_the_uninterrupted_state"],
     "round-timeout": ["test_strategy.py::test_waiting_for_nodes_explains_a_federation_too_small_and_gives_up_at_the_timeout"],
+    "update-norm-bound": ["test_strategy.py::test_an_update_beyond_the_norm_bound_is_dropped_with_its_node_and_changes_nothing",
+                          "test_strategy.py::test_the_norm_bound_setting_parses_absolute_and_relative_bounds_and_names_itself_when_wrong"],
+    "dp-clip": ["test_strategy.py::test_server_side_dp_clips_each_screened_update_before_the_average_and_a_malformed_one_is_dropped_not_fatal"],
+    "dp-noise": ["test_strategy.py::test_server_side_dp_clips_each_screened_update_before_the_average_and_a_malformed_one_is_dropped_not_fatal"],
+    "dp-clipping": ["test_strategy.py::test_client_side_clipping_applies_only_when_the_server_asks_for_it",
+                    "test_simulation.py::test_client_side_dp_and_a_norm_bound_run_end_to_end"],
 }
 
 

@@ -3,9 +3,11 @@
 import logging
 
 import numpy as np
+import torch
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
+from mops_core.config import Settings
 from server.strategy import MoPsFedAvg
 
 SHAPES = {"prompts": (3, 2, 4), "gate.fc1.weight": (5, 4), "gate.fc1.bias": (5,), "gate.fc2.weight": (3, 5), "gate.fc2.bias": (3,)}
@@ -167,59 +169,140 @@ def test_configure_train_sends_only_the_trainable_arrays_and_the_run_round(serve
 
 
 class AnsweringGrid(FakeGrid):
-    """Answers each message with `answer(node)`, as the nodes' query handlers would."""
+    """Answers each message with `answer(message)`, as the nodes' handlers would; keeps what it was sent."""
 
     def __init__(self, nodes, answer):
         super().__init__(nodes)
         self.answer = answer
+        self.sent = []
 
     def send_and_receive(self, messages, timeout=None):
-        return [self.answer(m.metadata.dst_node_id) for m in messages]
+        messages = list(messages)
+        self.sent += messages
+        return [self.answer(m) for m in messages]
 
 
-def partition_report(node, unknown=None):
-    counts = {"partition-id": node, "num-partitions": 3, "num-examples": 4, "task-counts": [4, 0]}
-    content = RecordDict({"metrics": MetricRecord(counts)})
+SERVER_BASE = "f" * 32
+PROMPTS = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+
+
+def partition_report(node, unknown=None, fingerprint=SERVER_BASE, has_prompts=True):
+    counts = {"partition-id": node, "num-partitions": 3, "num-examples": 4, "num-heldout": 1, "task-counts": [4, 0],
+              "has-input-prompts": int(has_prompts)}
+    content = RecordDict({"metrics": MetricRecord(counts), "node": ConfigRecord({"base-fingerprint": fingerprint})})
     if unknown is not None:
         content["unknown-tasks"] = ConfigRecord({"names": list(unknown), "counts": list(unknown.values())})
     return Message(content, metadata=metadata(node, MessageType.QUERY))
+
+
+def nodes_answer(query, stored=lambda node: reply_ok(node)):
+    """A node's two handlers: `query(node)` for the report, `stored(node)` for the input prompts."""
+    return lambda m: query(m.metadata.dst_node_id) if m.metadata.message_type == MessageType.QUERY else stored(m.metadata.dst_node_id)
+
+
+def reply_ok(node):
+    return Message(RecordDict({"metrics": MetricRecord({"stored": 1})}), metadata=metadata(node, "query.start_state"))
+
+
+def admission(timeout=1.0):
+    from mops_core.start_state import tensor_sha
+    from server.admission import Admission
+
+    return Admission(Settings(), ("a", "b"), SERVER_BASE, PROMPTS, tensor_sha(PROMPTS), timeout)
 
 
 def test_discovery_leaves_out_a_node_that_cannot_read_its_data_and_it_is_never_sampled(server_identity, caplog):
     from server.app import discover
 
     bad_file = "DataError: 1 unreadable line(s) in /data/mine.jsonl:\n/data/mine.jsonl:3: not valid JSON (Expecting value, column 1)"
-    grid = AnsweringGrid([1, 2, 3], lambda n: reply(n, error=bad_file) if n == 2 else partition_report(n))
+    grid = AnsweringGrid([1, 2, 3], nodes_answer(lambda n: reply(n, error=bad_file) if n == 2 else partition_report(n)))
+    a = admission()
     with caplog.at_level(logging.WARNING):
-        found, left_out = discover(grid, ("a", "b"), 3, timeout=1.0)
-    assert sorted(found) == [1, 3] and found[3]["partition-id"] == 3 and found[1]["task-counts"] == [4, 0]
-    assert left_out == {2}
+        discover(grid, a, 2, timeout=1.0)
+    assert sorted(a.reports) == [1, 3] and a.reports[3]["partition-id"] == 3 and a.reports[1]["task-counts"] == [4, 0]
+    assert a.left_out == {2} and a.partitions == {1: 1, 3: 3}
     assert "node 2 is left out" in caplog.text and "/data/mine.jsonl:3: not valid JSON" in caplog.text
-    s = strategy(partitions={1: 1, 3: 3}, left_out=left_out, fraction_train=1.0, min_available_nodes=3)
+    s = strategy(admission=a, fraction_train=1.0, min_available_nodes=3)
     assert all(sorted(s.sample(grid, r)) == [1, 3] for r in (1, 2, 3))
+    assert a.info()["clients"] == {"1": [4, 0], "3": [4, 0]} and list(a.info()["left_out"]) == ["2"]
+
+
+def test_a_node_with_a_foreign_base_is_left_out_with_both_fingerprints_and_the_fix_and_never_trains(server_identity, caplog):
+    from server.app import discover
+
+    grid = AnsweringGrid([1, 2, 3], nodes_answer(lambda n: partition_report(n, fingerprint="0" * 32 if n == 3 else SERVER_BASE)))
+    a = admission()
+    a.settings = Settings.from_flat({"compression": "sparsegpt:0.75"})
+    with caplog.at_level(logging.WARNING):
+        discover(grid, a, 2, timeout=1.0)
+    assert a.left_out == {3} and sorted(a.reports) == [1, 2]
+    [line] = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert f"node 3 is left out: its base has fingerprint {'0' * 32}, the server's {SERVER_BASE}" in line
+    assert "mops compress --model smollm2 --compression sparsegpt:0.75 --export DIR" in line and "model=\"DIR\"" in line
+    s = strategy(admission=a, fraction_train=1.0, min_available_nodes=3)
+    assert all(3 not in s.sample(grid, r) for r in (1, 2, 3))
+    with pytest.raises(RuntimeError, match=r"only 2 of the 3 connected nodes can train and min-available-nodes is 3: node 3: its base"):
+        discover(grid, admission(), 3, timeout=1.0)
+
+
+def test_the_input_prompts_are_sent_once_only_to_nodes_that_lack_them_and_a_refusal_leaves_the_node_out(server_identity, caplog):
+    from mops_core.model import INPUT_PROMPTS
+    from server.app import discover
+    from server.admission import START_STATE
+
+    lacking = {2, 3}
+    grid = AnsweringGrid([1, 2, 3], nodes_answer(
+        lambda n: partition_report(n, has_prompts=n not in lacking),
+        lambda n: reply(n, error="StartStateError: the input prompts received do not match their hash") if n == 3 else reply_ok(n),
+    ))
+    a = admission()
+    with caplog.at_level(logging.WARNING):
+        discover(grid, a, 2, timeout=1.0)
+    sent = [m for m in grid.sent if m.metadata.message_type == START_STATE]
+    assert sorted(m.metadata.dst_node_id for m in sent) == [2, 3]
+    assert torch.equal(torch.from_numpy(sent[0].content["arrays"][INPUT_PROMPTS].numpy()), PROMPTS)
+    assert sent[0].content["config"]["input-prompts-sha"] == a.sha
+    assert a.left_out == {3} and sorted(a.reports) == [1, 2] and a.prompts_sent == 1
+    assert "node 3 is left out: it could not store the input prompts" in caplog.text
+
+
+def test_a_node_that_connects_later_is_admitted_before_it_is_first_sampled(server_identity):
+    from server.app import discover
+
+    grid = AnsweringGrid([1, 2], nodes_answer(lambda n: partition_report(n, fingerprint="0" * 32 if n == 4 else SERVER_BASE)))
+    a = admission()
+    discover(grid, a, 2, timeout=1.0)
+    s = strategy(admission=a, fraction_train=1.0, min_available_nodes=2)
+    assert sorted(s.sample(grid, 1)) == [1, 2]
+    grid.nodes = [1, 2, 3, 4]  # 3 joins with the server's base, 4 with another
+    queried = len(grid.sent)
+    assert sorted(s.sample(grid, 2)) == [1, 2, 3] and a.partitions[3] == 3 and a.left_out == {4}
+    assert sorted(m.metadata.dst_node_id for m in grid.sent[queried:]) == [3, 4]  # only the newcomers were asked
+    s.sample(grid, 3)
+    assert len(grid.sent) == queried + 2  # and only once
 
 
 def test_discovery_names_the_tasks_the_run_does_not_know_once(server_identity, caplog):
     from server.app import discover
 
-    grid = AnsweringGrid([1, 2, 3], lambda n: partition_report(n, {"rewrite": 5, "poetry": 1} if n != 2 else {}))
+    grid = AnsweringGrid([1, 2, 3], nodes_answer(lambda n: partition_report(n, {"rewrite": 5, "poetry": 1} if n != 2 else {})))
+    a = admission()
     with caplog.at_level(logging.WARNING):
-        found, left_out = discover(grid, ("a", "b"), 3, timeout=1.0)
-    assert not left_out and found[1]["unknown-tasks"] == {"rewrite": 5, "poetry": 1} and found[2]["unknown-tasks"] == {}
+        discover(grid, a, 3, timeout=1.0)
+    assert not a.left_out and a.reports[1]["unknown-tasks"] == {"rewrite": 5, "poetry": 1} and "unknown-tasks" not in a.reports[2]
     named = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
     assert named == ["nodes hold tasks the run does not know; they train on them and the gate routes them: "
                      "poetry (2 records), rewrite (10 records)"]
 
 
-def test_discovery_stops_the_run_with_the_nodes_reason_when_no_node_can_report_its_partition(server_identity):
+def test_discovery_stops_the_run_with_the_nodes_reason_when_too_few_can_train(server_identity):
     from server.app import discover
 
     # Flower wraps a ClientApp's exception: the cause is the reason's last line.
     reason = "\nException ClientAppException occurred. Message: no Dirichlet(alpha=0.5) split of 15 samples"
-    grid = AnsweringGrid([1, 2, 3], lambda n: reply(n, error=reason))
-    with pytest.raises(RuntimeError, match=r"none of the 3 nodes .*: Exception ClientAppException occurred. Message: no Dirichlet") as err:
-        discover(grid, ("a", "b"), 3, timeout=1.0)
-    assert str(err.value).count("no Dirichlet") == 1  # the same reason once, not once per node
+    grid = AnsweringGrid([1, 2, 3], nodes_answer(lambda n: reply(n, error=reason)))
+    with pytest.raises(RuntimeError, match=r"only 0 of the 3 connected nodes can train .*: node 1: Exception ClientAppException occurred. Message: no Dirichlet"):
+        discover(grid, admission(), 3, timeout=1.0)
 
 
 def test_waiting_for_nodes_explains_a_federation_too_small_and_gives_up_at_the_timeout(monkeypatch, caplog):
@@ -298,3 +381,106 @@ def test_metrics_every_chooses_the_rounds_that_score_greedy_answers():
     assert rounds() == [6]  # the default: the last round only
     assert rounds(metrics_every=2) == [0, 2, 4, 6]  # the start too, as the baseline of the curve
     assert rounds(metrics_every=4) == [0, 4, 6]
+
+
+def started_round(s, global_arrays, nodes=(1, 2, 3, 4)):
+    """`s` after configure_train of round 1 from `global_arrays` (the state updates are measured from)."""
+    grid = FakeGrid(dict(zip(nodes, range(len(nodes)))))
+    list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in global_arrays.items()}), ConfigRecord({}), grid))
+    return s
+
+
+def moved(base, seed, scale):
+    """`base` plus a random step of L2 norm `scale` over all arrays."""
+    step = arrays(seed)
+    norm = np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in step.values()))
+    return {k: (base[k] + step[k] * (scale / norm)).astype(np.float32) for k in base}
+
+
+@pytest.mark.parametrize("bound", [(2.0, False), (3.0, True)])
+def test_an_update_beyond_the_norm_bound_is_dropped_with_its_node_and_changes_nothing(bound, server_identity, caplog):
+    base = arrays(0)
+    honest = [reply(n, moved(base, n, 1.0 + 0.1 * n), metrics(10)) for n in (1, 2, 3)]
+    scaled = reply(4, moved(base, 4, 50.0), metrics(10))  # well-formed, finite, fifty times too far
+    clean, _ = started_round(strategy(partitions={1: 0, 2: 1, 3: 2, 4: 3}), base).aggregate_train(1, honest)
+    s = started_round(strategy(partitions={1: 0, 2: 1, 3: 2, 4: 3}, norm_bound=bound), base)
+    with caplog.at_level(logging.WARNING):
+        kept, _ = s.aggregate_train(1, [*honest, scaled])
+    for key in SHAPES:
+        np.testing.assert_array_equal(kept[key].numpy(), clean[key].numpy())
+    log = s.rounds[1]
+    assert log.accepted == 3 and log.update_norm_median == pytest.approx(1.25, rel=1e-6)  # median of 1.1, 1.2, 1.3, 50
+    what = "3x the round's median 1.25" if bound[1] else "2"
+    assert f"dropping the reply of node 4 (partition 3): its update's norm 50 exceeds update-norm-bound ({what})" in caplog.text
+    unbounded = started_round(strategy(partitions={1: 0, 2: 1, 3: 2, 4: 3}), base)
+    assert unbounded.aggregate_train(1, [*honest, scaled])[0] is not None and unbounded.rounds[1].accepted == 4
+    # Every update oversized: nothing is averaged, the global state stays.
+    alone = started_round(strategy(norm_bound=(2.0, False)), base)
+    assert alone.aggregate_train(1, [scaled]) == (None, None) and alone.rounds[1].accepted == 0
+
+
+def test_the_norm_bound_setting_parses_absolute_and_relative_bounds_and_names_itself_when_wrong():
+    from mops_core.config import FederatedConfig
+    from mops_core.settings import SettingsError
+
+    assert FederatedConfig().norm_bound is None
+    assert FederatedConfig(update_norm_bound="0.5").norm_bound == (0.5, False)
+    assert FederatedConfig(update_norm_bound="3x").norm_bound == (3.0, True)
+    for wrong in ("abc", "-1", "0.5x", "nan"):
+        with pytest.raises(SettingsError, match="update-norm-bound"):
+            FederatedConfig(update_norm_bound=wrong)
+    with pytest.raises(SettingsError, match="dp-noise.*needs dp-clip"):
+        FederatedConfig(dp_noise=1.0)
+
+
+def clipped(update, base, clip):
+    """An update's step from `base`, scaled to L2 norm `clip` when longer: what Flower's clipping should give."""
+    norm = np.sqrt(sum(np.sum((update[k].astype(np.float64) - base[k]) ** 2) for k in base))
+    return {k: base[k] + (update[k] - base[k]) * min(1.0, clip / norm) for k in base}
+
+
+def test_server_side_dp_clips_each_screened_update_before_the_average_and_a_malformed_one_is_dropped_not_fatal(server_identity, caplog):
+    from mops_core.config import FederatedConfig
+    from server.privacy import ServerSideDP, with_privacy
+
+    base = arrays(0)
+    updates = {1: moved(base, 1, 0.5), 2: moved(base, 2, 4.0), 3: moved(base, 3, 9.0)}
+    inner = strategy(partitions={1: 0, 2: 1, 3: 2, 4: 3})
+    with caplog.at_level(logging.INFO):
+        dp = with_privacy(inner, FederatedConfig(dp_clip=2.0, dp_noise=0.0), sampled=4)
+    assert isinstance(dp, ServerSideDP) and "fixed clipping to L2 norm 2, noise multiplier 0, 4 clients per round" in caplog.text
+    dp.configure_train(1, ArrayRecord({k: Array(v) for k, v in base.items()}), ConfigRecord({}), FakeGrid({1: 0, 2: 1, 3: 2, 4: 3}))
+    malformed = reply(4, {**base, "prompts": np.zeros((1, 2, 4), np.float32)}, metrics(10))
+    averaged, _ = dp.aggregate_train(1, [reply(n, u, metrics(10)) for n, u in updates.items()] + [malformed])
+    reference = {k: np.mean([clipped(u, base, 2.0)[k] for u in updates.values()], axis=0) for k in base}
+    for key, value in reference.items():
+        np.testing.assert_allclose(averaged[key].numpy(), value, rtol=1e-5, atol=1e-6)
+    assert inner.rounds[1].accepted == 3 and "node 4" in inner.rounds[1].dropped[0]
+
+    noisy = with_privacy(strategy(partitions={1: 0, 2: 1, 3: 2}), FederatedConfig(dp_clip=2.0, dp_noise=1.5), sampled=3)
+    noisy.configure_train(1, ArrayRecord({k: Array(v) for k, v in base.items()}), ConfigRecord({}), FakeGrid({1: 0, 2: 1, 3: 2}))
+    np.random.seed(0)
+    out, _ = noisy.aggregate_train(1, [reply(n, u, metrics(10)) for n, u in updates.items()])
+    noise = np.concatenate([(out[k].numpy() - reference[k]).ravel() for k in reference])
+    assert noise.std() == pytest.approx(1.5 * 2.0 / 3, rel=0.25)  # z x C / m
+    assert with_privacy(inner, FederatedConfig(), sampled=4) is inner  # dp-clip 0: no wrapper
+
+
+def test_client_side_clipping_applies_only_when_the_server_asks_for_it():
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    from client.app import clip_when_asked
+
+    base = arrays(0)
+    far = moved(base, 5, 10.0)
+
+    def run(config):
+        sent = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in base.items()}), "config": ConfigRecord(config)}),
+                       metadata=metadata(0, MessageType.TRAIN))
+        answer = lambda msg, ctx: Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in far.items()}),  # noqa: E731
+                                                      "metrics": MetricRecord(metrics(5))}), reply_to=msg)
+        out = clip_when_asked(sent, None, answer).content["arrays"]
+        return np.sqrt(sum(np.sum((out[k].numpy().astype(np.float64) - base[k]) ** 2) for k in base))
+
+    assert run({"server-round": 1}) == pytest.approx(10.0, rel=1e-5)
+    assert run({"server-round": 1, KEY_CLIPPING_NORM: 2.0}) == pytest.approx(2.0, rel=1e-5)

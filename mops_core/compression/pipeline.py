@@ -7,6 +7,10 @@ were made (method, ratio, calibration, source fingerprint, result fingerprint, p
 sparsity, wall time). Later runs load that. A cache entry that does not match what is asked,
 or whose weights do not reproduce the recorded result, is an error naming the file: it is
 never silently used.
+
+`export_base` writes a compressed base as a Hugging Face directory that any node loads with
+`model = DIR`: the record inside says it is compressed already, so loading it compresses
+nothing again, and its fingerprint is the one the server checks nodes against.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import atomic
-from ..config import CALIBRATION_DATA, Settings
+from ..config import CALIBRATION_DATA, ModelConfig, Settings
 from ..data import Formatter, load_records, sample_and_split
-from ..loading import base_fingerprint, cache_root, load_base
+from ..loading import base_fingerprint, cache_root, load_base, quiet_progress
 from .int8 import quantize_int8
 from .layerwise import MatrixStats, block_linears, prune_model
 
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 META_FILE = "compression.json"
 WEIGHTS_FILE = "weights.safetensors"
 FORMAT = "mops-fl-compressed-base"
+EXPORT_FILE = "mops_compression.json"  # in an exported base's directory: how it was made
 
 
 class CompressionCacheError(RuntimeError):
@@ -173,8 +178,51 @@ def compress_base(
     return CompressionReport(cfg.compression, seconds, False, spec.method, stats)
 
 
+def exported_compression(cfg: ModelConfig) -> dict | None:
+    """The record of an exported compressed base (None for any other model)."""
+    path = Path(cfg.model).expanduser() / EXPORT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CompressionCacheError(f"{path} is corrupt ({exc}); export the base again") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or "fingerprint" not in record:
+        raise CompressionCacheError(f"{path} is not a mops-fl export record; export the base again")
+    return record
+
+
+def export_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: Settings, target: Path) -> str:
+    """Write the compressed base where nodes load it from (`model = target`); returns its fingerprint."""
+    if settings.compression.spec.method == "int8":
+        raise ValueError(
+            "--export: int8 keeps its weights in quantised modules that cannot be saved as a Hugging Face model; "
+            "int8 needs no export: each node quantises the same base in seconds and reaches the same fingerprint"
+        )
+    fingerprint = base_fingerprint(model)
+    with atomic.directory(target) as tmp, quiet_progress():
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic.write_json(tmp / EXPORT_FILE, {
+            "format": FORMAT, "compression": settings.compression.compression, "source_model": settings.model.model,
+            "dtype": str(model.dtype).removeprefix("torch."), "fingerprint": fingerprint,
+        })
+    return fingerprint
+
+
 def prepare_base(settings: Settings, *, progress: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The frozen base every run uses: loaded, then compressed (from the cache when possible)."""
+    """The frozen base every run uses: loaded, then compressed (from the cache when possible).
+
+    An exported base is compressed already: it is used as it is, whatever `compression` says."""
     model, tokenizer = load_base(settings.model)
-    compress_base(model, tokenizer, settings, progress=progress)
+    exported = exported_compression(settings.model)
+    if exported is None:
+        compress_base(model, tokenizer, settings, progress=progress)
+    elif base_fingerprint(model) != exported["fingerprint"]:
+        raise CompressionCacheError(
+            f"{settings.model.model} does not reproduce the fingerprint its {EXPORT_FILE} records; export the base again"
+        )
+    elif exported["compression"] != settings.compression.compression:
+        log.warning("%s is a base exported after %s compression; it is used as it is (compression %s is not applied again)",
+                    settings.model.model, exported["compression"], settings.compression.compression)
     return model, tokenizer

@@ -1,0 +1,138 @@
+"""What a node must show before it trains, and what it is given.
+
+    query              -> its data (partition, counts per task), its base's fingerprint,
+                          whether it holds the run's frozen input prompts
+    query.start_state  -> the input prompts, to a node that lacks them (hash-checked there)
+
+A node that cannot read its data or load its base, or whose base differs from the server's, is
+left out with one log line that says why and what to do; it is never sampled. Nodes are
+admitted at discovery, and a node that connects later (a new one, or one that restarted under
+a new id) is admitted before it is first sampled.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from mops_core.config import Settings
+from mops_core.model import INPUT_PROMPTS
+
+START_STATE = f"{MessageType.QUERY}.start_state"
+
+
+def provisioning_hint(settings: Settings) -> str:
+    """How an operator gives a node the server's base."""
+    model, compression = settings.model.model, settings.compression.compression
+    if compression == "none" or compression.startswith("int8"):
+        return f"start it with the server's model ({model!r}) and compression ({compression})"
+    return (f"export the server's base with `mops compress --model {model} --compression {compression} --export DIR` "
+            f"(and the run's other settings) and start the node with --node-config 'model=\"DIR\"'")
+
+
+@dataclass
+class Admission:
+    settings: Settings
+    tasks: tuple[str, ...]
+    fingerprint: str  # of the server's (compressed) base
+    input_prompts: torch.Tensor  # P1, frozen: part of the model every node must hold
+    sha: str  # its content hash
+    timeout: float
+    reports: dict[int, dict] = field(default_factory=dict)  # node -> what it reported, for admitted nodes
+    left_out: set[int] = field(default_factory=set)
+    reasons: dict[int, str] = field(default_factory=dict)  # node -> why it was left out
+    partitions: dict[int, int] = field(default_factory=dict)  # node -> partition id (admitted, with a partition)
+    prompts_sent: int = 0  # nodes that were sent the input prompts
+
+    @property
+    def seen(self) -> set[int]:
+        return set(self.reports) | self.left_out
+
+    def config(self) -> ConfigRecord:
+        """What a node needs to rebuild the model: the run's tasks (expert order) and P1's hash."""
+        return ConfigRecord({"tasks": list(self.tasks), "input-prompts-sha": self.sha})
+
+    def _leave_out(self, node: int, why: str) -> None:
+        self.left_out.add(node)
+        self.reasons[node] = why
+        log(WARNING, "node %d is left out: %s", node, why)
+
+    def admit(self, grid: Grid, nodes: list[int]) -> list[int]:
+        """Query `nodes`, send P1 to those that lack it; the nodes admitted now."""
+        asks = [Message(RecordDict({"config": self.config()}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+        found: dict[int, dict] = {}
+        for reply in grid.send_and_receive(asks, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self._leave_out(node, f"it could not load its data or base: {reply.error.reason}")
+                continue
+            metrics = reply.content.metric_records["metrics"]
+            about = reply.content.config_records["node"]
+            if about["base-fingerprint"] != self.fingerprint:
+                self._leave_out(node, f"its base has fingerprint {about['base-fingerprint']}, the server's {self.fingerprint}; "
+                                      + provisioning_hint(self.settings))
+                continue
+            report = {k: metrics[k] for k in ("partition-id", "num-partitions", "num-examples", "num-heldout", "task-counts")}
+            extra = reply.content.config_records.get("unknown-tasks")
+            if extra is not None and len(extra["names"]):
+                report["unknown-tasks"] = dict(zip(extra["names"], extra["counts"]))
+            report["has-input-prompts"] = bool(metrics["has-input-prompts"])
+            found[node] = report
+        for node in set(nodes) - set(found) - self.left_out:
+            self._leave_out(node, f"no reply within {self.timeout:.0f} s (round-timeout)")
+        self._send_input_prompts(grid, [n for n, r in found.items() if not r["has-input-prompts"]], found)
+        for node, report in found.items():
+            self.reports[node] = report
+            if report["partition-id"] >= 0:
+                self.partitions[node] = report["partition-id"]
+        return sorted(found)
+
+    def _send_input_prompts(self, grid: Grid, nodes: list[int], found: dict[int, dict]) -> None:
+        if not nodes:
+            return
+        arrays = ArrayRecord({INPUT_PROMPTS: self.input_prompts.detach().float().cpu().contiguous()})
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"input-prompts-sha": self.sha})})
+        messages = [Message(content, message_type=START_STATE, dst_node_id=n) for n in nodes]
+        log(INFO, "sending the frozen input prompts (%d bytes) to %d nodes that lack them", arrays.count_bytes(), len(nodes))
+        stored = set()
+        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                found.pop(node, None)
+                self._leave_out(node, f"it could not store the input prompts: {reply.error.reason}")
+            else:
+                stored.add(node)
+        for node in set(nodes) - stored - self.left_out:
+            found.pop(node, None)
+            self._leave_out(node, f"it did not confirm storing the input prompts within {self.timeout:.0f} s")
+        self.prompts_sent += len(stored)
+
+    def names(self) -> dict[int, str]:
+        """How results name a node: its partition, or `node-ID` for a node with its own file and no partition-id."""
+        return {n: str(r["partition-id"]) if r["partition-id"] >= 0 else f"node-{n}" for n, r in self.reports.items()}
+
+    def info(self) -> dict:
+        """For results.json: what each admitted node trains on, holds out, and brought unknown; who was left out."""
+        names = self.names()
+        info = {
+            "clients": {names[n]: r["task-counts"] for n, r in self.reports.items()},
+            "clients_heldout": {names[n]: r["num-heldout"] for n, r in self.reports.items()},
+            "left_out": {str(n): why for n, why in sorted(self.reasons.items())},
+            "input_prompts_sent": self.prompts_sent,
+        }
+        unknown = {names[n]: r["unknown-tasks"] for n, r in self.reports.items() if r.get("unknown-tasks")}
+        if unknown:
+            info["unknown_tasks"] = unknown
+        return info
+
+    def unknown_task_counts(self) -> Counter:
+        counts: Counter = Counter()
+        for report in self.reports.values():
+            counts.update(report.get("unknown-tasks", {}))
+        return counts
