@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -107,7 +108,9 @@ class Deployment:
         self.home(home or who).mkdir(parents=True, exist_ok=True)
         print("$ " + shlex.join(command), flush=True)
         with open(self.logs / f"{who}.log", "ab") as log:  # the child keeps its own handle
-            process = subprocess.Popen(command, env=self._env(home or who), stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT)
+            # A session of its own: stopping it stops what it started (the SuperLink's ServerApp), as a machine would.
+            process = subprocess.Popen(command, env=self._env(home or who), stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT,
+                                       start_new_session=True)
         self.processes[who] = process
         return process
 
@@ -159,7 +162,7 @@ class Deployment:
 
     def start_supernode(
         self, node: str, partition_id: int, num_partitions: int, *, key: bool = True, ca: bool = True,
-        insecure: bool = False, node_config: str = "",
+        insecure: bool = False, node_config: str = "", max_retries: int | None = 3,
     ) -> subprocess.Popen:
         """A SuperNode holding a partition of the run's dataset, or what `node_config` says (e.g. its own data-file)."""
         command = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port())]
@@ -167,8 +170,25 @@ class Deployment:
         if key:
             command += ["--auth-supernode-private-key", str(self.keys / node)]
         node_config = node_config or f"partition-id={partition_id} num-partitions={num_partitions}"
-        command += ["--node-config", node_config, "--max-retries", "3"]
+        command += ["--node-config", node_config] + ([] if max_retries is None else ["--max-retries", str(max_retries)])
         return self._spawn(node, command)
+
+    def restart_supernode(self, node: str, partition_id: int, num_partitions: int, *, within: float = 300.0, **options) -> None:
+        """Start a SuperNode again, as a supervisor would (systemd Restart=on-failure, Docker restart: on-failure).
+
+        The SuperLink refuses a node whose previous process it still counts as online ([code: 2004])
+        until that one misses its heartbeats; the supervisor starts it again until it stays up.
+        """
+        deadline = time.monotonic() + within
+        while True:
+            process = self.start_supernode(node, partition_id, num_partitions, max_retries=None, **options)
+            try:
+                process.wait(timeout=15.0)  # a refused node exits within seconds
+            except subprocess.TimeoutExpired:
+                return  # it stays up: activated
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{node} was refused for {within:.0f} s: {self.log(node)[-500:]}")
+            time.sleep(5.0)
 
     def run(
         self, settings: Mapping[str, Any], *, extra_run_config: Sequence[str] = (), timeout: float = 900
@@ -184,15 +204,18 @@ class Deployment:
         return self._spawn("run", ["flwr", "run", str(PROJECT), CONNECTION, "--stream", "--run-config", run_config(settings)], home="cli")
 
     def stop(self, who: str, *, kill: bool = False) -> None:
+        """Stop a process and everything it started; `kill`: at once (SIGKILL), as a crashed machine stops."""
         process = self.processes.pop(who, None)
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.kill() if kill else process.terminate()
         try:
+            os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        except ProcessLookupError:  # the group is gone already
+            pass
 
     def stop_all(self) -> None:
         for who in [w for w in self.processes if w != "superlink"] + ["superlink"]:

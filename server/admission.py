@@ -5,9 +5,10 @@
     query.start_state  -> the input prompts, to a node that lacks them (hash-checked there)
 
 A node that cannot read its data or load its base, or whose base differs from the server's, is
-left out with one log line that says why and what to do; it is never sampled. Nodes are
-admitted at discovery, and a node that connects later (a new one, or one that restarted under
-a new id) is admitted before it is first sampled.
+left out with one log line that says why and what to do; it is never sampled. A node that did
+not answer (it vanished, or the SuperLink lost it) is not left out: it is asked again when it is
+next connected. Nodes are admitted at discovery, and a node that connects later (a new one, or
+one that restarted under a new id) is admitted before it is first sampled.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from logging import INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -25,6 +27,15 @@ from mops_core.config import Settings
 from mops_core.model import INPUT_PROMPTS
 
 START_STATE = f"{MessageType.QUERY}.start_state"
+# Errors about the node's reachability, not about the node: it is asked again later.
+UNREACHABLE = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
+
+
+def answering_node(reply: Message, sent: list[Message]) -> int:
+    """The node a reply answers for. An error the SuperLink makes itself (a node that stopped sending
+    heartbeats) comes from the SuperLink's own id; the message it answers names the node."""
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
 def provisioning_hint(settings: Settings) -> str:
@@ -48,6 +59,7 @@ class Admission:
     left_out: set[int] = field(default_factory=set)
     reasons: dict[int, str] = field(default_factory=dict)  # node -> why it was left out
     partitions: dict[int, int] = field(default_factory=dict)  # node -> partition id (admitted, with a partition)
+    unanswered: dict[int, str] = field(default_factory=dict)  # node -> why it did not answer (asked again later)
     prompts_sent: int = 0  # nodes that were sent the input prompts
 
     @property
@@ -61,14 +73,22 @@ class Admission:
     def _leave_out(self, node: int, why: str) -> None:
         self.left_out.add(node)
         self.reasons[node] = why
+        self.unanswered.pop(node, None)
         log(WARNING, "node %d is left out: %s", node, why)
+
+    def _not_now(self, node: int, why: str) -> None:
+        self.unanswered[node] = why
+        log(WARNING, "node %d did not answer (%s); it is asked again when it is next connected", node, why)
 
     def admit(self, grid: Grid, nodes: list[int]) -> list[int]:
         """Query `nodes`, send P1 to those that lack it; the nodes admitted now."""
         asks = [Message(RecordDict({"config": self.config()}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
         found: dict[int, dict] = {}
-        for reply in grid.send_and_receive(asks, timeout=self.timeout):
-            node = reply.metadata.src_node_id
+        for reply in list(grid.send_and_receive(asks, timeout=self.timeout)):
+            node = answering_node(reply, asks)
+            if reply.has_error() and reply.error.code in UNREACHABLE:
+                self._not_now(node, reply.error.reason)
+                continue
             if reply.has_error():
                 self._leave_out(node, f"it could not load its data or base: {reply.error.reason}")
                 continue
@@ -84,10 +104,11 @@ class Admission:
                 report["unknown-tasks"] = dict(zip(extra["names"], extra["counts"]))
             report["has-input-prompts"] = bool(metrics["has-input-prompts"])
             found[node] = report
-        for node in set(nodes) - set(found) - self.left_out:
-            self._leave_out(node, f"no reply within {self.timeout:.0f} s (round-timeout)")
+        for node in set(nodes) - set(found) - self.left_out - set(self.unanswered):
+            self._not_now(node, f"no reply within {self.timeout:.0f} s (round-timeout)")
         self._send_input_prompts(grid, [n for n, r in found.items() if not r["has-input-prompts"]], found)
         for node, report in found.items():
+            self.unanswered.pop(node, None)
             self.reports[node] = report
             if report["partition-id"] >= 0:
                 self.partitions[node] = report["partition-id"]
@@ -101,16 +122,19 @@ class Admission:
         messages = [Message(content, message_type=START_STATE, dst_node_id=n) for n in nodes]
         log(INFO, "sending the frozen input prompts (%d bytes) to %d nodes that lack them", arrays.count_bytes(), len(nodes))
         stored = set()
-        for reply in grid.send_and_receive(messages, timeout=self.timeout):
-            node = reply.metadata.src_node_id
+        for reply in list(grid.send_and_receive(messages, timeout=self.timeout)):
+            node = answering_node(reply, messages)
             if reply.has_error():
                 found.pop(node, None)
-                self._leave_out(node, f"it could not store the input prompts: {reply.error.reason}")
+                if reply.error.code in UNREACHABLE:
+                    self._not_now(node, reply.error.reason)
+                else:
+                    self._leave_out(node, f"it could not store the input prompts: {reply.error.reason}")
             else:
                 stored.add(node)
-        for node in set(nodes) - stored - self.left_out:
+        for node in set(nodes) - stored - self.left_out - set(self.unanswered):
             found.pop(node, None)
-            self._leave_out(node, f"it did not confirm storing the input prompts within {self.timeout:.0f} s")
+            self._not_now(node, f"it did not confirm storing the input prompts within {self.timeout:.0f} s")
         self.prompts_sent += len(stored)
 
     def names(self) -> dict[int, str]:
@@ -124,6 +148,7 @@ class Admission:
             "clients": {names[n]: r["task-counts"] for n, r in self.reports.items()},
             "clients_heldout": {names[n]: r["num-heldout"] for n, r in self.reports.items()},
             "left_out": {str(n): why for n, why in sorted(self.reasons.items())},
+            "unanswered": {str(n): why for n, why in sorted(self.unanswered.items())},
             "input_prompts_sent": self.prompts_sent,
         }
         unknown = {names[n]: r["unknown-tasks"] for n, r in self.reports.items() if r.get("unknown-tasks")}

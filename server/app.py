@@ -41,7 +41,8 @@ def discover(grid: Grid, admission: Admission, minimum: int, timeout: float) -> 
     nodes = wait_for_nodes(grid, minimum, timeout)
     admitted = admission.admit(grid, nodes)
     if len(admitted) < minimum:
-        why = "; ".join(f"node {n}: {r.strip().splitlines()[-1] if r.strip() else r}" for n, r in sorted(admission.reasons.items()))
+        reasons = {**admission.reasons, **admission.unanswered}
+        why = "; ".join(f"node {n}: {r.strip().splitlines()[-1] if r.strip() else r}" for n, r in sorted(reasons.items()))
         raise RuntimeError(f"only {len(admitted)} of the {len(nodes)} connected nodes can train and min-available-nodes "
                            f"is {minimum}: {why or 'no reply in time'}")
     unknown = admission.unknown_task_counts()

@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from mops_core.checkpoint import tensor_problems
 
-from .admission import Admission
+from .admission import Admission, answering_node
 from mops_core.model import PROMPTS as EXPERTS_KEY  # (E, prompts per expert, width): axis 0 is the expert
 
 
@@ -229,6 +229,8 @@ class MoPsFedAvg(FedAvg):
         self.wait_timeout = wait_timeout
         self.norm_bound = norm_bound  # (bound, relative to the round's median) or None: FederatedConfig.norm_bound
         self.current: dict[str, np.ndarray] | None = None  # the global state the round's updates are measured from
+        self.sent: list[Message] = []  # this round's training messages, to name the node a SuperLink-made error is about
+        self.sent_evaluate: list[Message] = []
 
     def round_number(self, server_round: int) -> int:
         """The run's round number: Flower counts from 1 again when a run resumes."""
@@ -262,7 +264,8 @@ class MoPsFedAvg(FedAvg):
         round_log.bytes_down = arrays.count_bytes() * len(node_ids)
         shown = sorted(self.partitions.get(n, -1) for n in node_ids)
         log(INFO, "round %d: training on %d nodes (partitions %s)", number, len(node_ids), shown)
-        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+        self.sent = list(self._construct_messages(record, node_ids, MessageType.TRAIN))  # the grid gives them ids
+        return self.sent
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.fraction_evaluate == 0.0:
@@ -272,14 +275,15 @@ class MoPsFedAvg(FedAvg):
         self.eval_started[number] = time.perf_counter()
         config["server-round"] = number
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, node_ids, MessageType.EVALUATE)
+        self.sent_evaluate = list(self._construct_messages(record, node_ids, MessageType.EVALUATE))
+        return self.sent_evaluate
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Clients' held-out scores weighed by tokens; a failed or bad reply is logged and left out."""
         round_log = self.rounds.setdefault(self.round_number(server_round), RoundLog(self.round_number(server_round)))
         usable = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = answering_node(msg, self.sent_evaluate)
             if msg.has_error():
                 log(WARNING, "node %d (partition %s) failed to evaluate: %s", node, self.partitions.get(node, "?"), msg.error.reason)
                 continue
@@ -302,7 +306,7 @@ class MoPsFedAvg(FedAvg):
         accepted: list[Message] = []
         metric_keys: set[str] | None = None
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = answering_node(msg, self.sent)
             if msg.has_error():
                 round_log.failed += 1
                 log(WARNING, "node %d (partition %s) failed: %s", node, self.partitions.get(node, "?"), msg.error.reason)

@@ -6,6 +6,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from deploy.local import Deployment
 
@@ -40,6 +41,13 @@ def results(d, name):
     return json.loads((d.root / name / "results.json").read_text())
 
 
+def wait_for(condition, what, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
 def test_two_authenticated_supernodes_complete_two_rounds_over_tls(deployment):
     done = deployment.run({**deployment.settings, "out-dir": str(deployment.root / "run-a")})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
@@ -69,12 +77,30 @@ def test_what_auth_and_tls_refuse(deployment, node, options, refusal):
     assert {n["node-id"] for n in deployment.nodes() if n["status"] == "online"} == before
 
 
-def test_a_supernode_killed_mid_round_does_not_stop_the_run(deployment):
+def test_a_supernode_that_restarts_mid_run_rejoins_and_is_sampled_again(deployment):
     assert deployment.register("node-2").returncode == 0
-    deployment.start_supernode("node-2", 2, len(NODES))
+    deployment.start_supernode("node-2", 2, len(NODES), max_retries=None)
     deployment.wait_online(3)
+    out = deployment.root / "run-restart"
+    run = deployment.submit({**deployment.settings, "out-dir": str(out), "local-steps": 100, "num-server-rounds": 3})
+    try:
+        wait_for(lambda: "round 1: training on 3 nodes" in deployment.log("run"), "round 1 to start")
+        time.sleep(2.0)
+        deployment.stop("node-2", kill=True)
+        deployment.restart_supernode("node-2", 2, len(NODES))  # the same key: the same node
+        assert run.wait(timeout=900) == 0, deployment.log("run")[-3000:]
+    finally:
+        deployment.stop("run")
+    rounds = results(deployment, "run-restart")["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert rounds[1]["sampled"] == 3 and rounds[1]["accepted"] == 2  # its round-1 work died with it
+    assert rounds[3]["sampled"] == 3 and rounds[3]["accepted"] == 3  # back, and trained again
+
+
+def test_a_supernode_killed_mid_round_does_not_stop_the_run(deployment):
+    deployment.wait_online(3)  # node-2 from the test above
     out = deployment.root / "run-b"
-    run = deployment.submit({**deployment.settings, "out-dir": str(out), "local-steps": 1500, "round-timeout": 600.0})
+    run = deployment.submit({**deployment.settings, "out-dir": str(out), "local-steps": 300, "round-timeout": 600.0})
     try:
         deadline = time.monotonic() + 300
         while "round 1: training on 3 nodes" not in deployment.log("run"):
@@ -187,3 +213,46 @@ def test_a_node_on_another_machine_gets_the_input_prompts_by_message_and_a_node_
     assert len(list((root / "remote" / "input-prompts").glob("*/input_prompts.safetensors"))) == 1
     assert not (root / "foreign" / "input-prompts").exists()
     assert results["rounds"][1]["sampled"] == results["rounds"][1]["accepted"] == 2
+
+
+def test_a_superlink_killed_mid_round_and_restarted_on_its_database_resumes_to_the_uninterrupted_adapter(
+    tmp_path_factory, tiny_model_dir, toy_data_dir
+):
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("superlink-crash")
+    d = Deployment(root)
+    d.prepare(["node-0", "node-1"])
+    settings = {
+        "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(root / "cache"),
+        "experts": 7, "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140, "max-length": 64,
+        "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "fraction-train": 1.0, "fraction-evaluate": 0.0,
+        "min-partition-size": 5, "local-steps": 20, "num-server-rounds": 3, "min-available-nodes": 2,
+    }
+    try:
+        d.start_superlink()
+        for i, node in enumerate(("node-0", "node-1")):
+            assert d.register(node).returncode == 0
+            d.start_supernode(node, i, 2, max_retries=None)  # a node keeps reconnecting while the SuperLink is down
+        d.wait_online(2)
+        done = d.run({**settings, "out-dir": str(root / "uninterrupted")})
+        assert done.returncode == 0, done.stdout[-3000:]
+
+        out = root / "interrupted"
+        d.submit({**settings, "out-dir": str(out)})
+        wait_for(lambda: "round 2: training on 2 nodes" in d.log("run"), "round 2 to start")
+        time.sleep(1.0)
+        d.stop("superlink", kill=True)  # the server's machine fails mid-round: the SuperLink and its ServerApp
+        d.stop("run")
+        assert json.loads((out / "checkpoint" / "adapter_config.json").read_text())["round"] == 1
+        d.start_superlink()  # the same database: its registered nodes come back
+        d.wait_online(2)
+        resumed = d.run({**settings, "out-dir": str(out), "resume": True})
+        assert resumed.returncode == 0, resumed.stdout[-3000:]
+    finally:
+        d.stop_all()
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3] and all(r["accepted"] == 2 for r in rounds[1:])
+    a = load_file(str(root / "uninterrupted" / "checkpoint" / "adapter_model.safetensors"))
+    b = load_file(str(out / "checkpoint" / "adapter_model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), "the resumed adapter differs"

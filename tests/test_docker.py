@@ -32,6 +32,7 @@ def test_compose_wires_one_superlink_and_authenticated_tls_supernodes():
         # A node has a cache of its own (the input prompts reach it by message) and the exported bases, read-only.
         assert services[name]["volumes"][:2] == [f"node-{i}-cache:/cache", "${MOPS_BASES:-./bases}:/bases:ro"]
         assert not any("--insecure" in c for c in command)
+        assert services[name]["restart"] == "on-failure"  # a restarted node is refused until its old self is offline
     declared = set(COMPOSE["secrets"])
     for name, service in services.items():
         assert set(service.get("secrets", [])) <= declared, name

@@ -178,8 +178,17 @@ class AnsweringGrid(FakeGrid):
 
     def send_and_receive(self, messages, timeout=None):
         messages = list(messages)
+        for m in messages:  # as Flower's grids do when they push a message
+            m.metadata.__dict__["_message_id"] = m.object_id
         self.sent += messages
         return [self.answer(m) for m in messages]
+
+
+def unavailable(message):
+    """The error the SuperLink itself replies for a node that stopped sending heartbeats: from the SuperLink's id."""
+    meta = Metadata(run_id=1, message_id="", src_node_id=1, dst_node_id=1, reply_to_message_id=message.metadata.message_id,
+                    group_id="", created_at=0.0, ttl=60.0, message_type=message.metadata.message_type)
+    return Message(error=Error(code=5, reason="Error: Node Unavailable"), metadata=meta)
 
 
 SERVER_BASE = "f" * 32
@@ -484,3 +493,25 @@ def test_client_side_clipping_applies_only_when_the_server_asks_for_it():
 
     assert run({"server-round": 1}) == pytest.approx(10.0, rel=1e-5)
     assert run({"server-round": 1, KEY_CLIPPING_NORM: 2.0}) == pytest.approx(2.0, rel=1e-5)
+
+
+def test_a_node_the_superlink_lost_is_named_and_asked_again_when_it_is_next_connected(server_identity, caplog):
+    from server.app import discover
+
+    answer = lambda m: partition_report(m.metadata.dst_node_id)  # noqa: E731
+    grid = AnsweringGrid([11, 12, 13], lambda m: unavailable(m) if m.metadata.dst_node_id == 12 else answer(m))
+    a = admission()
+    with caplog.at_level(logging.WARNING):
+        discover(grid, a, 2, timeout=1.0)
+    assert not a.left_out and sorted(a.reports) == [11, 13] and list(a.unanswered) == [12]  # the SuperLink's error, charged to 12
+    assert "node 12 did not answer (Error: Node Unavailable); it is asked again when it is next connected" in caplog.text
+    s = strategy(admission=a, fraction_train=1.0, min_available_nodes=2)
+    grid.answer = answer  # node 12 is back
+    assert sorted(s.sample(grid, 1)) == [11, 12, 13] and not a.unanswered
+    sent = list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in arrays(0).items()}), ConfigRecord({}), grid))
+    for m in sent:  # as the grid does when it pushes them
+        m.metadata.__dict__["_message_id"] = m.object_id
+    [to_13] = [m for m in sent if m.metadata.dst_node_id == 13]
+    with caplog.at_level(logging.WARNING):
+        s.aggregate_train(1, [reply(11, arrays(1), metrics(4)), unavailable(to_13)])
+    assert "node 13 (partition 13) failed: Error: Node Unavailable" in caplog.text and s.rounds[1].failed == 1
