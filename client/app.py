@@ -19,7 +19,6 @@ evaluate  scores the global experts and gate on the node's held-out share (`clie
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch  # first: Ray workers must import torch before ArrayRecord.to_torch_state_dict()
@@ -145,6 +144,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         "eval-tokens": tokens,
         "eval-nll": result.loss * tokens if tokens else 0.0,  # summed over tokens: the server weighs by tokens
         "task-tokens": [s.tokens if s else 0 for s in per_task],
-        "task-nll": [math.log(s.perplexity) * s.tokens if s else 0.0 for s in per_task],
+        "task-nll": [s.nll if s else 0.0 for s in per_task],
     }
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

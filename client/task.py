@@ -100,7 +100,7 @@ def partition(settings: Settings, tasks: tuple[str, ...], partition_id: int, num
 
 
 @functools.lru_cache(maxsize=2)
-def _file_records(path: Path, mtime_ns: int, size: int, columns: Columns) -> tuple[Record, ...]:
+def _node_file_records(path: Path, mtime_ns: int, size: int, columns: Columns) -> tuple[Record, ...]:
     return tuple(read_records(path, columns))
 
 
@@ -110,7 +110,7 @@ def local_partition(settings: Settings, tasks: tuple[str, ...], data_file: str, 
     if not path.exists():
         raise DataError(f"data-file {path}: no such file or folder on this node")
     stat = path.stat()  # a file changed between rounds is read again
-    records = _file_records(path, stat.st_mtime_ns, stat.st_size, Columns.of(settings.data))
+    records = _node_file_records(path, stat.st_mtime_ns, stat.st_size, Columns.of(settings.data))
     return Partition.of(records, tasks, partition_id, 0, settings.federated.client_test_fraction, settings.data.data_seed)
 
 

@@ -200,7 +200,8 @@ class Deployment:
         return subprocess.run(command, env=self._env("cli"), cwd=PROJECT, timeout=timeout, capture_output=True, text=True)
 
     def submit(self, settings: Mapping[str, Any]) -> subprocess.Popen:
-        """`flwr run` in the background, its output in logs/run.log (to act while a round runs)."""
+        """`flwr run` in the background, its output in logs/run.log (to act while a round runs): this run's only."""
+        (self.logs / "run.log").unlink(missing_ok=True)
         return self._spawn("run", ["flwr", "run", str(PROJECT), CONNECTION, "--stream", "--run-config", run_config(settings)], home="cli")
 
     def stop(self, who: str, *, kill: bool = False) -> None:

@@ -10,6 +10,7 @@ and the gate reads the question tokens only (NOTES.md: the gate sees what exists
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -126,8 +127,8 @@ def _raise_problems(source: object, problems: Sequence[str], what: str = "line")
         raise DataError(f"{len(problems)} unreadable {what}(s) in {source}:\n" + "\n".join(listed + tail))
 
 
-def _jsonl_rows(path: Path) -> tuple[list[tuple[str, dict]], list[tuple[int, str]]]:
-    """(("FILE:LINE", row) for every object line, (line, problem) for every unusable one)."""
+def _jsonl_rows(path: Path) -> tuple[list[tuple[int, str, dict]], list[tuple[int, str]]]:
+    """((line, "FILE:LINE", row) for every object line, (line, problem) for every unusable one)."""
     rows, problems = [], []
     try:
         with path.open("rb") as fh:
@@ -138,7 +139,7 @@ def _jsonl_rows(path: Path) -> tuple[list[tuple[str, dict]], list[tuple[int, str
                 if problem:
                     problems.append((lineno, f"{path}:{lineno}: {problem}"))
                 else:
-                    rows.append((f"{path}:{lineno}", row))
+                    rows.append((lineno, f"{path}:{lineno}", row))
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     return rows, problems
@@ -151,32 +152,32 @@ def read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
     a file is fixed in one go; a file without a single row says so.
     """
     rows, problems = _jsonl_rows(path)
-    for where, row in rows:
+    for line, where, row in rows:
         missing = [k for k in required if k not in row]
         bad = [f"{k} ({type(row[k]).__name__})" for k in required if k in row and not isinstance(row[k], str)]
         if missing or bad:
             problem = f"missing field(s) {', '.join(missing)}" if missing else f"field(s) {', '.join(bad)} must be strings"
-            problems.append((int(where.rsplit(":", 1)[1]), f"{where}: {problem}"))
+            problems.append((line, f"{where}: {problem}"))
     _raise_problems(path, [p for _, p in sorted(problems)])
     if not rows:
         raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
-    return [row for _, row in rows]
+    return [row for _, _, row in rows]
 
 
-def _table_records(rows: Sequence[tuple[str, dict]], columns: Columns, source: object,
+def _table_records(rows: Sequence[tuple[int, str, dict]], columns: Columns, source: object,
                    problems: Sequence[tuple[int, str]] = (), what: str = "line") -> list[Record]:
-    """Records from located rows; every bad row named by its location, in one error."""
+    """Records from located rows (position, location, row); every bad row named by its location, in one error."""
     if rows:
-        columns.check_fields({k for _, row in rows for k in row}, source)
+        columns.check_fields({k for _, _, row in rows for k in row}, source)
     found = list(problems)
-    for i, (where, row) in enumerate(rows):
+    for position, where, row in rows:
         problem = columns.problem(row)
         if problem:
-            found.append((int(where.rsplit(":", 1)[1]) if what == "line" else i, f"{where}: {problem}"))
+            found.append((position, f"{where}: {problem}"))
     _raise_problems(source, [p for _, p in sorted(found)], what)
     if not rows:
         raise DataError(f"{source}: no rows (it is empty or holds only blank lines)")
-    return [columns.record(row) for _, row in rows]
+    return [columns.record(row) for _, _, row in rows]
 
 
 def _file_records(path: Path, columns: Columns) -> list[Record]:
@@ -192,7 +193,7 @@ def _file_records(path: Path, columns: Columns) -> list[Record]:
             if not isinstance(content, list):
                 raise DataError(f"{path}: expected a JSON array of objects (or JSON Lines), got a {type(content).__name__}")
             bad = [(i, f"{path}: item {i}: expected a JSON object") for i, row in enumerate(content) if not isinstance(row, dict)]
-            rows = [(f"{path}: item {i}", row) for i, row in enumerate(content) if isinstance(row, dict)]
+            rows = [(i, f"{path}: item {i}", row) for i, row in enumerate(content) if isinstance(row, dict)]
             return _table_records(rows, columns, path, bad, what="item")
     if suffix in (".jsonl", ".ndjson"):
         rows, problems = _jsonl_rows(path)
@@ -205,7 +206,7 @@ def _file_records(path: Path, columns: Columns) -> list[Record]:
         except Exception as exc:  # pyarrow raises several types for a corrupt file
             raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
         columns.check_fields(table.column_names, path)
-        rows = [(f"{path}: row {i}", row) for i, row in enumerate(table.select(list(dict.fromkeys(columns.by_setting().values()))).to_pylist())]
+        rows = [(i, f"{path}: row {i}", row) for i, row in enumerate(table.select(list(dict.fromkeys(columns.by_setting().values()))).to_pylist())]
         return _table_records(rows, columns, path, what="row")
     raise DataError(f"{path}: unknown format '{path.suffix}' (use {', '.join(DATA_SUFFIXES)}, or a saved `datasets` folder)")
 
@@ -221,7 +222,7 @@ def _dataset_records(found: Any, columns: Columns, source: str, tasks: Sequence[
         wanted = set(tasks)
         table = table.filter(lambda t: str(t) in wanted, input_columns=columns.task)
     table = table.select_columns(list(dict.fromkeys(columns.by_setting().values())))
-    rows = [(f"{source}: row {i}", row) for i, row in enumerate(table.to_list())]
+    rows = [(i, f"{source}: row {i}", row) for i, row in enumerate(table.to_list())]
     return _table_records(rows, columns, source, what="row")
 
 
@@ -339,8 +340,29 @@ def _preset_records(name: str, cfg: DataConfig, tasks: Sequence[str]) -> list[Re
     return [record for path in files for record in _file_records(path, preset.local_columns)]
 
 
+def _stamp(cfg: DataConfig) -> tuple:
+    """What says a local dataset changed: size and time of every file it is read from (hub ids: none)."""
+    if cfg.dataset in PRESETS:
+        folder = resolve_data_dir(cfg)
+        root = folder / PRESETS[cfg.dataset].marker if folder is not None else None
+    else:
+        root = Path(cfg.dataset).expanduser()
+    if root is None or not root.exists():
+        return ()
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+
+
 def load_records(cfg: DataConfig) -> list[Record]:
-    """The run's records: those of its tasks (every task of the data when it names none)."""
+    """The run's records: those of its tasks (every task of the data when it names none).
+
+    Read once per process while the files stay the same: the run's task list, its split and the
+    compression's calibration text all start from them."""
+    return list(_load_records(cfg, _stamp(cfg)))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_records(cfg: DataConfig, stamp: tuple) -> tuple[Record, ...]:
     preset = cfg.dataset if cfg.dataset in PRESETS else None
     wanted = cfg.task_list or (PRESETS[preset].tasks if preset else ())
     if preset:
@@ -348,7 +370,7 @@ def load_records(cfg: DataConfig) -> list[Record]:
     else:
         records = read_records(cfg.dataset, Columns.of(cfg), tasks=wanted or None)
     if not wanted:
-        return records
+        return tuple(records)
     found = Counter(r.task for r in records)
     held = ", ".join(sorted(found)[:12])
     absent = [t for t in cfg.task_list if not found[t]]
@@ -360,7 +382,7 @@ def load_records(cfg: DataConfig) -> list[Record]:
         raise DataError(f"{cfg.dataset}: no record of its tasks ({', '.join(wanted)}); it holds: {held}")
     if len(chosen) < len(records):
         log.info("%s: left out %d records of tasks the run does not train", cfg.dataset, len(records) - len(chosen))
-    return chosen
+    return tuple(chosen)
 
 
 def run_tasks(cfg: DataConfig) -> tuple[str, ...]:

@@ -27,6 +27,7 @@ class TaskScore:
     samples: int
     gate_entropy: float | None = None  # mean per-sample entropy of g over this task's samples (nats)
     routing_accuracy: float | None = None  # share of this task's samples whose top expert is the task's own
+    nll: float = 0.0  # summed over the task's tokens: what a federated client reports, to be weighed by tokens
 
 
 @dataclass
@@ -141,6 +142,7 @@ def evaluate(
             _perplexity(nll[i].item(), int(tokens[i])), int(tokens[i]), int(samples[i]),
             gate_entropy=entropy_sum[i].item() / int(samples[i]) if gated else None,
             routing_accuracy=routed_right[i].item() / int(samples[i]) if gated else None,
+            nll=nll[i].item(),
         )
         for i, task in enumerate(tasks)
         if samples[i] > 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -93,7 +94,10 @@ def prepare_or_load(session: Session, *, progress: bool = True) -> tuple[str, St
 
 
 def input_prompts_path(settings: Settings, sha: str) -> Path:
-    """Where P1 with content hash `sha` lives in this machine's cache."""
+    """Where P1 with content hash `sha` lives in this machine's cache (a hash that came in a message
+    names no other path)."""
+    if not re.fullmatch(r"[0-9a-f]{32}", sha):
+        raise StartStateError(f"{sha!r} is not an input-prompts hash (32 hex digits)")
     return cache_root(settings.model) / "input-prompts" / sha / "input_prompts.safetensors"
 
 
@@ -103,6 +107,7 @@ def has_input_prompts(settings: Settings, sha: str) -> bool:
 
 def store_input_prompts(settings: Settings, prompts: torch.Tensor, sha: str) -> Path:
     """Keep P1 under its hash, after checking that it is what `sha` says; nothing is written otherwise."""
+    path = input_prompts_path(settings, sha)
     prompts = prompts.detach().float().cpu().contiguous()
     if prompts.ndim != 2 or not torch.isfinite(prompts).all():
         raise StartStateError(f"the input prompts {sha} must be a finite (prompts, width) matrix; nothing was stored")
@@ -110,7 +115,6 @@ def store_input_prompts(settings: Settings, prompts: torch.Tensor, sha: str) -> 
         raise StartStateError(
             f"the input prompts received do not match their hash (expected {sha}, got {tensor_sha(prompts)}); nothing was stored"
         )
-    path = input_prompts_path(settings, sha)
     with file_lock(path.parent.with_name(sha + ".lock")):
         if not path.is_file():
             with directory(path.parent) as tmp:

@@ -41,8 +41,10 @@ def discover(grid: Grid, admission: Admission, minimum: int, timeout: float) -> 
     nodes = wait_for_nodes(grid, minimum, timeout)
     admitted = admission.admit(grid, nodes)
     if len(admitted) < minimum:
-        reasons = {**admission.reasons, **admission.unanswered}
-        why = "; ".join(f"node {n}: {r.strip().splitlines()[-1] if r.strip() else r}" for n, r in sorted(reasons.items()))
+        nodes_by_reason: dict[str, list[int]] = {}  # a reason many nodes share is said once
+        for node, reason in sorted({**admission.reasons, **admission.unanswered}.items()):
+            nodes_by_reason.setdefault(reason.strip().splitlines()[-1] if reason.strip() else reason, []).append(node)
+        why = "; ".join(f"node {', '.join(map(str, ns))}: {r}" for r, ns in nodes_by_reason.items())
         raise RuntimeError(f"only {len(admitted)} of the {len(nodes)} connected nodes can train and min-available-nodes "
                            f"is {minimum}: {why or 'no reply in time'}")
     unknown = admission.unknown_task_counts()

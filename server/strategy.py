@@ -33,9 +33,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from mops_core.checkpoint import tensor_problems
+from mops_core.model import PROMPTS as EXPERTS_KEY  # (E, prompts per expert, width): axis 0 is the expert
 
 from .admission import Admission, answering_node
-from mops_core.model import PROMPTS as EXPERTS_KEY  # (E, prompts per expert, width): axis 0 is the expert
 
 
 @dataclass
@@ -244,7 +244,8 @@ class MoPsFedAvg(FedAvg):
             if newcomers:
                 log(INFO, "admitting %d nodes that connected since: %s", len(newcomers), newcomers)
                 self.admission.admit(grid, newcomers)
-        nodes = [n for n in connected if n not in self.left_out]
+        admitted = self.admission.reports if self.admission is not None else None  # nodes that did not answer yet: not these
+        nodes = [n for n in connected if n not in self.left_out and (admitted is None or n in admitted)]
         if not nodes:
             raise RuntimeError(f"every connected node was left out ({len(self.left_out)} nodes: bad data or a foreign base)")
         fraction, least = (self.fraction_evaluate, self.min_evaluate_nodes) if evaluate else (self.fraction_train, self.min_train_nodes)

@@ -1,6 +1,7 @@
 """The ClientApp builds its model from the run config as `mops train` and the ServerApp do."""
 
 import json
+import math
 import tomllib
 from pathlib import Path
 
@@ -127,6 +128,9 @@ def test_a_node_with_its_own_file_trains_on_exactly_its_records_without_the_shar
     assert scored["num-examples"] == 1 and scored["eval-tokens"] == sum(e.response_len for e in held)
     expected = server.evaluate(held)
     assert scored["eval-nll"] == pytest.approx(expected.loss * expected.tokens, rel=1e-5) and len(scored["task-tokens"]) == 7
+    for i, t in enumerate(server.tasks):  # per task: summed NLL, as the perplexity says it
+        score = expected.per_task.get(t)
+        assert scored["task-nll"][i] == (pytest.approx(math.log(score.perplexity) * score.tokens, rel=1e-5) if score else 0.0)
 
     own.write_text(own.read_text() + '{"instruction": "x", "context": "", "response": "y"}\n')
     with pytest.raises(DataError, match=rf"{own}:13: missing field\(s\) task"):
@@ -168,6 +172,8 @@ def test_a_node_with_its_own_cache_reports_its_base_and_stores_the_input_prompts
     with pytest.raises(StartStateError, match=f"do not match their hash \\(expected {sha}"):
         send(tampered, sha)
     assert not any(node_cache.rglob("*.safetensors"))  # nothing cached
+    with pytest.raises(StartStateError, match="not an input-prompts hash"):
+        send(prompts, "../../elsewhere")
     assert send(prompts, sha).content["metrics"]["stored"] == 1
     assert input_prompts_path(Settings.from_flat({**common, "model-cache-dir": str(node_cache)}), sha).is_file()
     assert client_app.query(message({"config": config}, MessageType.QUERY), context).content["metrics"]["has-input-prompts"] == 1

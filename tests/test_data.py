@@ -304,3 +304,25 @@ def test_sni_from_a_saved_hub_dataset_gives_the_records_of_the_local_layout(tmp_
 
     monkeypatch.setattr(data_module, "default_data_dirs", lambda: [local])
     assert load_records(DataConfig(dataset="sni")) == from_local, "a local copy wins over the hub"
+
+
+def test_a_dataset_is_read_once_per_process_until_its_file_changes(tmp_path, monkeypatch):
+    import mops_core.data as data
+    from helpers import toy_records
+
+    from mops_core.config import DataConfig
+
+    path = tmp_path / "mine.jsonl"
+    rows = [{"instruction": r.instruction, "context": r.context, "response": r.response, "task": r.task}
+            for r in toy_records(("a", "b"), 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reads = []
+    original = data.read_records
+    monkeypatch.setattr(data, "read_records", lambda *a, **k: reads.append(a) or original(*a, **k))
+    cfg = DataConfig(dataset=str(path))
+    first = data.load_records(cfg)
+    assert data.run_tasks(cfg) == ("a", "b") and data.load_records(cfg) == first and len(reads) == 1
+    first.clear()  # a caller's list is its own
+    assert len(data.load_records(cfg)) == 6
+    path.write_text(path.read_text() + json.dumps({**rows[0], "task": "c"}) + "\n")
+    assert data.run_tasks(cfg) == ("a", "b", "c") and len(reads) == 2

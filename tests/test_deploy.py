@@ -82,7 +82,10 @@ def test_a_supernode_that_restarts_mid_run_rejoins_and_is_sampled_again(deployme
     deployment.start_supernode("node-2", 2, len(NODES), max_retries=None)
     deployment.wait_online(3)
     out = deployment.root / "run-restart"
-    run = deployment.submit({**deployment.settings, "out-dir": str(out), "local-steps": 100, "num-server-rounds": 3})
+    run = deployment.submit({**deployment.settings, "out-dir": str(out), "local-steps": 100, "num-server-rounds": 3,
+                             # The reply the killed process owed never comes; unless the SuperLink marks the node
+                             # unavailable first, the round waits round-timeout for it.
+                             "round-timeout": 60.0})
     try:
         wait_for(lambda: "round 1: training on 3 nodes" in deployment.log("run"), "round 1 to start")
         time.sleep(2.0)

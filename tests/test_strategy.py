@@ -310,8 +310,9 @@ def test_discovery_stops_the_run_with_the_nodes_reason_when_too_few_can_train(se
     # Flower wraps a ClientApp's exception: the cause is the reason's last line.
     reason = "\nException ClientAppException occurred. Message: no Dirichlet(alpha=0.5) split of 15 samples"
     grid = AnsweringGrid([1, 2, 3], nodes_answer(lambda n: reply(n, error=reason)))
-    with pytest.raises(RuntimeError, match=r"only 0 of the 3 connected nodes can train .*: node 1: Exception ClientAppException occurred. Message: no Dirichlet"):
+    with pytest.raises(RuntimeError, match=r"only 0 of the 3 connected nodes can train .*: node 1, 2, 3: Exception ClientAppException occurred. Message: no Dirichlet") as err:
         discover(grid, admission(), 3, timeout=1.0)
+    assert str(err.value).count("no Dirichlet") == 1  # the same reason once, not once per node
 
 
 def test_waiting_for_nodes_explains_a_federation_too_small_and_gives_up_at_the_timeout(monkeypatch, caplog):
@@ -506,8 +507,9 @@ def test_a_node_the_superlink_lost_is_named_and_asked_again_when_it_is_next_conn
     assert not a.left_out and sorted(a.reports) == [11, 13] and list(a.unanswered) == [12]  # the SuperLink's error, charged to 12
     assert "node 12 did not answer (Error: Node Unavailable); it is asked again when it is next connected" in caplog.text
     s = strategy(admission=a, fraction_train=1.0, min_available_nodes=2)
+    assert 12 not in s.sample(grid, 1)  # still unanswered: not sampled
     grid.answer = answer  # node 12 is back
-    assert sorted(s.sample(grid, 1)) == [11, 12, 13] and not a.unanswered
+    assert sorted(s.sample(grid, 2)) == [11, 12, 13] and not a.unanswered
     sent = list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in arrays(0).items()}), ConfigRecord({}), grid))
     for m in sent:  # as the grid does when it pushes them
         m.metadata.__dict__["_message_id"] = m.object_id
