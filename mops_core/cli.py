@@ -68,16 +68,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     from . import atomic
     from .centralized import evaluate_plain_base
-    from .compression.pipeline import compress_base, export_base
+    from .compression.pipeline import check_exportable, compress_base, export_base
     from .data import prepare
     from .loading import base_fingerprint, load_base
 
     settings = _settings_from_args(args)
     if settings.compression.compression == "none":
         raise SettingsError("setting 'compression': say what to do, e.g. --compression sparsegpt:0.5")
-    if args.export and settings.compression.spec.method == "int8":
-        raise SettingsError("--export: int8 needs no export (each node quantises the same base in seconds, to the same "
-                            "fingerprint), and its quantised modules cannot be saved as a Hugging Face model")
+    if args.export:
+        check_exportable(settings)
     progress = not args.no_progress
     base, tokenizer = load_base(settings.model)
     data = prepare(settings.data, tokenizer)

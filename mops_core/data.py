@@ -350,7 +350,8 @@ def _stamp(cfg: DataConfig) -> tuple:
     if root is None or not root.exists():
         return ()
     files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
-    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    stats = [(f, f.stat()) for f in files]
+    return tuple((str(f), st.st_mtime_ns, st.st_size) for f, st in stats)
 
 
 def load_records(cfg: DataConfig) -> list[Record]:

@@ -33,6 +33,7 @@ from .. import atomic
 from ..config import CALIBRATION_DATA, ModelConfig, Settings
 from ..data import Formatter, load_records, sample_and_split
 from ..loading import base_fingerprint, cache_root, load_base, quiet_progress
+from ..settings import SettingsError
 from .int8 import quantize_int8
 from .layerwise import MatrixStats, block_linears, prune_model
 
@@ -192,13 +193,18 @@ def exported_compression(cfg: ModelConfig) -> dict | None:
     return record
 
 
+def check_exportable(settings: Settings) -> None:
+    """Refuse, before any work, a compression whose base cannot be exported."""
+    if settings.compression.spec.method == "int8":
+        raise SettingsError(
+            "--export: int8 needs no export (each node quantises the same base in seconds, to the same fingerprint), "
+            "and its quantised modules cannot be saved as a Hugging Face model"
+        )
+
+
 def export_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: Settings, target: Path) -> str:
     """Write the compressed base where nodes load it from (`model = target`); returns its fingerprint."""
-    if settings.compression.spec.method == "int8":
-        raise ValueError(
-            "--export: int8 keeps its weights in quantised modules that cannot be saved as a Hugging Face model; "
-            "int8 needs no export: each node quantises the same base in seconds and reaches the same fingerprint"
-        )
+    check_exportable(settings)
     fingerprint = base_fingerprint(model)
     with atomic.directory(target) as tmp, quiet_progress():
         model.save_pretrained(tmp)
