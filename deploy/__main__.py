@@ -3,11 +3,14 @@
     python -m deploy certs --out deploy-state/certs [--host my.server.org --host 10.0.0.5]
     python -m deploy keys --out deploy-state/keys --nodes 2
     python -m deploy up --nodes 2 [--root deploy-state] [--run-config "num-server-rounds=2 ..."]
+    python -m deploy wheelhouse --out docker/wheelhouse [--torch cuda]
 
 `up` makes what is missing (CA, server certificate, one key pair per SuperNode), starts the
 SuperLink (TLS, node authentication, state database), registers every node's public key,
 starts the SuperNodes (partition i of N each), submits the app with `flwr run`, streams its
 log, and stops everything. Each command is printed as it is run; logs are in ROOT/logs.
+`wheelhouse` fills a folder with every wheel the Docker images install, for a build that
+reaches no package index (docker/Dockerfile, build argument WHEELHOUSE).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from .certs import make_certificates, make_supernode_keys
 from .local import Deployment
+from .wheelhouse import TORCH_INDEXES, fill_wheelhouse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--root", type=Path, default=Path("deploy-state"))
     up.add_argument("--nodes", type=int, default=2)
     up.add_argument("--run-config", action="append", default=[], help="app settings, as for `flwr run --run-config`")
+    wheels = sub.add_parser("wheelhouse", help="every wheel the images install, for a build without a package index")
+    wheels.add_argument("--out", type=Path, default=Path("docker/wheelhouse"))
+    wheels.add_argument("--torch", choices=sorted(TORCH_INDEXES), default="cpu", help="the torch build (default cpu)")
+    wheels.add_argument("--torch-index", help="the index torch comes from (default: PyTorch's index for that build)")
     args = parser.parse_args(argv)
 
     if args.command == "certs":
@@ -42,6 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         for name, (private, public) in make_supernode_keys(args.out, [f"node-{i}" for i in range(args.nodes)]).items():
             print(f"{name}: private {private}, public {public}")
+        return 0
+
+    if args.command == "wheelhouse":
+        try:
+            found = fill_wheelhouse(args.out, torch=args.torch, torch_index=args.torch_index)
+        except (RuntimeError, ValueError) as error:
+            print(f"wheelhouse: {error}", file=sys.stderr)
+            return 2
+        print(f"{len(found)} wheels, {sum(p.stat().st_size for p in found) / 2**20:.0f} MiB in {args.out}")
         return 0
 
     nodes = [f"node-{i}" for i in range(args.nodes)]
