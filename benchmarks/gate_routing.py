@@ -53,7 +53,7 @@ def features(model: MoPsModel, readers: dict[str, MoPsModel], examples, depths: 
         for rows, batch in question_batches(examples, pad_id=pad_id, batch_size=batch_size, progress=True):
             batch = {k: v.to(model.device) for k, v in batch.items()}
             question = batch["question_mask"]
-            model.run_layers(model.embed(batch["input_ids"]), model.causal_mask(batch["attention_mask"]), 0, max(depths))
+            model.run_layers(model.embed(batch["input_ids"]), model.key_bias(batch["attention_mask"]), 0, max(depths))
             for name, reader in readers.items():
                 for d in depths:
                     feats[name, d][rows] = reader.gate_input(entering[d], question).cpu()

@@ -7,7 +7,8 @@
 The sink (the BOS token) stays first and is never gated: LLaMA models park attention there. The
 gate reads the question's states entering `inject_layer` (never the response, which does not
 exist at inference). `gating="attention"` adds log(gain g_e) to every attention logit towards
-expert e's prompt keys, in the additive mask handed to transformers' own decoder layers;
+expert e's prompt keys: a per-key bias handed to transformers' own decoder layers, which the
+fused causal kernel applies (`attention.py`);
 `"hidden"` is the paper's literal product on the prompts' states (under pre-norm it barely
 reaches attention); `"none"` is the prompt-tuning baseline. Prompts precede the text in a causal
 model, so their states entering `inject_layer` do not depend on the input:
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from .attention import key_bias, use_mops_attention
 from .config import MoPsConfig
 from .data import IGNORE_INDEX
 
@@ -101,6 +103,7 @@ class MoPsModel(nn.Module):
     def __init__(self, base: PreTrainedModel, cfg: MoPsConfig, sink_token_id: int):
         super().__init__()
         self.base = base.requires_grad_(False).eval()
+        use_mops_attention(base)
         self.cfg = cfg
         self.width, self.num_layers = base.config.hidden_size, base.config.num_hidden_layers
         self.inject_layer = cfg.resolve_inject_layer(self.num_layers)
@@ -150,29 +153,24 @@ class MoPsModel(nn.Module):
         prompts = self.input_prompts.to(sink.dtype).unsqueeze(0).expand(batch, -1, -1)
         return torch.cat([sink, prompts, embed(input_ids)], dim=1)
 
-    def causal_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) additive mask: causal, with the text's right padding masked out as keys."""
-        batch, text = attention_mask.shape
-        length, device, dtype = 1 + self.num_prompts + text, attention_mask.device, self.dtype
-        keys_ok = torch.cat([torch.ones(batch, 1 + self.num_prompts, dtype=torch.bool, device=device), attention_mask.bool()], 1)
-        allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril().unsqueeze(0) & keys_ok.unsqueeze(1)
-        mask = torch.zeros(batch, 1, length, length, dtype=dtype, device=device)
-        return mask.masked_fill(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+    def key_bias(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 1, S) additive bias per key, causality aside: the text's right padding masked out."""
+        return key_bias(attention_mask, self.num_prompts)
 
-    def run_layers(self, hidden, mask, start: int, stop: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder layers start..stop-1, called one by one (transformers' own layers, our mask)."""
+    def run_layers(self, hidden, bias, start: int, stop: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder layers start..stop-1, called one by one (transformers' own layers), attending causally plus `bias`."""
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         rotary = self.base.model.rotary_emb(hidden, positions)
         for layer in self.base.model.layers[start:stop]:
             if scale is not None:
                 hidden = hidden * scale
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
+            hidden = layer(hidden, attention_mask=None, key_bias=bias, position_embeddings=rotary, position_ids=positions)
         return hidden
 
     @torch.no_grad()
     def entering(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, S, d) hidden states entering `inject_layer`: all frozen, so a cache may keep them."""
-        return self.run_layers(self.embed(input_ids), self.causal_mask(attention_mask), 0, self.inject_layer)
+        return self.run_layers(self.embed(input_ids), self.key_bias(attention_mask), 0, self.inject_layer)
 
     def gate_input(self, hidden: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
         """(B, d) float32, never the sink or the response: the question's mean ('question'; the prompts'
@@ -227,9 +225,9 @@ class MoPsModel(nn.Module):
         """A right-padded batch (`data.collate`) through MoPs. `entering`: the states entering `inject_layer`,
         when the caller has them (the activation cache); `inject=False`: P1's prompt tuning, every layer."""
         length = 1 + self.num_prompts + input_ids.shape[1]
-        mask = self.causal_mask(attention_mask)
+        bias = self.key_bias(attention_mask)
         if not inject:
-            hidden = self.run_layers(self.embed(input_ids), mask, 0, self.num_layers)
+            hidden = self.run_layers(self.embed(input_ids), bias, 0, self.num_layers)
             loss, nll, tokens, logits = self._head(hidden, labels, return_logits)
             return MoPsOutput(loss, nll, tokens, None, None, logits)
 
@@ -242,9 +240,9 @@ class MoPsModel(nn.Module):
             gate = log_g.exp()
         hidden = self.splice(entering)  # the trainable prompts replace P1's states
         if self.gating == "attention":  # attention to expert e's prompts x gain g_e, at every later layer
-            mask = mask + self.gate_bias(log_g, length).to(mask.dtype)
+            bias = bias + self.gate_bias(log_g, length)
         elif self.gating == "hidden":
             scale = self.prompt_scale(gate, length).to(hidden.dtype)
-        hidden = self.run_layers(hidden, mask, self.inject_layer, self.num_layers, scale)
+        hidden = self.run_layers(hidden, bias, self.inject_layer, self.num_layers, scale)
         loss, nll, tokens, logits = self._head(hidden, labels, return_logits)
         return MoPsOutput(loss, nll, tokens, gate, gate_logits, logits)

@@ -123,6 +123,24 @@ def test_attention_gating_matches_handwritten_reweighted_attention(tokenizer):
     assert out.gate.max() > 2.0 / model.experts
 
 
+def test_gradients_match_the_handwritten_reference(tokenizer):
+    """The prompts' and the gate's gradients through the fused attention equal those of attention written out."""
+    model = make_model(tokenizer)
+    batch = batch_of(tokenizer, TEXTS, QLENS)
+    real = batch["attention_mask"].bool()
+
+    def grads(logits):
+        model.zero_grad(set_to_none=True)
+        (logits[real].logsumexp(-1) - logits[real][:, 0]).sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    ours, theirs = grads(model(**batch, return_logits=True).logits[:, :-1]), grads(reference_forward(model, batch))
+    assert ours.keys() == theirs.keys() and "prompts" in ours and "gate.fc1.weight" in ours
+    for name in ours:
+        assert theirs[name].abs().max() > 0, name
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 @torch.no_grad()
 def test_no_gating_equals_reference_with_unit_weights(tokenizer):
     model = make_model(tokenizer, gating="none")

@@ -1,0 +1,65 @@
+"""The attention of MoPs' forward: causal, plus one additive bias per key.
+
+Every layer MoPs runs attends causally with one extra term per key, the same for every query
+and head: log(gain g_e) on expert e's prompt keys, a large negative number on right padding, 0
+elsewhere. Handed to PyTorch as a dense (B, 1, S, S) mask that carries a gradient, that term
+forces the math kernel (explicit bmm and softmax, and an (S, S) mask gradient per layer). Here it
+rides in one extra head dimension instead: with q' = [q, 1] and k' = [k, b / scale],
+
+    scale * q'.k' = scale * q.k + b,
+
+so the fused causal kernel (`is_causal=True`) computes exactly that logit, and b's gradient
+reaches it through k'. The value keeps its head dimension.
+
+Registered in transformers' AttentionInterface as "mops": a layer called with `key_bias` gets
+this; called without it (generation, anything else sharing the base) it gets transformers' own
+sdpa attention, unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "mops"
+PAD = -1e4  # a padded key's bias: exp(-1e4) is 0 in float32, as the most negative float would give
+
+
+def key_bias(attention_mask: torch.Tensor, num_prompts: int) -> torch.Tensor:
+    """(B, 1, 1, S) float32 for the sequence [sink] [K prompts] [text]: 0 on every key, PAD on padding."""
+    present = F.pad(attention_mask.bool(), (1 + num_prompts, 0), value=True)
+    return torch.where(present, 0.0, PAD).to(torch.float32)[:, None, None, :]
+
+
+def biased_causal_attention(query, key, value, bias, scale: float) -> torch.Tensor:
+    """softmax(scale * q k^T + bias, causal) v for (B, H, S, D) query and (B, H_kv, S, D) key and value."""
+    groups = query.shape[1] // key.shape[1]
+    ones = torch.ones_like(query[..., :1])
+    folded = (bias / scale).to(key.dtype).transpose(-1, -2).expand(-1, key.shape[1], -1, -1)  # (B, H_kv, S, 1)
+    query, key = torch.cat([query, ones], -1), torch.cat([key, folded], -1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+
+
+def mops_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                   key_bias: torch.Tensor | None = None, **kwargs):
+    if key_bias is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.shape[2] != key.shape[2]:
+        raise ValueError("key_bias is for a whole sequence at once (no KV cache)")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = biased_causal_attention(query, key, value, key_bias, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, mops_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # transformers' own masks, when it builds them, are sdpa's
+
+
+def use_mops_attention(base: PreTrainedModel) -> None:
+    """Route the base's attention through `mops_attention` (sdpa for any call without `key_bias`)."""
+    if base.config._attn_implementation != NAME:
+        base.set_attn_implementation(NAME)

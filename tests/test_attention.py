@@ -1,0 +1,79 @@
+"""The fused biased causal attention against attention written out, values and gradients."""
+
+import pytest
+import torch
+from helpers import tiny_base
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from mops_core.attention import PAD, biased_causal_attention, key_bias, mops_attention, use_mops_attention
+
+
+def written_out(q, k, v, bias, scale):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    length = q.shape[2]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale + bias.float()
+    return torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v.float()
+
+
+def inputs(dtype, *, batch=2, heads=6, kv_heads=2, length=19, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, h, length, dim, generator=g).to(dtype).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    padding = torch.ones(batch, length - 5, dtype=torch.long)
+    padding[0, -4:] = 0  # the first sample right-padded
+    bias = (key_bias(padding, 4) + 2 * torch.randn(batch, 1, 1, length, generator=g)).requires_grad_()
+    return q, k, v, bias
+
+
+def gradients(out, tensors):
+    grads = torch.autograd.grad(out.float().pow(2).sum(), tensors)
+    return [g.float() for g in grads]
+
+
+def test_float32_values_and_gradients_equal_attention_written_out():
+    q, k, v, bias = inputs(torch.float32)
+    scale = q.shape[-1] ** -0.5
+    fused, reference = biased_causal_attention(q, k, v, bias, scale), written_out(q, k, v, bias, scale)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(gradients(fused, (q, k, v, bias)), gradients(reference, (q, k, v, bias))):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_within_its_precision():
+    q, k, v, bias = inputs(torch.bfloat16)
+    scale = q.shape[-1] ** -0.5
+    fused, reference = biased_causal_attention(q, k, v, bias, scale).float(), written_out(q, k, v, bias, scale)
+    assert (fused - reference).abs().max() < 0.03
+    ours, theirs = gradients(fused, (bias,))[0], gradients(reference, (bias,))[0]
+    assert (ours - theirs).norm() / theirs.norm() < 0.03
+
+
+def test_padded_keys_get_no_attention():
+    q, k, v, bias = inputs(torch.float32)
+    assert bias[0, 0, 0, -4:].max() < PAD / 2 and bias[1].min() > PAD / 2
+    v = v.detach().clone()
+    out = biased_causal_attention(q, k, v, bias, 0.25)
+    v[0, :, -4:] = 1e6  # whatever the padded keys carry
+    torch.testing.assert_close(biased_causal_attention(q, k, v, bias, 0.25), out)
+
+
+def test_without_a_key_bias_the_base_gets_transformers_sdpa():
+    base = tiny_base(64, layers=2)
+    use_mops_attention(base)
+    assert base.config._attn_implementation == "mops"
+    module, config = base.model.layers[0].self_attn, base.config
+    q, k, v, _ = inputs(torch.float32, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, dim=module.head_dim)
+    mask = torch.zeros(2, 1, 19, 19).masked_fill(~torch.ones(19, 19, dtype=torch.bool).tril(), float("-inf"))
+    ours = mops_attention(module, q, k, v, mask, scaling=0.25)[0]
+    torch.testing.assert_close(ours, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0])
+    ids = torch.randint(0, 64, (1, 7))
+    before = base(input_ids=ids).logits  # transformers' own forward (its masks, is_causal) is unchanged
+    base.set_attn_implementation("sdpa")
+    torch.testing.assert_close(before, base(input_ids=ids).logits)
+
+
+def test_a_key_bias_needs_the_whole_sequence():
+    q, k, v, bias = inputs(torch.float32)
+    with pytest.raises(ValueError, match="whole sequence"):
+        mops_attention(None, q[:, :, -1:], k, v, None, key_bias=bias)
