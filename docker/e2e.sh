@@ -29,6 +29,8 @@ export WHEELHOUSE=${WHEELHOUSE:-docker/wheelhouse}
 export MOPS_SECRETS=$WORK/secrets
 export MOPS_DATA=${MOPS_DATA:-$(cd "$ROOT/.." && pwd)/shared/data}
 export FLWR_HOME=$WORK/flwr
+# Creating a container copies the whole image under the vfs storage driver: minutes, not seconds.
+export COMPOSE_HTTP_TIMEOUT=${COMPOSE_HTTP_TIMEOUT:-900} DOCKER_CLIENT_TIMEOUT=${DOCKER_CLIENT_TIMEOUT:-900}
 LOCAL_BASE=local/debian-python:bookworm
 DOCKERD_FLAGS=${DOCKERD_FLAGS:---iptables=false --bridge=none --storage-driver=vfs}
 RUN_CONFIG=${RUN_CONFIG:-"num-server-rounds=1 min-available-nodes=2 fraction-train=1.0 fraction-evaluate=1.0 samples=200 max-length=128 local-steps=3 input-prompt-steps=2 gate-pretrain-steps=10 gate-pretrain-samples=32 eval-samples=8 generation-samples=0 out-dir='/cache/e2e-run'"}

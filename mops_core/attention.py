@@ -2,14 +2,17 @@
 
 Every layer MoPs runs attends causally with one extra term per key, the same for every query
 and head: log(gain g_e) on expert e's prompt keys, a large negative number on right padding, 0
-elsewhere. Handed to PyTorch as a dense (B, 1, S, S) mask that carries a gradient, that term
-forces the math kernel (explicit bmm and softmax, and an (S, S) mask gradient per layer). Here it
-rides in one extra head dimension instead: with q' = [q, 1] and k' = [k, b / scale],
+elsewhere. Handed to PyTorch as a dense (B, 1, S, S) mask while autograd records, that term
+sends PyTorch's CPU attention to its math kernel (explicit bmm and softmax, and an (S, S) mask
+gradient per layer): the fused kernel has no backward with a mask. While training, the bias
+rides in one extra head dimension instead: with q' = [q, 1], k' = [k, b / scale], v' = [v, 0],
 
     scale * q'.k' = scale * q.k + b,
 
-so the fused causal kernel (`is_causal=True`) computes exactly that logit, and b's gradient
-reaches it through k'. The value keeps its head dimension.
+so the fused causal kernel (`is_causal=True`) computes exactly that logit, b's gradient reaches
+it through k', and the output's extra column is dropped. (The fused kernel needs q, k and v of
+one head dimension: a value left at 64 would send it back to the math kernel.) Without
+autograd the fused kernel takes the dense mask directly, which is cheaper than the wider heads.
 
 Registered in transformers' AttentionInterface as "mops": a layer called with `key_bias` gets
 this; called without it (generation, anything else sharing the base) it gets transformers' own
@@ -21,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "mops"
@@ -36,12 +39,16 @@ def key_bias(attention_mask: torch.Tensor, num_prompts: int) -> torch.Tensor:
 
 def biased_causal_attention(query, key, value, bias, scale: float) -> torch.Tensor:
     """softmax(scale * q k^T + bias, causal) v for (B, H, S, D) query and (B, H_kv, S, D) key and value."""
-    groups = query.shape[1] // key.shape[1]
-    ones = torch.ones_like(query[..., :1])
+    if not torch.is_grad_enabled():
+        length = query.shape[2]
+        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+        mask = bias.to(query.dtype).masked_fill(~causal, torch.finfo(query.dtype).min)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
     folded = (bias / scale).to(key.dtype).transpose(-1, -2).expand(-1, key.shape[1], -1, -1)  # (B, H_kv, S, 1)
-    query, key = torch.cat([query, ones], -1), torch.cat([key, folded], -1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+    query = torch.cat([query, torch.ones_like(query[..., :1])], -1)
+    key = torch.cat([key, folded], -1)
+    out = F.scaled_dot_product_attention(query, key, F.pad(value, (0, 1)), is_causal=True, scale=scale, enable_gqa=True)
+    return out[..., :-1]
 
 
 def mops_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,

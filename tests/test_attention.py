@@ -40,6 +40,27 @@ def test_float32_values_and_gradients_equal_attention_written_out():
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
+def test_without_autograd_the_same_values():
+    """Evaluation takes the dense mask (cheaper without a backward); it computes the same attention."""
+    q, k, v, bias = inputs(torch.float32)
+    scale = q.shape[-1] ** -0.5
+    with torch.no_grad():
+        plain = biased_causal_attention(q, k, v, bias, scale)
+    torch.testing.assert_close(plain, written_out(q, k, v, bias, scale), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain, biased_causal_attention(q, k, v, bias, scale).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_the_fused_kernel_is_the_one_that_runs():
+    """The fused kernel, forward and backward: q, k and v of one head dimension, no mask carrying a gradient."""
+    q, k, v, bias = inputs(torch.float32)
+    with torch.profiler.profile() as profile:
+        gradients(biased_causal_attention(q, k, v, bias, 0.25), (q, k, v, bias))
+        with torch.no_grad():
+            biased_causal_attention(q, k, v, bias, 0.25)
+    kernels = {e.key for e in profile.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+    assert kernels == {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}, kernels
+
+
 def test_bfloat16_within_its_precision():
     q, k, v, bias = inputs(torch.bfloat16)
     scale = q.shape[-1] ** -0.5
