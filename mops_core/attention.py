@@ -12,11 +12,13 @@ rides in one extra head dimension instead: with q' = [q, 1], k' = [k, b / scale]
 so the fused causal kernel (`is_causal=True`) computes exactly that logit, b's gradient reaches
 it through k', and the output's extra column is dropped. (The fused kernel needs q, k and v of
 one head dimension: a value left at 64 would send it back to the math kernel.) Without
-autograd the fused kernel takes the dense mask directly, which is cheaper than the wider heads.
+autograd the fused kernel takes a dense mask, which is cheaper than the wider heads: then
+`layer_inputs` builds that mask once per forward and the layers get it as their ordinary
+`attention_mask`.
 
 Registered in transformers' AttentionInterface as "mops": a layer called with `key_bias` gets
-this; called without it (generation, anything else sharing the base) it gets transformers' own
-sdpa attention, unchanged.
+the folded attention; called without it (no autograd, generation, anything else sharing the
+base) it gets transformers' own sdpa attention, unchanged.
 """
 
 from __future__ import annotations
@@ -37,13 +39,20 @@ def key_bias(attention_mask: torch.Tensor, num_prompts: int) -> torch.Tensor:
     return torch.where(present, 0.0, PAD).to(torch.float32)[:, None, None, :]
 
 
+def layer_inputs(bias: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+    """The attention arguments every layer of one forward gets, built once: the (B, 1, 1, S) per-key
+    bias while autograd records (folded into the heads, layer by layer); otherwise the dense causal
+    mask holding it, (B, 1, S, S) in the layers' dtype, for transformers' sdpa to hand to the fused kernel."""
+    if torch.is_grad_enabled():
+        return {"attention_mask": None, "key_bias": bias}
+    length = bias.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=bias.device).tril()
+    return {"attention_mask": bias.to(dtype).masked_fill(~causal, torch.finfo(dtype).min)}
+
+
 def biased_causal_attention(query, key, value, bias, scale: float) -> torch.Tensor:
-    """softmax(scale * q k^T + bias, causal) v for (B, H, S, D) query and (B, H_kv, S, D) key and value."""
-    if not torch.is_grad_enabled():
-        length = query.shape[2]
-        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
-        mask = bias.to(query.dtype).masked_fill(~causal, torch.finfo(query.dtype).min)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+    """softmax(scale * q k^T + bias, causal) v for (B, H, S, D) query and (B, H_kv, S, D) key and value,
+    through the fused causal kernel forward and backward, `bias` (B, 1, 1, S) receiving its gradient."""
     folded = (bias / scale).to(key.dtype).transpose(-1, -2).expand(-1, key.shape[1], -1, -1)  # (B, H_kv, S, 1)
     query = torch.cat([query, torch.ones_like(query[..., :1])], -1)
     key = torch.cat([key, folded], -1)

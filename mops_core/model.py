@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from .attention import key_bias, use_mops_attention
+from .attention import key_bias, layer_inputs, use_mops_attention
 from .config import MoPsConfig
 from .data import IGNORE_INDEX
 
@@ -161,10 +161,11 @@ class MoPsModel(nn.Module):
         """Decoder layers start..stop-1, called one by one (transformers' own layers), attending causally plus `bias`."""
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         rotary = self.base.model.rotary_emb(hidden, positions)
+        attention = layer_inputs(bias, hidden.dtype)
         for layer in self.base.model.layers[start:stop]:
             if scale is not None:
                 hidden = hidden * scale
-            hidden = layer(hidden, attention_mask=None, key_bias=bias, position_embeddings=rotary, position_ids=positions)
+            hidden = layer(hidden, **attention, position_embeddings=rotary, position_ids=positions)
         return hidden
 
     @torch.no_grad()

@@ -5,7 +5,7 @@ import torch
 from helpers import tiny_base
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from mops_core.attention import PAD, biased_causal_attention, key_bias, mops_attention, use_mops_attention
+from mops_core.attention import PAD, biased_causal_attention, key_bias, layer_inputs, mops_attention, use_mops_attention
 
 
 def written_out(q, k, v, bias, scale):
@@ -40,23 +40,51 @@ def test_float32_values_and_gradients_equal_attention_written_out():
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
+class Attention(torch.nn.Module):  # what transformers' sdpa reads of a layer's attention module
+    is_causal = True
+
+    def __init__(self, groups):
+        super().__init__()
+        self.num_key_value_groups = groups
+
+
+def through_the_layer(q, k, v, bias, scale):
+    """What a decoder layer computes from `layer_inputs`, as `mops_attention` receives them."""
+    attention = layer_inputs(bias, q.dtype)
+    out = mops_attention(Attention(q.shape[1] // k.shape[1]), q, k, v, attention.pop("attention_mask"), scaling=scale, **attention)[0]
+    return out.transpose(1, 2)
+
+
+def test_the_layers_inputs_follow_autograd():
+    """While autograd records, the per-key bias itself; without, the dense causal mask built once for every layer."""
+    _, _, _, bias = inputs(torch.float32)
+    assert layer_inputs(bias, torch.float32) == {"attention_mask": None, "key_bias": bias}
+    with torch.no_grad():
+        mask = layer_inputs(bias, torch.bfloat16)["attention_mask"]
+    length = bias.shape[-1]
+    assert mask.shape == (2, 1, length, length) and mask.dtype == torch.bfloat16
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    torch.testing.assert_close(mask[:, :, causal], bias.to(torch.bfloat16).expand(-1, -1, length, -1)[:, :, causal])
+    assert (mask[:, :, ~causal] == torch.finfo(torch.bfloat16).min).all()
+
+
 def test_without_autograd_the_same_values():
-    """Evaluation takes the dense mask (cheaper without a backward); it computes the same attention."""
+    """Evaluation's dense mask through transformers' sdpa computes the same attention as training's folded bias."""
     q, k, v, bias = inputs(torch.float32)
     scale = q.shape[-1] ** -0.5
     with torch.no_grad():
-        plain = biased_causal_attention(q, k, v, bias, scale)
+        plain = through_the_layer(q, k, v, bias, scale)
     torch.testing.assert_close(plain, written_out(q, k, v, bias, scale), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(plain, biased_causal_attention(q, k, v, bias, scale).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain, through_the_layer(q, k, v, bias, scale).detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_the_fused_kernel_is_the_one_that_runs():
     """The fused kernel, forward and backward: q, k and v of one head dimension, no mask carrying a gradient."""
     q, k, v, bias = inputs(torch.float32)
     with torch.profiler.profile() as profile:
-        gradients(biased_causal_attention(q, k, v, bias, 0.25), (q, k, v, bias))
+        gradients(through_the_layer(q, k, v, bias, 0.25), (q, k, v, bias))
         with torch.no_grad():
-            biased_causal_attention(q, k, v, bias, 0.25)
+            through_the_layer(q, k, v, bias, 0.25)
     kernels = {e.key for e in profile.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
     assert kernels == {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}, kernels
 
