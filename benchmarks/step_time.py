@@ -5,13 +5,15 @@
 On the same SmolLM2 and the same 256-token sample (half question, half labelled response):
   mops cold       70 prompts injected at L_int = 9, gate; layers below L_int run every step
   mops cached     the same with the activation cache warm (the states entering L_int reused)
+  mops cached, eager   the same with the decoder layers eager (`compile = false`)
   input prompts   the same 70 prompts at the input, back-propagated through every layer
   peft prompt     PEFT prompt tuning, 70 virtual tokens    \\
   peft prefix     PEFT prefix tuning, 70 virtual tokens     }  as a user runs them by default
   peft lora       PEFT LoRA r=8 on q_proj, v_proj          /
 each in every dtype asked (the base in that dtype; MoPs' trainable tensors stay float32).
 Runs are interleaved (A B C ... A B C ...) so that machine drift hits all alike; medians are
-printed with ratios to PEFT prompt tuning in float32 and within each dtype. The MoPs steps'
+printed with ratios to PEFT prompt tuning in float32 and within each dtype, and each row's first
+step (which pays torch.compile's compile where the layers are compiled). The MoPs steps'
 achieved FLOP/s (FLOPs counted analytically; frozen weights need input gradients only) is set
 against a GEMM of the same dtype and shape measured in the same run.
 """
@@ -68,12 +70,16 @@ def mops_steps(settings: Settings, base, tokenizer, batch) -> dict[str, Callable
     cached.load_state_dict(cold.state_dict())
     cache = ActivationCache(cached, tokenizer_identity(tokenizer), directory=None, memory_mb=1024, disk_mb=0)
     entering(cached, batch, cache)  # warm the cache: every later step reuses the states entering L_int
+    eager = build_model(settings, base, tokenizer)
+    eager.load_state_dict(cold.state_dict())
+    eager.compile_layers = False
     full = build_model(settings, base, tokenizer)
     full.load_state_dict(cold.state_dict())
     full.input_prompts.requires_grad_(True)
     return {
         "mops cold": step_of(lambda: cold(**batch).loss, cold.trainable_parameters()),
         "mops cached": step_of(lambda: cached(**batch, entering=entering(cached, batch, cache)).loss, cached.trainable_parameters()),
+        "mops cached, eager": step_of(lambda: eager(**batch, entering=entering(cached, batch, cache)).loss, eager.trainable_parameters()),
         "input prompts": step_of(lambda: full(**batch, inject=False).loss, [full.input_prompts]),
     }
 
@@ -126,6 +132,7 @@ def main() -> None:
     parser.add_argument("--inject-layer", type=int, default=9)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of 3 cached MoPs steps")
     args = parser.parse_args()
 
     steps: dict[str, Callable[[], float]] = {}
@@ -139,12 +146,15 @@ def main() -> None:
         k = settings.mops.num_prompts
         for name, step in {**mops_steps(settings, base, tokenizer, batch), **peft_steps(base, k, batch)}.items():
             steps[f"{name} ({dtype})"] = step
-        for cached in (False, True):
-            flops[f"mops {'cached' if cached else 'cold'} ({dtype})"] = mops_flops(
-                config, args.seq, k, args.seq - args.question, args.inject_layer, cached
-            )
+        for name, cached in (("mops cold", False), ("mops cached", True), ("mops cached, eager", True)):
+            flops[f"{name} ({dtype})"] = mops_flops(config, args.seq, k, args.seq - args.question, args.inject_layer, cached)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.warmup):
+    first: dict[str, float] = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        step()
+        first[name] = time.perf_counter() - start
+    for _ in range(args.warmup - 1):
         for step in steps.values():
             step()
     for _ in range(args.repeats):
@@ -157,12 +167,14 @@ def main() -> None:
     reference = median.get("peft prompt (float32)", next(iter(median.values())))
     print(f"\nSmolLM2 training step, seq {args.seq} + 70 prompts, batch 1, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved runs")
-    print(f"{'step':32s} {'s/step':>7s} {'vs PEFT prompt fp32':>20s} {'vs PEFT prompt, same dtype':>27s} {'vs LoRA, same dtype':>20s}")
+    print(f"{'step':32s} {'s/step':>7s} {'vs PEFT prompt fp32':>20s} {'vs PEFT prompt, same dtype':>27s} "
+          f"{'vs LoRA, same dtype':>20s} {'first step s':>13s}")
     for name, value in median.items():
         dtype = name[name.index("(") + 1 : -1]
         same_prompt = median[f"peft prompt ({dtype})"]
         same_lora = median[f"peft lora ({dtype})"]
-        print(f"{name:32s} {value:7.3f} {value / reference:19.2f}x {value / same_prompt:26.2f}x {value / same_lora:19.2f}x")
+        print(f"{name:32s} {value:7.3f} {value / reference:19.2f}x {value / same_prompt:26.2f}x {value / same_lora:19.2f}x "
+              f"{first[name]:13.1f}")
     d = config.hidden_size
     print("\nAchieved FLOP/s of the MoPs step against a GEMM of the same dtype (seq x d by d x intermediate):")
     for name, count in flops.items():
@@ -170,6 +182,14 @@ def main() -> None:
         rate = gemm_rate(dtype, args.seq + 71, config.intermediate_size, d)
         achieved = count / median[name]
         print(f"  {name:26s} {count / 1e9:6.1f} GFLOP  {achieved / 1e9:7.1f} GFLOP/s  = {achieved / rate:5.1%} of {rate / 1e9:.0f} GFLOP/s")
+    if args.profile:
+        for dtype in args.dtypes:
+            step = steps[f"mops cached ({dtype})"]
+            with torch.profiler.profile() as profile:
+                for _ in range(3):
+                    step()
+            print(f"\nProfile of 3 cached MoPs steps ({dtype}), top operators by own CPU time:")
+            print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

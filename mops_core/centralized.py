@@ -25,6 +25,7 @@ def evaluate_plain_base(base, tokenizer, data: PreparedData, settings: Settings,
     """Test perplexity of the base alone: a MoPs model without prompts and gate is exactly the HF model."""
     plain = settings.replace(method="prompt", prompts_per_expert=0, inject_layer=1)
     model = MoPsModel(base, plain.mops, sink_token_id(tokenizer)).to(base.device)
+    model.compile_layers = settings.model.compile
     return evaluate(model, data.test, data.tasks, pad_id=pad_token_id(tokenizer), batch_size=plain.train.eval_batch_size,
                     max_samples=plain.train.eval_samples, progress=progress, desc=desc)
 

@@ -44,6 +44,12 @@ class ModelConfig:
         "AVX-512/AMX bf16; else float32); trainable parameters are always float32",
     )
     device: Literal["auto", "cpu", "cuda"] = field("auto", "where the model runs ('auto' = CUDA when present)")
+    compile: bool = field(
+        True,
+        "run the decoder layers through torch.compile: faster steps after a compile paid once per process "
+        "(seconds to a minute, less with inductor's disk cache warm); eager, with the reason logged, where it "
+        "cannot run (no C++ compiler on CPU)",
+    )
     model_cache_dir: str = field("", "where dequantised/compressed bases are cached ('' = ~/.cache/mops-fl)")
 
     def __post_init__(self) -> None:

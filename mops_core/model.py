@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from . import compiled
 from .attention import key_bias, layer_inputs, use_mops_attention
 from .config import MoPsConfig
 from .data import IGNORE_INDEX
@@ -110,6 +111,7 @@ class MoPsModel(nn.Module):
         self.gating = cfg.effective_gating
         self.experts, self.prompts_per_expert, self.num_prompts = cfg.experts, cfg.prompts_per_expert, cfg.num_prompts
         self.sink_token_id = int(sink_token_id)
+        self.compile_layers = False  # the decoder layers through torch.compile (`compiled.py`); eager unless asked
         self.input_prompts = nn.Parameter(torch.zeros(self.num_prompts, self.width), requires_grad=False)
         self.prompts = nn.Parameter(torch.zeros(cfg.experts, cfg.prompts_per_expert, self.width))
         self.gate = None
@@ -158,15 +160,21 @@ class MoPsModel(nn.Module):
         return key_bias(attention_mask, self.num_prompts)
 
     def run_layers(self, hidden, bias, start: int, stop: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder layers start..stop-1, called one by one (transformers' own layers), attending causally plus `bias`."""
+        """Decoder layers start..stop-1, called one by one (transformers' own layers, compiled when
+        `self.compile_layers`: `compiled.py`), attending causally plus `bias`."""
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         rotary = self.base.model.rotary_emb(hidden, positions)
         attention = layer_inputs(bias, hidden.dtype)
-        for layer in self.base.model.layers[start:stop]:
-            if scale is not None:
-                hidden = hidden * scale
-            hidden = layer(hidden, **attention, position_embeddings=rotary, position_ids=positions)
-        return hidden
+
+        def through(call_layer) -> torch.Tensor:
+            out = hidden
+            for layer in self.base.model.layers[start:stop]:
+                if scale is not None:
+                    out = out * scale
+                out = call_layer(layer, out, attention, rotary, positions)
+            return out
+
+        return compiled.run(through, self.compile_layers)
 
     @torch.no_grad()
     def entering(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ def build_model(settings: Settings, base: PreTrainedModel, tokenizer: PreTrained
     train = settings.train
     torch.manual_seed(train.seed)
     model = MoPsModel(base, settings.mops, sink_token_id(tokenizer)).to(base.device)
+    model.compile_layers = settings.model.compile
     text_ids = tokenizer(train.input_prompt_text, add_special_tokens=False)["input_ids"] if train.input_prompt_init == "text" else None
     init_input_prompts(model, torch.Generator().manual_seed(train.seed), text_ids)
     return model

@@ -4,7 +4,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
+
+# Tests run the layers eager (fast to start, every process alike); test_compiled.py turns compiling on where it checks it.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -93,6 +93,7 @@ EFFECTS = {
     "model": ["test_loading.py::test_local_directory_loads_frozen_on_the_requested_dtype"],
     "dtype": ["test_train.py::test_a_bfloat16_base_keeps_prompts_and_gate_float32_and_the_loss_near_float32"],
     "device": ["test_loading.py::test_asking_for_cuda_without_it_names_the_setting"],
+    "compile": ["test_compiled.py::test_compile_is_a_setting_the_model_follows", "test_compiled.py::test_compiled_layers_give_the_eager_numbers"],
     "model-cache-dir": ["test_client.py::test_a_run_config_value_of_every_concern_reaches_the_clients_model"],
     "compression": ["test_compression.py::test_pruned_weights_stay_zero_through_training_and_the_cache"],
     "calibration-samples": ["test_compression.py::test_every_setting_that_decides_the_base_chooses_its_own_cached_base"],

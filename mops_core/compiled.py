@@ -1,0 +1,63 @@
+"""The decoder layers MoPs runs, through torch.compile, and eager where that cannot run.
+
+One function -- a decoder layer called the way MoPs calls it -- is compiled once per process and
+serves every layer of every MoPsModel in it: dynamo takes a module's parameters as graph inputs,
+so 30 layers of one shape are one graph, not 30. Inductor then fuses what eager PyTorch runs as
+separate passes over the hidden states (RMSNorm, SiLU, residuals, casts) and, because attention is
+written out under compile (`attention.py`), the per-key bias, the causal mask and the softmax.
+Shapes new to the process compile again (the second sequence length makes the graph dynamic, and
+training, evaluation and batch sizes 1 and more are separate graphs); inductor keeps compiled code
+on disk, so a later process on the same machine mostly loads it.
+
+Inductor needs a C++ compiler on CPU (triton on CUDA). Where compiling fails the process runs eager
+from then on, and the log says why; `TORCH_COMPILE_DISABLE=1` (PyTorch's own switch; the tests set it) also means eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def decoder_layer(layer, hidden: torch.Tensor, attention: dict, rotary, positions: torch.Tensor) -> torch.Tensor:
+    """One of the base's decoder layers (transformers' own), as MoPs calls it: the unit that is compiled."""
+    return layer(hidden, **attention, position_embeddings=rotary, position_ids=positions)
+
+
+_compiled: Callable | None = None
+_unavailable: str | None = None  # why this process runs eager, once compiling failed
+_first_pass_reported = False
+
+
+def unavailable_reason() -> str | None:
+    """Why the layers run eager in this process although compiling was asked for; None if they compile."""
+    if torch._dynamo.config.disable:
+        return "TORCH_COMPILE_DISABLE is set"
+    return _unavailable
+
+
+def run(through: Callable[[Callable], torch.Tensor], compile: bool) -> torch.Tensor:
+    """`through(layer_fn)`: the layers run with `layer_fn` as each layer's call, compiled when `compile`
+    and compiling works here, else `decoder_layer` itself."""
+    global _compiled, _unavailable, _first_pass_reported
+    if not compile or unavailable_reason() is not None:
+        return through(decoder_layer)
+    if _compiled is None:
+        _compiled = torch.compile(decoder_layer)
+    started = time.perf_counter()
+    try:
+        out = through(_compiled)
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        _unavailable = str(error).strip().splitlines()[0]
+        log.warning("torch.compile cannot run here (%s): the decoder layers run eager", _unavailable)
+        return through(decoder_layer)
+    if not _first_pass_reported:
+        _first_pass_reported = True
+        log.info("decoder layers compiled (torch.compile, once per process): the first pass took %.1f s",
+                 time.perf_counter() - started)
+    return out

@@ -1,0 +1,89 @@
+"""The decoder layers through torch.compile: the same numbers as eager, and eager with the reason logged where compiling fails."""
+
+import logging
+
+import pytest
+import torch
+from helpers import tiny_base, tiny_settings
+from test_attention import gradients, inputs, written_out
+from test_model import QLENS, TEXTS, batch_of, make_model
+
+from mops_core import compiled
+from mops_core.attention import written_out_attention
+from mops_core.config import Settings
+from mops_core.session import build_model
+
+
+@pytest.fixture
+def compiling(monkeypatch, tmp_path):
+    """torch.compile on (the tests' conftest turns it off), a fresh compiled function, inductor's cache in tmp_path."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compiled, "_compiled", None)
+    monkeypatch.setattr(compiled, "_unavailable", None)
+    monkeypatch.setattr(compiled, "_first_pass_reported", False)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(disable=False):  # config modules are patched with their own context managers
+        yield
+    torch._dynamo.reset()
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_written_out_attention_equals_the_reference():
+    """What the compiled layers attend with: values and gradients as attention written out in the test."""
+    q, k, v, bias = inputs(torch.float32)
+    ours, theirs = written_out_attention(q, k, v, bias, 0.25), written_out(q, k, v, bias, 0.25)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    for a, b in zip(gradients(ours, (q, k, v, bias)), gradients(theirs, (q, k, v, bias))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_layers_give_the_eager_numbers(tokenizer, compiling, caplog):
+    """Loss and every trainable gradient within 1e-5 of eager in float32, evaluation too; the compiled graph really ran."""
+    model = make_model(tokenizer)
+    batch = batch_of(tokenizer, TEXTS, QLENS)
+    eager_loss, eager_grads = loss_and_grads(model, batch)
+    with torch.no_grad():
+        eager_eval = model(**batch, return_logits=True).logits
+
+    model.compile_layers = True
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with caplog.at_level(logging.INFO, logger="mops_core.compiled"):
+        loss, grads = loss_and_grads(model, batch)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs, "nothing was compiled"
+    assert compiled.unavailable_reason() is None
+    assert "decoder layers compiled" in caplog.text and "first pass took" in caplog.text
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == eager_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch, return_logits=True).logits, eager_eval, atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_compiler_the_layers_run_eager_and_the_log_says_why(tokenizer, compiling, caplog):
+    model = make_model(tokenizer, layers=3, inject=1)
+    batch = batch_of(tokenizer, TEXTS, QLENS)
+    eager_loss, _ = loss_and_grads(model, batch)
+    model.compile_layers = True
+    no_compiler = {"cpp.cxx": (None, "no-such-c++-compiler"), "fx_graph_cache": False}
+    with torch._inductor.config.patch(no_compiler), caplog.at_level(logging.WARNING, logger="mops_core.compiled"):
+        loss, _ = loss_and_grads(model, batch)
+    assert "No working C++ compiler" in compiled.unavailable_reason()
+    assert "torch.compile cannot run here" in caplog.text and "no-such-c++-compiler" in caplog.text
+    torch.testing.assert_close(loss, eager_loss)
+    caplog.clear()
+    loss_and_grads(model, batch)  # the process stays eager without trying again
+    assert caplog.text == ""
+
+
+def test_compile_is_a_setting_the_model_follows(tokenizer):
+    assert Settings().model.compile is True
+    for wanted in (True, False):
+        assert build_model(tiny_settings(compile=wanted), tiny_base(len(tokenizer)), tokenizer).compile_layers is wanted
+    assert compiled.unavailable_reason() == "TORCH_COMPILE_DISABLE is set"  # as conftest.py asks
