@@ -126,4 +126,7 @@ def progress_line(row: dict) -> str:
             f"sent {row['bytes_down'] / 1e6:.2f} MB, received {row['bytes_up'] / 1e6:.2f} MB",
             f"round {num('seconds', '.1f')} s (local training {num('train_seconds', '.1f')} s)",
         ]
+    agreement = row.get("agreement")
+    if agreement and agreement["cosine"] is not None:  # how much the clients' prompt updates pulled together
+        parts.append(f"updates' cosine {agreement['cosine']:.3f}, norm ratio {agreement['norm_ratio']:.3f}")
     return " | ".join(parts)

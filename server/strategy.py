@@ -32,6 +32,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from mops_core.agreement import update_agreement
 from mops_core.checkpoint import tensor_problems
 from mops_core.model import PROMPTS as EXPERTS_KEY  # (E, prompts per expert, width): axis 0 is the expert
 
@@ -56,6 +57,7 @@ class RoundLog:
     client_eval: dict | None = None  # federated evaluation: token-weighted perplexity and its spread over clients
     client_eval_seconds: float = 0.0  # configure_evaluate -> aggregate_evaluate done
     update_norm_median: float | None = None  # median L2 distance of the well-formed updates from the global state
+    agreement: dict | None = None  # the accepted prompt updates' cosine and norm ratio (mops_core.agreement)
     screened: bool = False  # the replies were checked (once per round, before any DP clipping)
 
 
@@ -173,6 +175,20 @@ def update_norm(reply: Message, current: dict[str, np.ndarray]) -> float:
     """L2 distance of a reply's arrays from the global state the round started from, over every array."""
     arrays = next(iter(reply.content.array_records.values()))
     return float(math.sqrt(sum(np.sum((arrays[k].numpy().astype(np.float64) - v) ** 2) for k, v in current.items())))
+
+
+def prompt_agreement(replies: list[Message], current: dict[str, np.ndarray], weight_key: str) -> dict:
+    """How the replies' prompt updates agree (`mops_core.agreement`): expert by expert, weighted by the
+    clients' gate, where every reply carries one (MoPs); over the whole prompt tensor otherwise (FedPrompt)."""
+    deltas, examples, gates = [], [], []
+    for msg in replies:
+        metrics = next(iter(msg.content.metric_records.values()))
+        prompts = next(iter(msg.content.array_records.values()))[EXPERTS_KEY].numpy().astype(np.float64)
+        deltas.append(prompts - current[EXPERTS_KEY])
+        examples.append(float(metrics[weight_key]))
+        gates.append(metrics.get(GATE_METRIC))
+    gate = np.asarray(gates, dtype=np.float64) if all(g is not None for g in gates) else None
+    return update_agreement(deltas, examples, gate)
 
 
 def gate_weighted_experts(replies: list[Message], weight_key: str) -> np.ndarray:
@@ -337,6 +353,8 @@ class MoPsFedAvg(FedAvg):
                     else:
                         kept.append(msg)
                 accepted = kept
+        if accepted and self.current is not None and EXPERTS_KEY in self.current:
+            round_log.agreement = prompt_agreement(accepted, self.current, self.weighted_by_key)
         round_log.accepted = len(accepted)
         round_log.train_seconds = sum(float(next(iter(m.content.metric_records.values())).get("train-seconds", 0.0)) for m in accepted)
         # A fixed summation order makes the average bit-reproducible, whatever order Ray replies in.

@@ -517,3 +517,25 @@ def test_a_node_the_superlink_lost_is_named_and_asked_again_when_it_is_next_conn
     with caplog.at_level(logging.WARNING):
         s.aggregate_train(1, [reply(11, arrays(1), metrics(4)), unavailable(to_13)])
     assert "node 13 (partition 13) failed: Error: Node Unavailable" in caplog.text and s.rounds[1].failed == 1
+
+
+def test_each_round_records_how_the_prompt_updates_agree(server_identity):
+    """Opposed prompt updates: cosine -1 and a norm ratio of 0 over the whole tensor; per expert by gate the
+    same replies agree where the clients share an expert. The gate's own arrays do not count."""
+    base = arrays(0)
+    step = arrays(9)["prompts"]
+    pulls = {1: step, 2: -step}
+    replies = [reply(n, {**arrays(n), "prompts": base["prompts"] + pulls[n]}, {"num-examples": 10, "train-loss": 1.0}) for n in pulls]
+    s = started_round(strategy(), base, nodes=(1, 2))
+    s.aggregate_train(1, replies)
+    assert s.rounds[1].agreement == pytest.approx({"cosine": -1.0, "norm_ratio": 0.0}, abs=1e-6)
+
+    same_expert0 = base["prompts"].copy()
+    same_expert0[0] += step[0]
+    replies = [reply(n, {**arrays(n), "prompts": same_expert0 + (n - 1.5) * np.eye(3)[2][:, None, None] * step},
+                     {**metrics(10), "gate": [0.5, 0.0, 0.5] if n == 1 else [0.9, 0.1, 0.0]}) for n in (1, 2)]
+    s = started_round(strategy(), base, nodes=(1, 2))
+    s.aggregate_train(1, replies)
+    # Expert 0 (both clients, the same step): cosine 1; expert 2 (only client 1 used it) has no pair;
+    # expert 1: zero update for both. Pooled: 1.
+    assert s.rounds[1].agreement["cosine"] == pytest.approx(1.0)
