@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr_datasets.partitioner import DirichletPartitioner
+from flwr_datasets.partitioner import DirichletPartitioner, InnerDirichletPartitioner
 
 from mops_core.config import DataConfig, Settings
 from mops_core.data import Columns, DataError, Example, Formatter, Record, load_records, read_records, run_tasks, sample_and_split
@@ -61,30 +61,45 @@ def train_records(data: DataConfig) -> tuple[Record, ...]:
 
 
 @functools.lru_cache(maxsize=2)
-def dirichlet_split(data: DataConfig, num_partitions: int, alpha: float, min_size: int) -> tuple[tuple[int, ...], ...]:
-    """Record indices of every partition: a Dirichlet(alpha) split over the task label (flwr-datasets)."""
+def dirichlet_split(data: DataConfig, num_partitions: int, alpha: float, min_size: int,
+                    partitioner: str = "dirichlet") -> tuple[tuple[int, ...], ...]:
+    """Record indices of every partition: a Dirichlet(alpha) split over the task label (flwr-datasets):
+    each task spread over the clients ('dirichlet'), or each client's task mixture drawn, all clients
+    the same size ('inner-dirichlet')."""
     from datasets import Dataset
 
     records = train_records(data)
     tasks = run_tasks(data)
-    if len(records) < num_partitions * min_size:
+    least = min_size if partitioner == "dirichlet" else 1
+    if len(records) < num_partitions * least:
         raise ValueError(
-            f"{len(records)} training samples cannot give {num_partitions} clients at least {min_size} each; "
-            "lower min-partition-size or the number of supernodes"
+            f"{len(records)} training samples cannot give {num_partitions} clients at least {least} each; "
+            + ("lower min-partition-size or the number of supernodes" if partitioner == "dirichlet" else "run fewer supernodes")
         )
-    table = Dataset.from_dict({"idx": list(range(len(records))), "task": [tasks.index(r.task) for r in records]})
-    partitioner = DirichletPartitioner(
-        num_partitions=num_partitions, partition_by="task", alpha=alpha,
-        min_partition_size=min_size, self_balancing=False, shuffle=True, seed=data.data_seed,
-    )
-    partitioner.dataset = table
+    present = sorted({tasks.index(r.task) for r in records})  # labels 0..n-1: a task without data leaves no gap
+    table = Dataset.from_dict({"idx": list(range(len(records))), "task": [present.index(tasks.index(r.task)) for r in records]})
+    if partitioner == "inner-dirichlet":
+        size, extra = divmod(len(records), num_partitions)
+        split = InnerDirichletPartitioner(
+            partition_sizes=[size + (i < extra) for i in range(num_partitions)], partition_by="task", alpha=alpha,
+            shuffle=True, seed=data.data_seed,
+        )
+    else:
+        split = DirichletPartitioner(
+            num_partitions=num_partitions, partition_by="task", alpha=alpha,
+            min_partition_size=min_size, self_balancing=False, shuffle=True, seed=data.data_seed,
+        )
+    split.dataset = table
     try:
-        return tuple(tuple(partitioner.load_partition(i)["idx"]) for i in range(num_partitions))
+        return tuple(tuple(split.load_partition(i)["idx"]) for i in range(num_partitions))
     except ValueError as exc:  # flwr-datasets gives up after 10 draws and names only alpha
+        if partitioner != "dirichlet":
+            raise ValueError(f"no inner-Dirichlet(alpha={alpha}) split of {len(records)} training samples over "
+                             f"{num_partitions} clients ({exc}); raise alpha") from exc
         raise ValueError(
             f"no Dirichlet(alpha={alpha}) split of {len(records)} training samples over {num_partitions} clients "
             f"gives every client at least {min_size} (min-partition-size) ({exc}); "
-            "raise alpha, lower min-partition-size, or run fewer supernodes"
+            "raise alpha, lower min-partition-size, run fewer supernodes, or use partitioner 'inner-dirichlet'"
         ) from exc
 
 
@@ -93,7 +108,7 @@ def partition(settings: Settings, tasks: tuple[str, ...], partition_id: int, num
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     fed = settings.federated
-    indices = dirichlet_split(settings.data, num_partitions, fed.alpha, fed.min_partition_size)[partition_id]
+    indices = dirichlet_split(settings.data, num_partitions, fed.alpha, fed.min_partition_size, fed.partitioner)[partition_id]
     records = train_records(settings.data)
     return Partition.of(tuple(records[i] for i in indices), tasks, partition_id, num_partitions,
                         fed.client_test_fraction, settings.data.data_seed)

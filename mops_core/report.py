@@ -166,6 +166,36 @@ def plot_curve(
     return _save(fig, path)
 
 
+def plot_points(
+    series: Mapping[str, Sequence[tuple[float, float, float | None]]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    log_x: bool = False,
+    reference: float | None = None,
+) -> Path:
+    """One line per named series of (x, mean, sd or None) points, the sd as error bars."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in series.items():
+        points = sorted(points)
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        errors = [p[2] or 0.0 for p in points]
+        ax.errorbar(xs, ys, yerr=errors if any(errors) else None, label=name, marker="o", capsize=3)
+    if reference is not None:
+        ax.axhline(reference, color="black", linewidth=0.8)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_bars(
     groups: Mapping[str, Mapping[str, tuple[float, float | None]]], path: str | Path, *, ylabel: str, title: str,
     signed: bool = False,

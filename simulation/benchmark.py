@@ -106,13 +106,25 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict
             "bytes_communicated": sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in rounds),
             "gate_matrix": last.get("gate_matrix"), "gate_entropy": last.get("gate_entropy"),
             "routing_accuracy": last.get("routing_accuracy"),
-            "rounds": [{k: r.get(k) for k in ("round", "perplexity", "gate_entropy", "task_entropy", "expert_share")} for r in rounds],
+            "rounds": [{**{k: r.get(k) for k in ("round", "perplexity", "gate_entropy", "task_entropy", "expert_share", "agreement")},
+                        "client_perplexity": (r.get("client_eval") or {}).get("perplexity")} for r in rounds],
+            "client_perplexity": (last.get("client_eval") or {}).get("perplexity"),
+            "agreement": mean_agreement(rounds),
             "curve": {"x": [r["round"] for r in rounds], "y": [r["perplexity"] for r in rounds], "label": "test perplexity"},
         }
     generation = results.get("generation") if cell.kind == "centralized" else results["rounds"][-1].get("generation")
     row.update(rouge_l=generation["rouge_l"] if generation else None, exact_match=generation["exact_match"] if generation else None,
                task_rouge_l={t: s["rouge_l"] for t, s in generation["per_task"].items()} if generation else None)
     return {**common, **row, **(gate_collapse(row["gate_matrix"]) or {})}
+
+
+def mean_agreement(rounds: Sequence[dict]) -> dict[str, float | None]:
+    """The clients' update agreement (cosine, norm ratio) averaged over a run's training rounds."""
+    out = {}
+    for key in ("cosine", "norm_ratio"):
+        values = [r["agreement"][key] for r in rounds if r.get("agreement") and r["agreement"].get(key) is not None]
+        out[key] = sum(values) / len(values) if values else None
+    return out
 
 
 def checkpoint_config(folder: Path) -> dict:
@@ -296,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             console.print(f"[red]error:[/red] --seeds: expected comma-separated integers, got {args.seeds!r}", soft_wrap=True)
             return 2
-        profile = replace(profile, seeds=seeds)
+        profile = replace(profile, seeds=seeds, dataset_seeds={})  # every dataset: these
     if args.variants:
         names = [name.strip() for name in args.variants.split(",") if name.strip()]
         unknown = [name for name in names if name not in profile.variants]
@@ -341,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             for cell in grid:
                 started = time_on_disk(out / "cells" / cell.id) > 0
                 state = "finished" if matches[cell.id] is not None else "to resume" if started else "to run"
-                console.print(f"{cell.id:48s} {cell.study:18s} {state:20s} {', '.join(cell.variants)}", soft_wrap=True)
+                console.print(f"{cell.id:48s} {cell.study:18s} {state:20s} seed {cell.settings['seed']:<3} {', '.join(cell.variants)}",
+                              soft_wrap=True)
             show_warnings(tables.mixed_bases(finished))
         if args.tables and not finished:
             console.print(f"no finished cell of this grid in {out}; nothing written")

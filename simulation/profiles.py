@@ -39,6 +39,7 @@ class Profile:
     prompts_per_expert: tuple[int, ...] = ()
     sweep_baseline: bool = False  # also run prompt tuning at each swept inject-layer
     seeds: tuple[int, ...] = (0,)  # every main cell once per seed (tables show mean and spread)
+    dataset_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)  # a dataset's own seeds, where they differ
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}})  # named setting changes
 
 
@@ -121,7 +122,37 @@ FEDERATED_ABLATION = replace(
     variants={"defaults": {}, "examples-weighted experts": {"expert-aggregation": "examples"}, "floor 0.1": {"gate-floor": 0.1}},
 )
 
-PROFILES = {p.name: p for p in (QUICK, PAPER, ABLATION, FEDERATED_ABLATION)}
+# Every heterogeneity cell trains this many client steps in all (rounds x 10 clients x local steps),
+# so that long local training buys no extra compute; the grid is sized to about 10 hours on a
+# 2-core CPU at the compiled step's speed.
+HETEROGENEITY_CLIENT_STEPS = 1000
+HETEROGENEITY_CLIENTS_PER_ROUND = 10
+
+HETEROGENEITY = Profile(
+    name="heterogeneity",
+    description="federated: FedPrompt vs MoPs as the clients' task mixtures grow more skewed (Dirichlet alpha 10, 0.5, 0.1) "
+                "and their local training longer (20 or 100 steps), the same client steps in every cell",
+    model="smollm2",
+    datasets=("sni", "dolly"),
+    compressions=("sparsegpt:0.75",),
+    centralized_methods=(),
+    # Every client the same size, its task mixture Dir(alpha): the per-task split leaves clients empty at
+    # alpha 0.1 with 100 clients on this data.
+    common={"eval-samples": 64, "partitioner": "inner-dirichlet"},
+    federated={"fraction-train": HETEROGENEITY_CLIENTS_PER_ROUND / 100, "min-available-nodes": 100},
+    supernodes=100,
+    seeds=(0, 1, 2),
+    dataset_seeds={"dolly": (0, 1)},
+    variants={
+        f"alpha {alpha:g} / {steps} steps": {
+            "alpha": alpha, "local-steps": steps,
+            "num-server-rounds": HETEROGENEITY_CLIENT_STEPS // (HETEROGENEITY_CLIENTS_PER_ROUND * steps),
+        }
+        for steps in (20, 100) for alpha in (10.0, 0.5, 0.1)
+    },
+)
+
+PROFILES = {p.name: p for p in (QUICK, PAPER, ABLATION, FEDERATED_ABLATION, HETEROGENEITY)}
 
 
 @dataclass(frozen=True)
@@ -208,7 +239,7 @@ def cells(profile: Profile, overrides: dict[str, Any] | None = None, *, kinds: t
     for dataset in profile.datasets:
         for compression in profile.compressions:
             for variant, changes in profile.variants.items():
-                for seed in profile.seeds:
+                for seed in profile.dataset_seeds.get(dataset, profile.seeds):
                     where = {"dataset": dataset, "compression": compression, "seed": seed, **changes}
                     if "centralized" in kinds:
                         for method in profile.centralized_methods:

@@ -21,7 +21,8 @@ from mops_core.train import expert_targets
 
 CSV_COLUMNS = (
     "id", "kind", "method", "study", "dataset", "compression", "model", "seed", "inject-layer", "experts",
-    "prompts-per-expert", "lr", "steps", "num-server-rounds", "local-steps", "perplexity_start", "perplexity", "rouge_l", "exact_match",
+    "prompts-per-expert", "lr", "steps", "num-server-rounds", "local-steps", "alpha", "perplexity_start", "perplexity",
+    "client_perplexity", "rouge_l", "exact_match",
     "trainable_parameters", "bytes_communicated", "gate_entropy", "routing_accuracy", "wall_seconds", "base_fingerprint", "dir",
 )
 METHOD_NAMES = {"prompt": "prompt tuning", "mops": "MoPs", "lora": "LoRA", "ia3": "IA3", "fedprompt": "FedPrompt"}
@@ -288,6 +289,103 @@ def lead_table(records: Sequence[dict], kind: str, baseline: str, title: str, pa
                                       "paired by seed; positive = MoPs lower")
 
 
+# ---------------------------------------------------------------------- heterogeneity: gain and agreement against alpha
+
+HeteroKey = tuple[str, int, float]  # dataset, local steps, alpha
+
+
+def heterogeneity_pairs(records: Sequence[dict]) -> dict[HeteroKey, dict[int, dict[str, dict]]]:
+    """(dataset, local steps, alpha) -> seed -> method -> record, for federated main cells, where a
+    dataset's cells span more than one alpha (a heterogeneity sweep); {} otherwise."""
+    runs = [r for r in records if r["kind"] == "federated" and r["study"] == "main"]
+    swept = {d for d in {r["dataset"] for r in runs} if len({r["settings"]["alpha"] for r in runs if r["dataset"] == d}) > 1}
+    pairs: dict[HeteroKey, dict[int, dict[str, dict]]] = {}
+    for r in runs:
+        if r["dataset"] in swept:
+            key = (r["dataset"], int(r["settings"]["local-steps"]), float(r["settings"]["alpha"]))
+            pairs.setdefault(key, {}).setdefault(int(r["settings"]["seed"]), {})[r["method"]] = r
+    return dict(sorted(pairs.items()))
+
+
+def _paired(seeds: dict[int, dict[str, dict]], field: str, relative: bool) -> tuple[float | None, float | None]:
+    """MoPs' gain over FedPrompt in `field`, seed by seed, as mean and sd: (FedPrompt - MoPs) / FedPrompt in %
+    for a perplexity (`relative`), MoPs - FedPrompt in points for ROUGE-L."""
+    gains = []
+    for methods in seeds.values():
+        fed, mops = (methods.get(m, {}).get(field) for m in ("fedprompt", "mops"))
+        if fed is not None and mops is not None:
+            gains.append(100 * (fed - mops) / fed if relative else mops - fed)
+    return _mean_sd(gains) if gains else (None, None)
+
+
+def _agreement(seeds: dict[int, dict[str, dict]], method: str, field: str) -> tuple[float | None, float | None]:
+    values = [m[method]["agreement"][field] for m in seeds.values()
+              if method in m and (m[method].get("agreement") or {}).get(field) is not None]
+    return _mean_sd(values) if values else (None, None)
+
+
+def _pct(mean: float | None, sd: float | None, unit: str = "%") -> str:
+    return "-" if mean is None else f"{mean:+.1f}{unit}" + ("" if sd is None else f" ± {sd:.1f}")
+
+
+def heterogeneity_table(records: Sequence[dict]) -> Grid | None:
+    pairs = heterogeneity_pairs(records)
+    if not pairs:
+        return None
+    rows = []
+    for (dataset, steps, alpha), seeds in pairs.items():
+        fed = [m["fedprompt"] for m in seeds.values() if "fedprompt" in m]
+        mops = [m["mops"] for m in seeds.values() if "mops" in m]
+        cos_f, cos_m = _agreement(seeds, "fedprompt", "cosine"), _agreement(seeds, "mops", "cosine")
+        ratio_f, ratio_m = _agreement(seeds, "fedprompt", "norm_ratio"), _agreement(seeds, "mops", "norm_ratio")
+        rows.append([
+            dataset, str(steps), f"{alpha:g}", str(len(seeds)), _with_sd(*_ppl(fed)), _with_sd(*_ppl(mops)),
+            _pct(*_paired(seeds, "perplexity", True)), _pct(*_paired(seeds, "client_perplexity", True)),
+            _pct(*_paired(seeds, "rouge_l", False), unit=""),
+            f"{_num(cos_f[0])} / {_num(cos_m[0])}", f"{_num(ratio_f[0])} / {_num(ratio_m[0])}",
+        ])
+    headers = ["data", "local steps", "alpha", "seeds", "FedPrompt ppl", "MoPs ppl", "gain %", "clients' ppl gain %",
+               "ROUGE-L gain", "updates' cosine F / M", "norm ratio F / M"]
+    return Grid("Heterogeneity: MoPs' gain over FedPrompt against alpha", headers, rows,
+                "gains paired seed by seed, mean ± sd over seeds (positive = MoPs better): test perplexity and the clients' "
+                "own held-out perplexity in % of FedPrompt's, ROUGE-L in points; the clients' prompt-update agreement "
+                "(mean over rounds; MoPs per expert by gate): pairwise cosine and the averaged update's norm over the mean "
+                "client's, FedPrompt / MoPs")
+
+
+def heterogeneity_figures(records: Sequence[dict], folder: Path) -> list[Path]:
+    """MoPs' gain over FedPrompt against alpha, and the clients' update agreement against alpha."""
+    pairs = heterogeneity_pairs(records)
+    if not pairs:
+        return []
+    gains: dict[str, list] = {}
+    agreement: dict[str, list] = {}
+    for (dataset, steps, alpha), seeds in pairs.items():
+        line = f"{dataset}, {steps} local steps"
+        for label, field, relative in (("test", "perplexity", True), ("clients'", "client_perplexity", True)):
+            mean, sd = _paired(seeds, field, relative)
+            if mean is not None:
+                gains.setdefault(f"{line}, {label} ppl", []).append((alpha, mean, sd))
+        for method in ("fedprompt", "mops"):
+            mean, sd = _agreement(seeds, method, "cosine")
+            if mean is not None:
+                agreement.setdefault(f"{METHOD_NAMES[method]}, {line}", []).append((alpha, mean, sd))
+    written = []
+    if gains:
+        written.append(report.plot_points(
+            gains, folder / "heterogeneity-gain.png", xlabel="Dirichlet alpha (lower = more skewed)", log_x=True, reference=0.0,
+            ylabel="MoPs' gain over FedPrompt\n(% of FedPrompt's perplexity; above 0 = MoPs better)",
+            title="MoPs' gain against heterogeneity (mean ± sd over seeds)",
+        ))
+    if agreement:
+        written.append(report.plot_points(
+            agreement, folder / "heterogeneity-agreement.png", xlabel="Dirichlet alpha (lower = more skewed)", log_x=True,
+            ylabel="clients' prompt updates: mean pairwise cosine", reference=0.0,
+            title="Update agreement against heterogeneity (MoPs per expert by gate)",
+        ))
+    return written
+
+
 def _study_value(record: dict):
     return record["settings"].get(record["study"]) if record["study"] in record["settings"] else None
 
@@ -302,6 +400,7 @@ def all_tables(records: Sequence[dict]) -> list[Grid]:
         per_task_comparison(records, "federated", "fedprompt", "Per task, federated: FedPrompt vs MoPs"),
         lead_table(records, "centralized", "prompt", "During training, centralized: MoPs' lead over prompt tuning"),
         lead_table(records, "federated", "fedprompt", "During training, federated: MoPs' lead over FedPrompt", parts=8),
+        heterogeneity_table(records),
     ]
     return [g for g in grids if g is not None]
 
@@ -384,6 +483,7 @@ def write_figures(records: Sequence[dict], folder: Path) -> list[Path]:
         path = _sweep(records, study, label, folder / figure)
         if path:
             written.append(path)
+    written += heterogeneity_figures(records, folder)
     return written
 
 

@@ -352,3 +352,51 @@ def test_every_benchmark_script_imports_what_it_uses():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)  # the scripts only define things until __main__
         assert callable(getattr(module, "main", None)), path.name
+
+
+def test_the_heterogeneity_cells_differ_only_in_alpha_local_steps_method_and_seed(capsys):
+    grid = cells(PROFILES["heterogeneity"])
+    assert all(c.kind == "federated" and c.study == "main" for c in grid)
+    for dataset, seeds in (("sni", {0, 1, 2}), ("dolly", {0, 1})):
+        mine = [c for c in grid if c.dataset == dataset]
+        assert len(mine) == 3 * 2 * 2 * len(seeds)  # alpha x local steps x method x seed
+        assert {c.settings["seed"] for c in mine} == seeds
+        assert {c.settings["alpha"] for c in mine} == {0.1, 0.5, 10.0} and {c.settings["local-steps"] for c in mine} == {20, 100}
+        differing = {k for c in mine for k, v in c.settings.items() if v != mine[0].settings[k]}
+        assert differing == {"alpha", "local-steps", "num-server-rounds", "method", "seed"}
+        # the same client steps in every cell: long local training buys no extra compute
+        assert {c.settings["num-server-rounds"] * c.settings["local-steps"] * c.settings["fraction-train"] * 100 for c in mine} == {1000}
+        assert all(c.settings["partitioner"] == "inner-dirichlet" for c in mine)
+    assert main(["--profile", "heterogeneity", "--dry-run"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fede-")]
+    assert len(listed) == len(grid) == 60
+    seed_and_variant = {tuple(line.split(" seed ")[1].split(maxsplit=1)) for line in listed if line.startswith("fede-mops-sni-")}
+    assert seed_and_variant == {
+        (str(seed), f"alpha {alpha} / {steps} steps") for seed in (0, 1, 2) for alpha in ("10", "0.5", "0.1") for steps in (20, 100)}
+
+
+def hetero_record(method, dataset, alpha, steps, seed, ppl, client_ppl, rouge, cosine, ratio):
+    return {"kind": "federated", "study": "main", "method": method, "dataset": dataset, "compression": "sparsegpt:0.75",
+            "settings": {"alpha": alpha, "local-steps": steps, "seed": seed}, "perplexity": ppl, "client_perplexity": client_ppl,
+            "rouge_l": rouge, "agreement": {"cosine": cosine, "norm_ratio": ratio}}
+
+
+def test_the_heterogeneity_table_pairs_seeds_and_the_figures_draw(tmp_path):
+    records = [
+        hetero_record("fedprompt", "sni", 0.1, 20, 0, 10.0, 20.0, 30.0, 0.1, 0.4),
+        hetero_record("mops", "sni", 0.1, 20, 0, 9.0, 19.0, 31.0, 0.5, 0.8),
+        hetero_record("fedprompt", "sni", 0.1, 20, 1, 12.0, 20.0, 30.0, 0.3, 0.6),
+        hetero_record("mops", "sni", 0.1, 20, 1, 11.4, 21.0, 29.0, 0.7, 0.9),
+        hetero_record("fedprompt", "sni", 10.0, 20, 0, 10.0, 20.0, 30.0, 0.6, 0.7),
+        hetero_record("mops", "sni", 10.0, 20, 0, 10.0, 20.0, 30.0, 0.6, 0.7),
+    ]
+    grid = tables.heterogeneity_table(records)
+    rows = {(r[0], r[1], r[2]): r for r in grid.rows}
+    low = rows[("sni", "20", "0.1")]
+    # seed 0: 10% better, seed 1: 5% better: mean 7.5, sd 3.5; clients' ppl +5% and -5%; ROUGE-L +1 and -1
+    assert low[3] == "2" and low[6] == "+7.5% ± 3.5" and low[7] == "+0.0% ± 7.1" and low[8] == "+0.0 ± 1.4"
+    assert low[9] == "0.200 / 0.600" and low[10] == "0.500 / 0.850"
+    assert rows[("sni", "20", "10")][6] == "+0.0%"
+    written = tables.heterogeneity_figures(records, tmp_path)
+    assert [p.name for p in written] == ["heterogeneity-gain.png", "heterogeneity-agreement.png"] and all(p.stat().st_size > 0 for p in written)
+    assert tables.heterogeneity_table([r for r in records if r["settings"]["alpha"] == 0.1]) is None  # one alpha: no sweep

@@ -35,24 +35,43 @@ def test_a_split_no_draw_can_satisfy_names_the_settings_to_change(records):
     data = records(10)  # 20 samples, 10 clients of at least 2 each: only an even split would do
     with pytest.raises(ValueError, match=r"alpha=0.01.* 20 training samples over 10 clients .*at least 2 \(min-partition-size\)") as err:
         task.dirichlet_split(data, 10, 0.01, 2)
-    assert "raise alpha, lower min-partition-size, or run fewer supernodes" in str(err.value)
+    assert "raise alpha, lower min-partition-size, run fewer supernodes, or use partitioner 'inner-dirichlet'" in str(err.value)
+
+
+def test_the_inner_dirichlet_split_gives_every_client_the_same_size(records):
+    data = records(10)  # 20 samples over 10 clients, where 'dirichlet' draws leave clients short (above)
+    parts = task.dirichlet_split(data, 10, 0.1, 2, "inner-dirichlet")
+    assert sorted(i for part in parts for i in part) == list(range(20)) and {len(p) for p in parts} == {2}
+    task.dirichlet_split.cache_clear()
+    assert sorted(len(p) for p in task.dirichlet_split(records(11, tasks=3), 10, 0.5, 5, "inner-dirichlet")) == [3] * 7 + [4] * 3
+
+
+def test_a_task_without_samples_leaves_no_gap_in_the_labels(records, monkeypatch):
+    """Labels of the tasks that have data are 0..n-1 whatever the run's task list: the inner split needs it."""
+    data = records(10, tasks=3)
+    made = [r for r in task.train_records(data) if r.task != DOLLY[1]]  # the middle task has no data
+    monkeypatch.setattr(task, "train_records", lambda data: tuple(made))
+    monkeypatch.setattr(task, "run_tasks", lambda data: DOLLY[:3])
+    parts = task.dirichlet_split(data, 4, 10.0, 1, "inner-dirichlet")
+    assert sorted(i for part in parts for i in part) == list(range(20))
 
 
 @pytest.mark.filterwarnings("ignore:The specified min_partition_size")
 def test_a_lower_alpha_gives_each_client_fewer_tasks(records):
     data = records(100, tasks=4)
 
-    def purity(alpha: float) -> float:
+    def purity(alpha: float, partitioner: str) -> float:
         """The mean share of each client's commonest task."""
         task.dirichlet_split.cache_clear()
         made = task.train_records(data)
         shares = []
-        for part in task.dirichlet_split(data, 10, alpha, 1):
+        for part in task.dirichlet_split(data, 10, alpha, 1, partitioner):
             counts = [sum(made[i].task == t for i in part) for t in DOLLY[:4]]
             shares.append(max(counts) / len(part))
         return sum(shares) / len(shares)
 
-    assert purity(0.1) > 0.6 > 0.4 > purity(100.0)
+    for partitioner in ("dirichlet", "inner-dirichlet"):
+        assert purity(0.1, partitioner) > 0.6 > 0.4 > purity(100.0, partitioner), partitioner
 
 
 def test_each_client_holds_out_a_share_it_never_trains_on_the_same_on_every_call(records):

@@ -155,6 +155,7 @@ EFFECTS = {
     "local-steps": ["test_client.py::test_a_run_config_value_of_every_concern_reaches_the_clients_model"],
     "expert-aggregation": ["test_strategy.py::test_gate_weighting_averages_each_expert_by_examples_times_its_gate_score_and_the_gate_by_examples"],
     "alpha": ["test_partition.py::test_a_lower_alpha_gives_each_client_fewer_tasks"],
+    "partitioner": ["test_partition.py::test_the_inner_dirichlet_split_gives_every_client_the_same_size", "test_partition.py::test_a_lower_alpha_gives_each_client_fewer_tasks"],
     "min-partition-size": ["test_partition.py::test_a_split_no_draw_can_satisfy_names_the_settings_to_change"],
     "out-dir": ["test_launch.py::test_the_out_dir_is_given_once_or_twice_alike"],
     "resume": ["test_simulation.py::test_resume_after_a_round_reaches_the_uninterrupted_state"],
