@@ -11,9 +11,9 @@ minus the global one the round started from):
 
 For FedPrompt an update is the whole prompt tensor. For MoPs each expert is measured on its own,
 its pairs weighted by how much both clients used it (the product of their mean gate scores on it),
-and its average weighted by examples x gate, as `expert-weighting = "gate"` averages; the
-experts' numbers are then pooled with weights their usage. MoPs removes interference if its experts'
-updates agree more than FedPrompt's prompts do.
+and its average weighted by examples x gate, as `expert-aggregation = "gate"` averages; the
+experts' numbers are then pooled, each weighted by its use. MoPs removes interference if its
+experts' updates agree more than FedPrompt's prompts do.
 """
 
 from __future__ import annotations
