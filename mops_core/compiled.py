@@ -5,9 +5,11 @@ serves every layer of every MoPsModel in it: dynamo takes a module's parameters 
 so 30 layers of one shape are one graph, not 30. Inductor then fuses what eager PyTorch runs as
 separate passes over the hidden states (RMSNorm, SiLU, residuals, casts) and, because attention is
 written out under compile (`attention.py`), the per-key bias, the causal mask and the softmax.
-Shapes new to the process compile again (the second sequence length makes the graph dynamic, and
-training, evaluation and batch sizes 1 and more are separate graphs); inductor keeps compiled code
-on disk, so a later process on the same machine mostly loads it.
+The graph is compiled for any sequence length from the start (`dynamic=True`), rather than first
+for whichever length comes first and again once a second one arrives: one compile fewer per
+process, and every process runs the same kernels for a given batch whatever it saw before (as a
+resumed run should). Training and evaluation, and batches of one and of more samples, are separate
+graphs; inductor keeps compiled code on disk, so a later process on the same machine mostly loads it.
 
 Inductor needs a C++ compiler on CPU (triton on CUDA). Where compiling fails the process runs eager
 from then on, and the log says why; `TORCH_COMPILE_DISABLE=1` (PyTorch's own switch; the tests set it) also means eager.
@@ -48,7 +50,7 @@ def run(through: Callable[[Callable], torch.Tensor], compile: bool) -> torch.Ten
     if not compile or unavailable_reason() is not None:
         return through(decoder_layer)
     if _compiled is None:
-        _compiled = torch.compile(decoder_layer)
+        _compiled = torch.compile(decoder_layer, dynamic=True)
     started = time.perf_counter()
     try:
         out = through(_compiled)
