@@ -291,18 +291,18 @@ def lead_table(records: Sequence[dict], kind: str, baseline: str, title: str, pa
 
 # ---------------------------------------------------------------------- heterogeneity: gain and agreement against alpha
 
-HeteroKey = tuple[str, int, float]  # dataset, local steps, alpha
+HeteroKey = tuple[str, str, int, float]  # dataset, compression, local steps, alpha
 
 
 def heterogeneity_pairs(records: Sequence[dict]) -> dict[HeteroKey, dict[int, dict[str, dict]]]:
-    """(dataset, local steps, alpha) -> seed -> method -> record, for federated main cells, where a
+    """(dataset, compression, local steps, alpha) -> seed -> method -> record, for federated main cells, where a
     dataset's cells span more than one alpha (a heterogeneity sweep); {} otherwise."""
     runs = [r for r in records if r["kind"] == "federated" and r["study"] == "main"]
     swept = {d for d in {r["dataset"] for r in runs} if len({r["settings"]["alpha"] for r in runs if r["dataset"] == d}) > 1}
     pairs: dict[HeteroKey, dict[int, dict[str, dict]]] = {}
     for r in runs:
         if r["dataset"] in swept:
-            key = (r["dataset"], int(r["settings"]["local-steps"]), float(r["settings"]["alpha"]))
+            key = (r["dataset"], r["compression"], int(r["settings"]["local-steps"]), float(r["settings"]["alpha"]))
             pairs.setdefault(key, {}).setdefault(int(r["settings"]["seed"]), {})[r["method"]] = r
     return dict(sorted(pairs.items()))
 
@@ -333,18 +333,18 @@ def heterogeneity_table(records: Sequence[dict]) -> Grid | None:
     if not pairs:
         return None
     rows = []
-    for (dataset, steps, alpha), seeds in pairs.items():
+    for (dataset, compression, steps, alpha), seeds in pairs.items():
         fed = [m["fedprompt"] for m in seeds.values() if "fedprompt" in m]
         mops = [m["mops"] for m in seeds.values() if "mops" in m]
         cos_f, cos_m = _agreement(seeds, "fedprompt", "cosine"), _agreement(seeds, "mops", "cosine")
         ratio_f, ratio_m = _agreement(seeds, "fedprompt", "norm_ratio"), _agreement(seeds, "mops", "norm_ratio")
         rows.append([
-            dataset, str(steps), f"{alpha:g}", str(len(seeds)), _with_sd(*_ppl(fed)), _with_sd(*_ppl(mops)),
+            dataset, compression, str(steps), f"{alpha:g}", str(len(seeds)), _with_sd(*_ppl(fed)), _with_sd(*_ppl(mops)),
             _pct(*_paired(seeds, "perplexity", True)), _pct(*_paired(seeds, "client_perplexity", True)),
             _pct(*_paired(seeds, "rouge_l", False), unit=""),
             f"{_num(cos_f[0])} / {_num(cos_m[0])}", f"{_num(ratio_f[0])} / {_num(ratio_m[0])}",
         ])
-    headers = ["data", "local steps", "alpha", "seeds", "FedPrompt ppl", "MoPs ppl", "gain %", "clients' ppl gain %",
+    headers = ["data", "compression", "local steps", "alpha", "seeds", "FedPrompt ppl", "MoPs ppl", "gain %", "clients' ppl gain %",
                "ROUGE-L gain", "updates' cosine F / M", "norm ratio F / M"]
     return Grid("Heterogeneity: MoPs' gain over FedPrompt against alpha", headers, rows,
                 "gains paired seed by seed, mean ± sd over seeds (positive = MoPs better): test perplexity and the clients' "
@@ -360,8 +360,9 @@ def heterogeneity_figures(records: Sequence[dict], folder: Path) -> list[Path]:
         return []
     gains: dict[str, list] = {}
     agreement: dict[str, list] = {}
-    for (dataset, steps, alpha), seeds in pairs.items():
-        line = f"{dataset}, {steps} local steps"
+    compressions = len({key[1] for key in pairs}) > 1
+    for (dataset, compression, steps, alpha), seeds in pairs.items():
+        line = f"{dataset}{f' {compression}' if compressions else ''}, {steps} local steps"
         for label, field, relative in (("test", "perplexity", True), ("clients'", "client_perplexity", True)):
             mean, sd = _paired(seeds, field, relative)
             if mean is not None:

@@ -375,8 +375,8 @@ def test_the_heterogeneity_cells_differ_only_in_alpha_local_steps_method_and_see
         (str(seed), f"alpha {alpha} / {steps} steps") for seed in (0, 1, 2) for alpha in ("10", "0.5", "0.1") for steps in (20, 100)}
 
 
-def hetero_record(method, dataset, alpha, steps, seed, ppl, client_ppl, rouge, cosine, ratio):
-    return {"kind": "federated", "study": "main", "method": method, "dataset": dataset, "compression": "sparsegpt:0.75",
+def hetero_record(method, dataset, alpha, steps, seed, ppl, client_ppl, rouge, cosine, ratio, compression="sparsegpt:0.75"):
+    return {"kind": "federated", "study": "main", "method": method, "dataset": dataset, "compression": compression,
             "settings": {"alpha": alpha, "local-steps": steps, "seed": seed}, "perplexity": ppl, "client_perplexity": client_ppl,
             "rouge_l": rouge, "agreement": {"cosine": cosine, "norm_ratio": ratio}}
 
@@ -391,12 +391,18 @@ def test_the_heterogeneity_table_pairs_seeds_and_the_figures_draw(tmp_path):
         hetero_record("mops", "sni", 10.0, 20, 0, 10.0, 20.0, 30.0, 0.6, 0.7),
     ]
     grid = tables.heterogeneity_table(records)
-    rows = {(r[0], r[1], r[2]): r for r in grid.rows}
-    low = rows[("sni", "20", "0.1")]
+    rows = {(r[0], r[1], r[2], r[3]): r for r in grid.rows}
+    low = rows[("sni", "sparsegpt:0.75", "20", "0.1")]
     # seed 0: 10% better, seed 1: 5% better: mean 7.5, sd 3.5; clients' ppl +5% and -5%; ROUGE-L +1 and -1
-    assert low[3] == "2" and low[6] == "+7.5% ± 3.5" and low[7] == "+0.0% ± 7.1" and low[8] == "+0.0 ± 1.4"
-    assert low[9] == "0.200 / 0.600" and low[10] == "0.500 / 0.850"
-    assert rows[("sni", "20", "10")][6] == "+0.0%"
+    assert low[4] == "2" and low[7] == "+7.5% ± 3.5" and low[8] == "+0.0% ± 7.1" and low[9] == "+0.0 ± 1.4"
+    assert low[10] == "0.200 / 0.600" and low[11] == "0.500 / 0.850"
+    assert rows[("sni", "sparsegpt:0.75", "20", "10")][7] == "+0.0%"
+    # another compression's cells are another row, not the same seeds overwritten
+    other = [hetero_record(m, "sni", 0.1, 20, 0, p, 20.0, 30.0, 0.1, 0.4, compression="sparsegpt:2:4")
+             for m, p in (("fedprompt", 20.0), ("mops", 10.0))]
+    both = {(r[0], r[1], r[2], r[3]): r for r in tables.heterogeneity_table(records + other).rows}
+    assert both[("sni", "sparsegpt:0.75", "20", "0.1")][7] == "+7.5% ± 3.5"
+    assert both[("sni", "sparsegpt:2:4", "20", "0.1")][7] == "+50.0%"
     written = tables.heterogeneity_figures(records, tmp_path)
     assert [p.name for p in written] == ["heterogeneity-gain.png", "heterogeneity-agreement.png"] and all(p.stat().st_size > 0 for p in written)
     assert tables.heterogeneity_table([r for r in records if r["settings"]["alpha"] == 0.1]) is None  # one alpha: no sweep
