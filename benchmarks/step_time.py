@@ -14,8 +14,10 @@ each in every dtype asked (the base in that dtype; MoPs' trainable tensors stay 
 Runs are interleaved (A B C ... A B C ...) so that machine drift hits all alike; medians are
 printed with ratios to PEFT prompt tuning in float32 and within each dtype, and each row's first
 step (which pays torch.compile's compile where the layers are compiled). The MoPs steps'
-achieved FLOP/s (FLOPs counted analytically; frozen weights need input gradients only) is set
-against a GEMM of the same dtype and shape measured in the same run.
+achieved FLOP/s (FLOPs counted analytically; frozen weights need input gradients only), and PEFT
+prompt tuning's, are set against a GEMM of the same dtype and shape measured in the same run; the
+last lines give the floor: how fast the cached step would be at the GEMM rate itself, as a ratio
+to PEFT. A ratio below the floor takes fewer FLOPs (a higher L_int, shorter sequences), not faster kernels.
 """
 
 from __future__ import annotations
@@ -100,17 +102,30 @@ def peft_steps(base, k: int, batch) -> dict[str, Callable[[], float]]:
     return steps
 
 
-def mops_flops(config, seq: int, k: int, labelled: int, inject: int, cached: bool) -> float:
-    """FLOPs of one MoPs step: the upper layers forward and backward (input gradients only), the head on labelled tokens."""
-    d, di, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+def layer_flops(config, s: int, backward: bool = True) -> float:
+    """FLOPs of one decoder layer over `s` positions, forward and, with `backward`, input gradients
+    (the weights are frozen: backward runs each linear once more and attention's two products twice)."""
+    d, di = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (d // config.num_attention_heads)
-    s = seq + 1 + k
     linear = 2 * s * (d * d + 2 * d * kv + d * d + 3 * d * di)
     attention = 2 * 2 * s * s * d
-    upper = (layers - inject) * (2 * linear + 3 * attention)  # backward: linear once more, attention twice
-    lower = 0 if cached else inject * (linear + attention)
-    head = 2 * 2 * labelled * d * vocab
-    return upper + lower + head
+    return 2 * linear + 3 * attention if backward else linear + attention
+
+
+def mops_flops(config, seq: int, k: int, labelled: int, inject: int, cached: bool) -> float:
+    """FLOPs of one MoPs step: the upper layers forward and backward, the head on labelled tokens
+    (and, cold, the lower layers forward only)."""
+    s = seq + 1 + k
+    lower = 0 if cached else inject * layer_flops(config, s, backward=False)
+    head = 2 * 2 * labelled * config.hidden_size * config.vocab_size
+    return (config.num_hidden_layers - inject) * layer_flops(config, s) + lower + head
+
+
+def peft_prompt_flops(config, seq: int, k: int) -> float:
+    """FLOPs of one PEFT prompt-tuning step: every layer forward and backward down to the virtual
+    tokens, the head over every position (transformers computes logits for all of them)."""
+    s = seq + k
+    return config.num_hidden_layers * layer_flops(config, s) + 2 * 2 * s * config.hidden_size * config.vocab_size
 
 
 def gemm_rate(dtype: torch.dtype, m: int, n: int, k: int, repeats: int = 20) -> float:
@@ -176,12 +191,21 @@ def main() -> None:
         print(f"{name:32s} {value:7.3f} {value / reference:19.2f}x {value / same_prompt:26.2f}x {value / same_lora:19.2f}x "
               f"{first[name]:13.1f}")
     d = config.hidden_size
-    print("\nAchieved FLOP/s of the MoPs step against a GEMM of the same dtype (seq x d by d x intermediate):")
+    rates = {dtype: gemm_rate(getattr(torch, dtype), args.seq + 71, config.intermediate_size, d) for dtype in args.dtypes}
+    print("\nAchieved FLOP/s against a GEMM of the same dtype (seq x d by d x intermediate), FLOPs counted analytically:")
+    for dtype in args.dtypes:
+        flops[f"peft prompt ({dtype})"] = peft_prompt_flops(config, args.seq, k)
     for name, count in flops.items():
-        dtype = getattr(torch, name[name.index("(") + 1 : -1])
-        rate = gemm_rate(dtype, args.seq + 71, config.intermediate_size, d)
+        rate = rates[name[name.index("(") + 1 : -1]]
         achieved = count / median[name]
         print(f"  {name:26s} {count / 1e9:6.1f} GFLOP  {achieved / 1e9:7.1f} GFLOP/s  = {achieved / rate:5.1%} of {rate / 1e9:.0f} GFLOP/s")
+    # The floor: a step at the GEMM rate itself. A ratio to PEFT below this one needs fewer FLOPs, not a faster kernel.
+    print("\nThe fastest a cached MoPs step can be on this machine (its FLOPs at 100% of the GEMM rate):")
+    for dtype in args.dtypes:
+        floor = flops[f"mops cached ({dtype})"] / rates[dtype]
+        print(f"  {dtype:9s} {floor:6.3f} s/step = {floor / reference:.2f}x PEFT prompt fp32, "
+              f"{floor / median[f'peft prompt ({dtype})']:.2f}x PEFT prompt {dtype}; "
+              f"FLOPs {flops[f'mops cached ({dtype})'] / flops[f'peft prompt ({dtype})']:.2f}x PEFT prompt's")
     if args.profile:
         for dtype in args.dtypes:
             step = steps[f"mops cached ({dtype})"]

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,12 +153,37 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def cpu_has_fast_bf16() -> bool:
+def _cpuinfo() -> str:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return ""
+
+
+def cpu_bf16_units() -> str | None:
+    """The CPU's bfloat16 matrix units: "amx" (AMX tiles), "avx512_bf16", or None (bfloat16 emulated, slow)."""
+    flags = _cpuinfo()
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else None
+
+
+def cpu_has_fast_bf16() -> bool:
+    return cpu_bf16_units() is not None
+
+
+def machine(cfg: ModelConfig) -> dict:
+    """What a run computes on, for a record to carry beside its numbers: bfloat16 results move with
+    the hardware's kernels, and times with everything here, so a table drawn from runs made on
+    several machines must be able to say so."""
+    device = resolve_device(cfg)
+    names = [line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")]
+    return {
+        "cpu": names[0] if names else platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "bf16_units": cpu_bf16_units(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "dtype": str(resolve_dtype(cfg, device)).removeprefix("torch."),
+        "torch": torch.__version__,
+    }
 
 
 def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:

@@ -30,6 +30,7 @@ from rich.console import Console
 from mops_core import atomic, centralized, checkpoint, peft_baselines
 from mops_core.config import Settings
 from mops_core.evaluate import gate_collapse
+from mops_core.loading import machine
 from mops_core.settings import SettingsError
 
 from . import tables
@@ -82,6 +83,7 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict
         # inject-layer -1 is a share of the depth: the layer the run used is in its checkpoint.
         "inject_layer": int(saved["inject_layer"]) if "inject_layer" in saved else None,
         "base_fingerprint": results.get("base_fingerprint") or results.get("info", {}).get("base_fingerprint"),
+        "machine": machine(Settings.from_flat(cell.settings).model),  # the runs of a grid are local to this process's machine
     }
     if cell.kind == "centralized":
         after, losses = results["after"], results["train"]["losses"]
@@ -229,10 +231,11 @@ def run_grid(
 
 def write_outputs(records: Sequence[dict], out_dir: Path, *, meta: dict | None = None, show: bool = False) -> list[tables.Grid]:
     grids = tables.all_tables(records)
-    warnings = tables.mixed_bases(records)
+    warnings = tables.mixed_bases(records) + tables.mixed_machines(records)
     atomic.write_json(out_dir / "results.json", {**(meta or {}), "warnings": warnings, "cells": list(records)})
     tables.write_csv(records, out_dir / "results.csv")
-    atomic.write_bytes(out_dir / "tables.md", "\n".join([*(f"**Warning:** {w}\n" for w in warnings), *(g.markdown() for g in grids)]).encode())
+    atomic.write_bytes(out_dir / "tables.md", "\n".join([*(f"**Warning:** {w}\n" for w in warnings), tables.machines_note(records) + "\n",
+                                                        *(g.markdown() for g in grids)]).encode())
     tables.write_figures(records, out_dir / "figures")
     if show:
         for grid in grids:
@@ -355,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 state = "finished" if matches[cell.id] is not None else "to resume" if started else "to run"
                 console.print(f"{cell.id:48s} {cell.study:18s} {state:20s} seed {cell.settings['seed']:<3} {', '.join(cell.variants)}",
                               soft_wrap=True)
-            show_warnings(tables.mixed_bases(finished))
+            show_warnings(tables.mixed_bases(finished) + tables.mixed_machines(finished))
         if args.tables and not finished:
             console.print(f"no finished cell of this grid in {out}; nothing written")
         elif args.tables:

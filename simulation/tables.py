@@ -23,7 +23,7 @@ CSV_COLUMNS = (
     "id", "kind", "method", "study", "dataset", "compression", "model", "seed", "inject-layer", "experts",
     "prompts-per-expert", "lr", "steps", "num-server-rounds", "local-steps", "alpha", "perplexity_start", "perplexity",
     "client_perplexity", "rouge_l", "exact_match",
-    "trainable_parameters", "bytes_communicated", "gate_entropy", "routing_accuracy", "wall_seconds", "base_fingerprint", "dir",
+    "trainable_parameters", "bytes_communicated", "gate_entropy", "routing_accuracy", "wall_seconds", "machine", "base_fingerprint", "dir",
 )
 METHOD_NAMES = {"prompt": "prompt tuning", "mops": "MoPs", "lora": "LoRA", "ia3": "IA3", "fedprompt": "FedPrompt"}
 
@@ -324,6 +324,11 @@ def _agreement(seeds: dict[int, dict[str, dict]], method: str, field: str) -> tu
     return _mean_sd(values) if values else (None, None)
 
 
+def _minutes(runs: Sequence[dict]) -> str:
+    times = [r["wall_seconds"] / 60 for r in runs if r.get("wall_seconds")]
+    return f"{sum(times) / len(times):.0f}" if times else "-"
+
+
 def _pct(mean: float | None, sd: float | None, unit: str = "%") -> str:
     return "-" if mean is None else f"{mean:+.1f}{unit}" + ("" if sd is None else f" ± {sd:.1f}")
 
@@ -343,14 +348,15 @@ def heterogeneity_table(records: Sequence[dict]) -> Grid | None:
             _pct(*_paired(seeds, "perplexity", True)), _pct(*_paired(seeds, "client_perplexity", True)),
             _pct(*_paired(seeds, "rouge_l", False), unit=""),
             f"{_num(cos_f[0])} / {_num(cos_m[0])}", f"{_num(ratio_f[0])} / {_num(ratio_m[0])}",
+            " / ".join(_minutes([m[method] for m in seeds.values() if method in m]) for method in ("fedprompt", "mops")),
         ])
     headers = ["data", "compression", "local steps", "alpha", "seeds", "FedPrompt ppl", "MoPs ppl", "gain %", "clients' ppl gain %",
-               "ROUGE-L gain", "updates' cosine F / M", "norm ratio F / M"]
+               "ROUGE-L gain", "updates' cosine F / M", "norm ratio F / M", "minutes per cell F / M"]
     return Grid("Heterogeneity: MoPs' gain over FedPrompt against alpha", headers, rows,
                 "gains paired seed by seed, mean ± sd over seeds (positive = MoPs better): test perplexity and the clients' "
                 "own held-out perplexity in % of FedPrompt's, ROUGE-L in points; the clients' prompt-update agreement "
                 "(mean over rounds; MoPs per expert by gate): pairwise cosine and the averaged update's norm over the mean "
-                "client's, FedPrompt / MoPs")
+                "client's, FedPrompt / MoPs; each cell's wall time, mean over seeds")
 
 
 def heterogeneity_figures(records: Sequence[dict], folder: Path) -> list[Path]:
@@ -430,12 +436,41 @@ def mixed_bases(records: Sequence[dict]) -> list[str]:
     return warnings
 
 
+def machine_label(record: dict) -> str:
+    """Where a cell ran, as a table says it: CPU, cores, bfloat16 units or GPU, dtype, torch."""
+    m = record.get("machine")
+    if not m:
+        return "machine not recorded"
+    units = {"amx": "AMX", "avx512_bf16": "AVX-512 bf16", None: "no bf16 units"}.get(m.get("bf16_units"), m.get("bf16_units"))
+    where = f"{m['gpu']}" if m.get("gpu") else f"{m.get('cpu')}, {m.get('cores')} cores, {units}"
+    return f"{where}; {m.get('dtype')}; torch {m.get('torch')}"
+
+
+def machines_note(records: Sequence[dict]) -> str:
+    """One line for the top of the tables: which machines and dtypes the cells ran on, with counts."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[machine_label(r)] = counts.get(machine_label(r), 0) + 1
+    return "Cells ran on: " + "; ".join(f"{label} ({n} cell{'s' if n > 1 else ''})" for label, n in sorted(counts.items()))
+
+
+def mixed_machines(records: Sequence[dict]) -> list[str]:
+    """A grid whose cells ran on different machines or dtypes: its paired gains may measure those too
+    (bfloat16 rounds differently on AMX, AVX-512 and GPUs, and MoPs' gains have moved with the dtype)."""
+    labels = {machine_label(r) for r in records if r.get("machine")}
+    if len(labels) < 2:
+        return []
+    return [f"the cells ran on {len(labels)} different machines or dtypes ({' | '.join(sorted(labels))}): a gain paired "
+            "across them measures the machines as well as the methods; `results.json` names each cell's"]
+
+
 def write_csv(records: Sequence[dict], path: Path) -> Path:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for r in records:
-        writer.writerow({**{k: r["settings"].get(k) for k in CSV_COLUMNS if k in r["settings"]}, **{k: r.get(k) for k in CSV_COLUMNS if k in r}})
+        writer.writerow({**{k: r["settings"].get(k) for k in CSV_COLUMNS if k in r["settings"]}, **{k: r.get(k) for k in CSV_COLUMNS if k in r},
+                         "machine": machine_label(r)})
     atomic.write_bytes(path, buffer.getvalue().encode())
     return path
 

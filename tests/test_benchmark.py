@@ -12,6 +12,7 @@ from helpers import toy_records
 from mops_core.session import sink_token_id
 from mops_core.config import Settings
 from mops_core.data import TASKS, Formatter, collate
+from mops_core.loading import machine
 from mops_core.peft_baselines import PeftBaseline
 from simulation import tables
 from simulation.benchmark import CELL_FILE, federated_runner, main, parse_sets, run_grid, write_outputs
@@ -122,6 +123,8 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
     assert [r["inject_layer"] for r in results] == [2, 2, 1]  # read back from each run's checkpoint
     assert len({r["base_fingerprint"] for r in results}) == 1 and re.fullmatch(r"[0-9a-f]{32}", results[0]["base_fingerprint"])
     assert "Warning" not in (out / "tables.md").read_text()
+    assert all(r["machine"] == machine(Settings.from_flat(r["settings"]).model) for r in results)
+    assert f"Cells ran on: {tables.machine_label(results[0])} (3 cells)" in (out / "tables.md").read_text()
 
     # Table 2 in tables.md holds the results file's numbers, gain and gain in %.
     markdown = (out / "tables.md").read_text()
@@ -145,7 +148,8 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
         assert numbers[2] == pytest.approx(100 * (b - m) / b, abs=0.05), row  # printed as +x.y%
         assert numbers[3:] == pytest.approx([mops_run["task_gate_entropy"][task], own, mops_run["task_routing"][task]], abs=0.006)
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 4 and csv_lines[0].startswith("id,kind,method")
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("id,kind,method") and ",machine," in csv_lines[0]
+    assert all(tables.machine_label(results[0]) in line for line in csv_lines[1:])
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert "curve-centralized-dolly-none.png" in figures and "fig2-inject-layer.png" in figures
     assert "per-task-centralized.png" in figures and "rouge-dolly.png" in figures
@@ -177,6 +181,22 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
 
     _, failed = run_grid(changed, out, centralized_runner=note, progress=False)
     assert len(ran) == 3 and len(failed) == 3 and not set(ran) & {r["id"] for r in records}
+
+
+def test_tables_name_the_machines_and_warn_when_cells_ran_on_several():
+    xeon = {"cpu": "Xeon", "cores": 2, "bf16_units": "amx", "gpu": None, "dtype": "bfloat16", "torch": "2.13.0"}
+    old = {**xeon, "bf16_units": None, "dtype": "float32"}
+    gpu = {**xeon, "gpu": "NVIDIA H200"}
+    assert tables.machine_label({"machine": xeon}) == "Xeon, 2 cores, AMX; bfloat16; torch 2.13.0"
+    assert tables.machine_label({"machine": old}) == "Xeon, 2 cores, no bf16 units; float32; torch 2.13.0"
+    assert tables.machine_label({"machine": gpu}) == "NVIDIA H200; bfloat16; torch 2.13.0"
+    assert tables.machine_label({}) == "machine not recorded"  # records written before cells carried it
+    assert tables.machines_note([{"machine": xeon}, {"machine": xeon}, {}]) == (
+        "Cells ran on: Xeon, 2 cores, AMX; bfloat16; torch 2.13.0 (2 cells); machine not recorded (1 cell)")
+    assert tables.mixed_machines([{"machine": xeon}, {"machine": xeon}, {}]) == []  # an unrecorded cell is not judged
+    warnings = tables.mixed_machines([{"machine": xeon}, {"machine": old}, {"machine": xeon}])
+    assert len(warnings) == 1 and "2 different machines or dtypes" in warnings[0]
+    assert tables.machine_label({"machine": xeon}) in warnings[0] and tables.machine_label({"machine": old}) in warnings[0]
 
 
 def test_a_stopped_federated_cell_resumes_from_its_last_round(tmp_path):
@@ -378,7 +398,7 @@ def test_the_heterogeneity_cells_differ_only_in_alpha_local_steps_method_and_see
 def hetero_record(method, dataset, alpha, steps, seed, ppl, client_ppl, rouge, cosine, ratio, compression="sparsegpt:0.75"):
     return {"kind": "federated", "study": "main", "method": method, "dataset": dataset, "compression": compression,
             "settings": {"alpha": alpha, "local-steps": steps, "seed": seed}, "perplexity": ppl, "client_perplexity": client_ppl,
-            "rouge_l": rouge, "agreement": {"cosine": cosine, "norm_ratio": ratio}}
+            "rouge_l": rouge, "agreement": {"cosine": cosine, "norm_ratio": ratio}, "wall_seconds": 900.0 if method == "mops" else 540.0 + 120 * seed}
 
 
 def test_the_heterogeneity_table_pairs_seeds_and_the_figures_draw(tmp_path):
@@ -395,7 +415,7 @@ def test_the_heterogeneity_table_pairs_seeds_and_the_figures_draw(tmp_path):
     low = rows[("sni", "sparsegpt:0.75", "20", "0.1")]
     # seed 0: 10% better, seed 1: 5% better: mean 7.5, sd 3.5; clients' ppl +5% and -5%; ROUGE-L +1 and -1
     assert low[4] == "2" and low[7] == "+7.5% ± 3.5" and low[8] == "+0.0% ± 7.1" and low[9] == "+0.0 ± 1.4"
-    assert low[10] == "0.200 / 0.600" and low[11] == "0.500 / 0.850"
+    assert low[10] == "0.200 / 0.600" and low[11] == "0.500 / 0.850" and low[12] == "10 / 15"  # minutes: (9 + 11) / 2, 15
     assert rows[("sni", "sparsegpt:0.75", "20", "10")][7] == "+0.0%"
     # another compression's cells are another row, not the same seeds overwritten
     other = [hetero_record(m, "sni", 0.1, 20, 0, p, 20.0, 30.0, 0.1, 0.4, compression="sparsegpt:2:4")

@@ -34,3 +34,20 @@ def test_fingerprint_ignores_dtype_but_sees_pruning(tiny_model_dir):
     with torch.no_grad():
         fp32.model.layers[0].mlp.up_proj.weight[:, ::2] = 0.0  # half the weights of one matrix pruned
     assert base_fingerprint(fp32) != base_fingerprint(bf16)
+
+
+def test_machine_names_the_cpu_its_bf16_units_and_the_dtype_a_run_resolves_to(monkeypatch):
+    from mops_core import loading
+
+    amx = "processor\t: 0\nmodel name\t: Intel Xeon Test\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    monkeypatch.setattr(loading, "_cpuinfo", lambda: amx)
+    described = loading.machine(ModelConfig(device="cpu", dtype="auto"))
+    assert described["cpu"] == "Intel Xeon Test" and described["bf16_units"] == "amx" and described["dtype"] == "bfloat16"
+    assert described["gpu"] is None and described["torch"] == torch.__version__ and described["cores"] >= 1
+    assert loading.machine(ModelConfig(device="cpu", dtype="float32"))["dtype"] == "float32"  # a setting beats the hardware
+
+    monkeypatch.setattr(loading, "_cpuinfo", lambda: amx.replace(" amx_bf16 amx_tile", ""))
+    assert loading.machine(ModelConfig(device="cpu", dtype="auto"))["bf16_units"] == "avx512_bf16"
+    monkeypatch.setattr(loading, "_cpuinfo", lambda: "model name\t: Old CPU\nflags\t\t: fpu avx2\n")
+    described = loading.machine(ModelConfig(device="cpu", dtype="auto"))
+    assert described["bf16_units"] is None and described["dtype"] == "float32"  # bfloat16 would be emulated: float32
