@@ -360,11 +360,12 @@ def heterogeneity_table(records: Sequence[dict]) -> Grid | None:
 
 
 def heterogeneity_figures(records: Sequence[dict], folder: Path) -> list[Path]:
-    """MoPs' gain over FedPrompt against alpha, and the clients' update agreement against alpha."""
+    """MoPs' gain over FedPrompt against alpha (perplexity, then ROUGE-L), and the clients' update agreement against alpha."""
     pairs = heterogeneity_pairs(records)
     if not pairs:
         return []
     gains: dict[str, list] = {}
+    rouge: dict[str, list] = {}
     agreement: dict[str, list] = {}
     compressions = len({key[1] for key in pairs}) > 1
     for (dataset, compression, steps, alpha), seeds in pairs.items():
@@ -373,6 +374,9 @@ def heterogeneity_figures(records: Sequence[dict], folder: Path) -> list[Path]:
             mean, sd = _paired(seeds, field, relative)
             if mean is not None:
                 gains.setdefault(f"{line}, {label} ppl", []).append((alpha, mean, sd))
+        mean, sd = _paired(seeds, "rouge_l", False)
+        if mean is not None:
+            rouge.setdefault(line, []).append((alpha, mean, sd))
         for method in ("fedprompt", "mops"):
             mean, sd = _agreement(seeds, method, "cosine")
             if mean is not None:
@@ -383,6 +387,11 @@ def heterogeneity_figures(records: Sequence[dict], folder: Path) -> list[Path]:
             gains, folder / "heterogeneity-gain.png", xlabel="Dirichlet alpha (lower = more skewed)", log_x=True, reference=0.0,
             ylabel="MoPs' gain over FedPrompt\n(% of FedPrompt's perplexity; above 0 = MoPs better)",
             title="MoPs' gain against heterogeneity (mean ± sd over seeds)",
+        ))
+    if rouge:
+        written.append(report.plot_points(
+            rouge, folder / "heterogeneity-rouge.png", xlabel="Dirichlet alpha (lower = more skewed)", log_x=True, reference=0.0,
+            ylabel="MoPs' ROUGE-L minus FedPrompt's (points)", title="MoPs' ROUGE-L gain against heterogeneity (mean ± sd over seeds)",
         ))
     if agreement:
         written.append(report.plot_points(

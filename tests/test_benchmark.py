@@ -424,5 +424,6 @@ def test_the_heterogeneity_table_pairs_seeds_and_the_figures_draw(tmp_path):
     assert both[("sni", "sparsegpt:0.75", "20", "0.1")][7] == "+7.5% ± 3.5"
     assert both[("sni", "sparsegpt:2:4", "20", "0.1")][7] == "+50.0%"
     written = tables.heterogeneity_figures(records, tmp_path)
-    assert [p.name for p in written] == ["heterogeneity-gain.png", "heterogeneity-agreement.png"] and all(p.stat().st_size > 0 for p in written)
+    assert [p.name for p in written] == ["heterogeneity-gain.png", "heterogeneity-rouge.png", "heterogeneity-agreement.png"]
+    assert all(p.stat().st_size > 0 for p in written)
     assert tables.heterogeneity_table([r for r in records if r["settings"]["alpha"] == 0.1]) is None  # one alpha: no sweep
