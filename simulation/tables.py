@@ -470,7 +470,7 @@ def mixed_machines(records: Sequence[dict]) -> list[str]:
     if len(labels) < 2:
         return []
     return [f"the cells ran on {len(labels)} different machines or dtypes ({' | '.join(sorted(labels))}): a gain paired "
-            "across them measures the machines as well as the methods; `results.json` names each cell's"]
+            "across them measures the machines as well as the methods (each cell's machine is in `results.json`)"]
 
 
 def write_csv(records: Sequence[dict], path: Path) -> Path:
