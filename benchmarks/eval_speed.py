@@ -1,6 +1,6 @@
 """Evaluation throughput: MoPs' `evaluate` (no grad, batched, every layer) against the plain base.
 
-    python benchmarks/eval_speed.py [--samples 64] [--batch-size 8] [--repeats 3] [--dtypes float32 bfloat16]
+    python benchmarks/eval_speed.py [--samples 64] [--batch-size 8] [--repeats 3] [--dtypes float32 bfloat16] [--device cuda]
 
 On SmolLM2 with 7 experts x 10 prompts and random token samples of 64 to 320 tokens (half of
 each a question, half a labelled response), both in each dtype asked:
@@ -46,12 +46,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the base and the evaluations run")
     args = parser.parse_args()
 
     runs = {}
     tokens = 0
     for dtype in args.dtypes:
-        settings = Settings.from_flat({"model": args.model, "dtype": dtype, "experts": 7})
+        settings = Settings.from_flat({"model": args.model, "dtype": dtype, "device": args.device, "experts": 7})
         base, tokenizer = load_base(settings.model)
         model = build_model(settings, base, tokenizer)
         init_input_prompts(model, torch.Generator().manual_seed(0))
@@ -60,15 +61,17 @@ def main() -> None:
         tokens = sum(len(e.input_ids) for e in examples)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         by_length = sorted(examples, key=lambda e: len(e.input_ids))  # as evaluate batches them: the same padding
-        batches = [collate(by_length[i : i + args.batch_size], pad) for i in range(0, len(examples), args.batch_size)]
+        batches = [{k: v.to(base.device) for k, v in collate(by_length[i : i + args.batch_size], pad).items()}
+                   for i in range(0, len(examples), args.batch_size)]
         cache = ActivationCache(model, tokenizer_identity(tokenizer), directory=None, memory_mb=1024, disk_mb=0)
 
         def base_forward(base=base, batches=batches, sink=tokenizer.bos_token_id):
             with torch.no_grad():
                 for batch in batches:
                     ids, mask = batch["input_ids"], batch["attention_mask"]
-                    ones = torch.ones(ids.shape[0], 1, dtype=ids.dtype)
-                    base(input_ids=torch.cat([ones * sink, ids], 1), attention_mask=torch.cat([ones, mask], 1), logits_to_keep=1)
+                    ones = torch.ones(ids.shape[0], 1, dtype=ids.dtype, device=ids.device)
+                    logits = base(input_ids=torch.cat([ones * sink, ids], 1), attention_mask=torch.cat([ones, mask], 1), logits_to_keep=1).logits
+                logits.cpu()  # a GPU runs asynchronously: wait for the last batch, as evaluate does for each
 
         def mops_evaluate(model=model, examples=examples, pad=pad, cache=None, compile=True):
             model.compile_layers = compile
@@ -87,8 +90,9 @@ def main() -> None:
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    print(f"\nSmolLM2, {args.samples} samples of 64-320 tokens ({tokens} text tokens), batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved runs")
+    where = torch.cuda.get_device_name(args.device) if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"\nSmolLM2 on {args.device}, {args.samples} samples of 64-320 tokens ({tokens} text tokens), batch {args.batch_size}, "
+          f"{where}, median of {args.repeats} interleaved runs")
     print(f"{'run':36s} {'s':>7s} {'text tokens/s':>14s} {'vs base forward':>16s}")
     for name, values in times.items():
         median = statistics.median(values)

@@ -1,6 +1,6 @@
 """One training step (forward, backward, AdamW) of MoPs against PEFT, side by side, in one run.
 
-    python benchmarks/step_time.py [--seq 256] [--repeats 5] [--dtypes float32 bfloat16]
+    python benchmarks/step_time.py [--seq 256] [--repeats 5] [--dtypes float32 bfloat16] [--device cuda]
 
 On the same SmolLM2 and the same 256-token sample (half question, half labelled response):
   mops cold       70 prompts injected at L_int = 9, gate; layers below L_int run every step
@@ -128,14 +128,21 @@ def peft_prompt_flops(config, seq: int, k: int) -> float:
     return config.num_hidden_layers * layer_flops(config, s) + 2 * 2 * s * config.hidden_size * config.vocab_size
 
 
-def gemm_rate(dtype: torch.dtype, m: int, n: int, k: int, repeats: int = 20) -> float:
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+def gemm_rate(dtype: torch.dtype, m: int, n: int, k: int, device: torch.device, repeats: int = 20) -> float:
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize(device)  # a GPU runs the products asynchronously: time them to the end
     return 2 * m * n * k * repeats / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -147,6 +154,7 @@ def main() -> None:
     parser.add_argument("--inject-layer", type=int, default=9)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the base and every step run")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of 3 cached MoPs steps")
     args = parser.parse_args()
 
@@ -154,7 +162,7 @@ def main() -> None:
     flops: dict[str, float] = {}
     config = None
     for dtype in args.dtypes:
-        settings = Settings.from_flat({"model": args.model, "dtype": dtype, "inject-layer": args.inject_layer, "experts": 7})
+        settings = Settings.from_flat({"model": args.model, "dtype": dtype, "device": args.device, "inject-layer": args.inject_layer, "experts": 7})
         base, tokenizer = load_base(settings.model)
         config = base.config
         batch = {k: v.to(base.device) for k, v in sample_batch(config.vocab_size, args.seq, args.question).items()}
@@ -180,7 +188,8 @@ def main() -> None:
 
     median = {name: statistics.median(values) for name, values in times.items()}
     reference = median.get("peft prompt (float32)", next(iter(median.values())))
-    print(f"\nSmolLM2 training step, seq {args.seq} + 70 prompts, batch 1, {torch.get_num_threads()} threads, "
+    where = torch.cuda.get_device_name(args.device) if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"\nSmolLM2 training step on {args.device}, seq {args.seq} + 70 prompts, batch 1, {where}, "
           f"median of {args.repeats} interleaved runs")
     print(f"{'step':32s} {'s/step':>7s} {'vs PEFT prompt fp32':>20s} {'vs PEFT prompt, same dtype':>27s} "
           f"{'vs LoRA, same dtype':>20s} {'first step s':>13s}")
@@ -191,7 +200,8 @@ def main() -> None:
         print(f"{name:32s} {value:7.3f} {value / reference:19.2f}x {value / same_prompt:26.2f}x {value / same_lora:19.2f}x "
               f"{first[name]:13.1f}")
     d = config.hidden_size
-    rates = {dtype: gemm_rate(getattr(torch, dtype), args.seq + 71, config.intermediate_size, d) for dtype in args.dtypes}
+    device = torch.device(args.device)
+    rates = {dtype: gemm_rate(getattr(torch, dtype), args.seq + 71, config.intermediate_size, d, device) for dtype in args.dtypes}
     print("\nAchieved FLOP/s against a GEMM of the same dtype (seq x d by d x intermediate), FLOPs counted analytically:")
     for dtype in args.dtypes:
         flops[f"peft prompt ({dtype})"] = peft_prompt_flops(config, args.seq, k)
