@@ -25,15 +25,19 @@ import torch  # first: Ray workers must import torch before ArrayRecord.to_torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import task
+from mops_core import log_through
 from mops_core.checkpoint import load_adapter_tensors
 from mops_core.config import Settings
 from mops_core.model import INPUT_PROMPTS
 from mops_core.session import Session
 from mops_core.start_state import StartStateError, has_input_prompts, store_input_prompts
 from mops_core.train import round_seed
+
+log_through(FLOWER_LOGGER)  # start-up costs (compiling, dequantising) and fallbacks, in the run's log
 
 app = ClientApp()
 

@@ -4,7 +4,20 @@ No Flower imports here: the Flower apps in `server/` and `client/` build on this
 The package itself imports nothing heavy, so that checking settings takes a fraction of a second.
 """
 
-__all__ = ["DataConfig", "ModelConfig", "MoPsConfig", "MoPsModel", "MoPsOutput", "Settings", "TrainConfig"]
+import logging
+
+__all__ = ["DataConfig", "ModelConfig", "MoPsConfig", "MoPsModel", "MoPsOutput", "Settings", "TrainConfig", "log_through"]
+
+
+def log_through(logger: logging.Logger) -> None:
+    """Print this package's log lines from INFO up (what start-up costs: dequantising, compressing,
+    compiling; caches; fallbacks) with `logger`'s handlers too. The Flower apps' processes configure
+    no logging of their own, so without it those lines would be lost there."""
+    own = logging.getLogger(__name__)
+    own.setLevel(logging.INFO)
+    for handler in logger.handlers:
+        if handler not in own.handlers:
+            own.addHandler(handler)
 
 
 def __getattr__(name: str):

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch  # noqa: F401  -- before ArrayRecord.to_torch_state_dict()
 from flwr.app import ArrayRecord, Context, MetricRecord
-from flwr.common.logger import log
+from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 
-from mops_core import checkpoint, report
+from mops_core import checkpoint, log_through, report
 from mops_core.config import FederatedConfig, Settings
 from mops_core.loading import base_fingerprint
 from mops_core.session import Session
@@ -28,6 +28,8 @@ from .admission import Admission
 from .history import History, ResumeError, progress_line
 from .privacy import with_privacy
 from .strategy import MoPsFedAvg, wait_for_nodes
+
+log_through(FLOWER_LOGGER)  # start-up costs (compiling, dequantising) and fallbacks, in the run's log
 
 app = ServerApp()
 

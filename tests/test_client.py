@@ -189,3 +189,17 @@ def test_a_node_with_its_own_cache_reports_its_base_and_stores_the_input_prompts
               metadata={"format": "pt"})
     foreign = Context(run_id=1, node_id=8, node_config=other, state=RecordDict(), run_config=context.run_config)
     assert client_app.query(message({"config": config}, MessageType.QUERY), foreign).content["node"]["base-fingerprint"] != base_fingerprint(server.base)
+
+
+@pytest.mark.parametrize("module", ["client.app", "server.app"])
+def test_the_apps_print_what_mops_core_logs_from_info_up(module):
+    """A Flower app's process configures no logging: without routing, mops_core's INFO lines (the compile's
+    time, dequantising, compressing) would vanish there."""
+    import subprocess
+    import sys
+
+    line = "decoder layers compiled (torch.compile, once per process): the first pass took 1.0 s"
+    code = f"import logging, {module}; logging.getLogger('mops_core.compiled').info({line!r})"
+    done = subprocess.run([sys.executable, "-c", code], cwd=PYPROJECT.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert line in done.stdout + done.stderr
