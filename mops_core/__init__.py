@@ -11,8 +11,11 @@ __all__ = ["DataConfig", "ModelConfig", "MoPsConfig", "MoPsModel", "MoPsOutput",
 
 def log_through(logger: logging.Logger) -> None:
     """Print this package's log lines from INFO up (what start-up costs: dequantising, compressing,
-    compiling; caches; fallbacks) with `logger`'s handlers too. The Flower apps' processes configure
-    no logging of their own, so without it those lines would be lost there."""
+    compiling; caches; fallbacks) with `logger`'s handlers too, in a process that configured no
+    logging of its own (the Flower apps' processes): without it those lines would be lost there.
+    Where logging is configured (the root logger has handlers: the CLI, pytest) that choice stands."""
+    if logging.getLogger().handlers:
+        return
     own = logging.getLogger(__name__)
     own.setLevel(logging.INFO)
     for handler in logger.handlers:
