@@ -231,7 +231,7 @@ def run_grid(
 
 def write_outputs(records: Sequence[dict], out_dir: Path, *, meta: dict | None = None, show: bool = False) -> list[tables.Grid]:
     grids = tables.all_tables(records)
-    warnings = tables.mixed_bases(records) + tables.mixed_machines(records)
+    warnings = tables.grid_warnings(records)
     atomic.write_json(out_dir / "results.json", {**(meta or {}), "warnings": warnings, "cells": list(records)})
     tables.write_csv(records, out_dir / "results.csv")
     atomic.write_bytes(out_dir / "tables.md", "\n".join([*(f"**Warning:** {w}\n" for w in warnings), tables.machines_note(records) + "\n",
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 state = "finished" if matches[cell.id] is not None else "to resume" if started else "to run"
                 console.print(f"{cell.id:48s} {cell.study:18s} {state:20s} seed {cell.settings['seed']:<3} {', '.join(cell.variants)}",
                               soft_wrap=True)
-            show_warnings(tables.mixed_bases(finished) + tables.mixed_machines(finished))
+            show_warnings(tables.grid_warnings(finished))
         if args.tables and not finished:
             console.print(f"no finished cell of this grid in {out}; nothing written")
         elif args.tables:

@@ -9,6 +9,7 @@ import csv
 import io
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -457,9 +458,7 @@ def machine_label(record: dict) -> str:
 
 def machines_note(records: Sequence[dict]) -> str:
     """One line for the top of the tables: which machines and dtypes the cells ran on, with counts."""
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[machine_label(r)] = counts.get(machine_label(r), 0) + 1
+    counts = Counter(machine_label(r) for r in records)
     return "Cells ran on: " + "; ".join(f"{label} ({n} cell{'s' if n > 1 else ''})" for label, n in sorted(counts.items()))
 
 
@@ -471,6 +470,11 @@ def mixed_machines(records: Sequence[dict]) -> list[str]:
         return []
     return [f"the cells ran on {len(labels)} different machines or dtypes ({' | '.join(sorted(labels))}): a gain paired "
             "across them measures the machines as well as the methods (each cell's machine is in `results.json`)"]
+
+
+def grid_warnings(records: Sequence[dict]) -> list[str]:
+    """What makes a grid's paired numbers doubtful: cells on different compressed bases, or on different machines."""
+    return mixed_bases(records) + mixed_machines(records)
 
 
 def write_csv(records: Sequence[dict], path: Path) -> Path:
