@@ -319,6 +319,11 @@ def _paired(seeds: dict[int, dict[str, dict]], field: str, relative: bool) -> tu
     return _mean_sd(gains) if gains else (None, None)
 
 
+def _both(seeds: dict[int, dict[str, dict]]) -> dict[int, dict[str, dict]]:
+    """The seeds where FedPrompt and MoPs both finished."""
+    return {seed: m for seed, m in seeds.items() if "fedprompt" in m and "mops" in m}
+
+
 def _agreement(seeds: dict[int, dict[str, dict]], method: str, field: str) -> tuple[float | None, float | None]:
     values = [m[method]["agreement"][field] for m in seeds.values()
               if method in m and (m[method].get("agreement") or {}).get(field) is not None]
@@ -340,12 +345,16 @@ def heterogeneity_table(records: Sequence[dict]) -> Grid | None:
         return None
     rows = []
     for (dataset, compression, steps, alpha), seeds in pairs.items():
-        fed = [m["fedprompt"] for m in seeds.values() if "fedprompt" in m]
-        mops = [m["mops"] for m in seeds.values() if "mops" in m]
-        cos_f, cos_m = _agreement(seeds, "fedprompt", "cosine"), _agreement(seeds, "mops", "cosine")
-        ratio_f, ratio_m = _agreement(seeds, "fedprompt", "norm_ratio"), _agreement(seeds, "mops", "norm_ratio")
+        # Every comparison rests on the seeds where both methods finished: while a grid is under way, a seed with one
+        # method alone would otherwise move that method's mean and agreement and not the other's.
+        both = _both(seeds)
+        fed, mops = ([m[method] for m in both.values()] for method in ("fedprompt", "mops"))
+        cos_f, cos_m = _agreement(both, "fedprompt", "cosine"), _agreement(both, "mops", "cosine")
+        ratio_f, ratio_m = _agreement(both, "fedprompt", "norm_ratio"), _agreement(both, "mops", "norm_ratio")
+        alone = len(seeds) - len(both)
         rows.append([
-            dataset, compression, str(steps), f"{alpha:g}", str(len(seeds)), _with_sd(*_ppl(fed)), _with_sd(*_ppl(mops)),
+            dataset, compression, str(steps), f"{alpha:g}", f"{len(both)}" + (f" (+{alone} unpaired)" if alone else ""),
+            _with_sd(*_ppl(fed)), _with_sd(*_ppl(mops)),
             _pct(*_paired(seeds, "perplexity", True)), _pct(*_paired(seeds, "client_perplexity", True)),
             _pct(*_paired(seeds, "rouge_l", False), unit=""),
             f"{_num(cos_f[0])} / {_num(cos_m[0])}", f"{_num(ratio_f[0])} / {_num(ratio_m[0])}",
@@ -354,7 +363,8 @@ def heterogeneity_table(records: Sequence[dict]) -> Grid | None:
     headers = ["data", "compression", "local steps", "alpha", "seeds", "FedPrompt ppl", "MoPs ppl", "gain %", "clients' ppl gain %",
                "ROUGE-L gain", "updates' cosine F / M", "norm ratio F / M", "minutes per cell F / M"]
     return Grid("Heterogeneity: MoPs' gain over FedPrompt against alpha", headers, rows,
-                "gains paired seed by seed, mean ± sd over seeds (positive = MoPs better): test perplexity and the clients' "
+                "seeds where both methods finished (a seed with one alone is counted as unpaired and left out of every column "
+                "but the minutes); gains paired seed by seed, mean ± sd over seeds (positive = MoPs better): test perplexity and the clients' "
                 "own held-out perplexity in % of FedPrompt's, ROUGE-L in points; the clients' prompt-update agreement "
                 "(mean over rounds; MoPs per expert by gate): pairwise cosine and the averaged update's norm over the mean "
                 "client's, FedPrompt / MoPs; each cell's wall time, mean over seeds")
@@ -379,7 +389,7 @@ def heterogeneity_figures(records: Sequence[dict], folder: Path) -> list[Path]:
         if mean is not None:
             rouge.setdefault(line, []).append((alpha, mean, sd))
         for method in ("fedprompt", "mops"):
-            mean, sd = _agreement(seeds, method, "cosine")
+            mean, sd = _agreement(_both(seeds), method, "cosine")
             if mean is not None:
                 agreement.setdefault(f"{METHOD_NAMES[method]}, {line}", []).append((alpha, mean, sd))
     written = []

@@ -410,12 +410,17 @@ def test_the_heterogeneity_table_pairs_seeds_and_the_figures_draw(tmp_path):
         hetero_record("fedprompt", "sni", 10.0, 20, 0, 10.0, 20.0, 30.0, 0.6, 0.7),
         hetero_record("mops", "sni", 10.0, 20, 0, 10.0, 20.0, 30.0, 0.6, 0.7),
     ]
-    grid = tables.heterogeneity_table(records)
+    # a grid under way: seed 2 has FedPrompt alone, far off the others; it must not move FedPrompt's side of the row
+    under_way = hetero_record("fedprompt", "sni", 0.1, 20, 2, 40.0, 20.0, 30.0, 0.9, 0.9)
+    grid = tables.heterogeneity_table([*records, under_way])
     rows = {(r[0], r[1], r[2], r[3]): r for r in grid.rows}
     low = rows[("sni", "sparsegpt:0.75", "20", "0.1")]
     # seed 0: 10% better, seed 1: 5% better: mean 7.5, sd 3.5; clients' ppl +5% and -5%; ROUGE-L +1 and -1
-    assert low[4] == "2" and low[7] == "+7.5% ± 3.5" and low[8] == "+0.0% ± 7.1" and low[9] == "+0.0 ± 1.4"
-    assert low[10] == "0.200 / 0.600" and low[11] == "0.500 / 0.850" and low[12] == "10 / 15"  # minutes: (9 + 11) / 2, 15
+    assert low[4] == "2 (+1 unpaired)" and low[5] == "11.000 ± 1.414" and low[6] == "10.200 ± 1.697"
+    assert low[7] == "+7.5% ± 3.5" and low[8] == "+0.0% ± 7.1" and low[9] == "+0.0 ± 1.4"
+    assert low[10] == "0.200 / 0.600" and low[11] == "0.500 / 0.850"
+    assert low[12] == "11 / 15"  # wall time counts every finished cell: (9 + 11 + 13) / 3, 15
+    assert tables.heterogeneity_table(records).rows[0][4] == "2"
     assert rows[("sni", "sparsegpt:0.75", "20", "10")][7] == "+0.0%"
     # another compression's cells are another row, not the same seeds overwritten
     other = [hetero_record(m, "sni", 0.1, 20, 0, p, 20.0, 30.0, 0.1, 0.4, compression="sparsegpt:2:4")
