@@ -41,13 +41,13 @@ def results(d, name):
     return json.loads((d.root / name / "results.json").read_text())
 
 
-def wait_for(condition, what, deployment, run, timeout=300.0):
-    """Wait for `condition` while the background `flwr run` lives; a failure shows the run's own log, which the
-    next test's run would overwrite."""
+def wait_for_line(deployment, run, line, timeout=300.0):
+    """Wait for `line` in the background `flwr run`'s log while that run lives; a failure shows the run's own log,
+    which the next test's run would overwrite."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        assert run.poll() is None, f"the run ended before {what}:\n" + deployment.log("run")[-3000:]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n" + deployment.log("run")[-3000:]
+    while line not in deployment.log("run"):
+        assert run.poll() is None, f"the run ended before {line!r}:\n" + deployment.log("run")[-3000:]
+        assert time.monotonic() < deadline, f"timed out waiting for {line!r}:\n" + deployment.log("run")[-3000:]
         time.sleep(0.5)
 
 
@@ -90,7 +90,7 @@ def test_a_supernode_that_restarts_mid_run_rejoins_and_is_sampled_again(deployme
                              # unavailable first, the round waits round-timeout for it.
                              "round-timeout": 60.0})
     try:
-        wait_for(lambda: "round 1: training on 3 nodes" in deployment.log("run"), "round 1 to start", deployment, run)
+        wait_for_line(deployment, run, "round 1: training on 3 nodes")
         time.sleep(2.0)
         deployment.stop("node-2", kill=True)
         deployment.restart_supernode("node-2", 2, len(NODES))  # the same key: the same node
@@ -108,10 +108,7 @@ def test_a_supernode_killed_mid_round_does_not_stop_the_run(deployment):
     out = deployment.root / "run-b"
     run = deployment.submit({**deployment.settings, "out-dir": str(out), "local-steps": 300, "round-timeout": 600.0})
     try:
-        deadline = time.monotonic() + 300
-        while "round 1: training on 3 nodes" not in deployment.log("run"):
-            assert run.poll() is None and time.monotonic() < deadline, deployment.log("run")[-3000:]
-            time.sleep(0.5)
+        wait_for_line(deployment, run, "round 1: training on 3 nodes")
         time.sleep(2.0)
         deployment.processes["node-2"].send_signal(signal.SIGKILL)
         assert run.wait(timeout=600) == 0, deployment.log("run")[-3000:]
@@ -246,7 +243,7 @@ def test_a_superlink_killed_mid_round_and_restarted_on_its_database_resumes_to_t
 
         out = root / "interrupted"
         run = d.submit({**settings, "out-dir": str(out)})
-        wait_for(lambda: "round 2: training on 2 nodes" in d.log("run"), "round 2 to start", d, run)
+        wait_for_line(d, run, "round 2: training on 2 nodes")
         time.sleep(1.0)
         d.stop("superlink", kill=True)  # the server's machine fails mid-round: the SuperLink and its ServerApp
         d.stop("run")
