@@ -311,12 +311,16 @@ def heterogeneity_pairs(records: Sequence[dict]) -> dict[HeteroKey, dict[int, di
 def _paired(seeds: dict[int, dict[str, dict]], field: str, relative: bool) -> tuple[float | None, float | None]:
     """MoPs' gain over FedPrompt in `field`, seed by seed, as mean and sd: (FedPrompt - MoPs) / FedPrompt in %
     for a perplexity (`relative`), MoPs - FedPrompt in points for ROUGE-L."""
-    gains = []
-    for methods in seeds.values():
-        fed, mops = (methods.get(m, {}).get(field) for m in ("fedprompt", "mops"))
-        if fed is not None and mops is not None:
-            gains.append(100 * (fed - mops) / fed if relative else mops - fed)
+    gains = [g for g in (_gain(methods, field, relative) for methods in seeds.values()) if g is not None]
     return _mean_sd(gains) if gains else (None, None)
+
+
+def _gain(methods: dict[str, dict], field: str, relative: bool) -> float | None:
+    """One seed's gain (see `_paired`); None where either method lacks the field."""
+    fed, mops = (methods.get(m, {}).get(field) for m in ("fedprompt", "mops"))
+    if fed is None or mops is None:
+        return None
+    return 100 * (fed - mops) / fed if relative else mops - fed
 
 
 def _both(seeds: dict[int, dict[str, dict]]) -> dict[int, dict[str, dict]]:
@@ -368,6 +372,45 @@ def heterogeneity_table(records: Sequence[dict]) -> Grid | None:
                 "own held-out perplexity in % of FedPrompt's, ROUGE-L in points; the clients' prompt-update agreement "
                 "(mean over rounds; MoPs per expert by gate): pairwise cosine and the averaged update's norm over the mean "
                 "client's, FedPrompt / MoPs; each cell's wall time, mean over seeds")
+
+
+def heterogeneity_trend(records: Sequence[dict]) -> Grid | None:
+    """Does MoPs' gain grow as the split grows more skewed? Seed by seed, the gain at the lowest alpha minus the gain at
+    the highest, and the same for each method's update agreement: the seeds share their start state and test set, so
+    the difference cancels what moves a whole seed up or down, which a comparison of means over seeds does not."""
+    sweeps: dict[tuple[str, str, int], dict[float, dict[int, dict[str, dict]]]] = {}
+    for (dataset, compression, steps, alpha), seeds in heterogeneity_pairs(records).items():
+        sweeps.setdefault((dataset, compression, steps), {})[alpha] = _both(seeds)
+    rows = []
+    for (dataset, compression, steps), by_alpha in sweeps.items():
+        high, low = max(by_alpha), min(by_alpha)
+        seeds = sorted(set(by_alpha[high]) & set(by_alpha[low]))
+        if high == low or not seeds:
+            continue
+
+        def cosine(alpha: float, seed: int, method: str) -> float | None:
+            return (by_alpha[alpha][seed][method].get("agreement") or {}).get("cosine")
+
+        ends = [(_gain(by_alpha[low][s], "perplexity", True), _gain(by_alpha[high][s], "perplexity", True)) for s in seeds]
+        growth = [at_low - at_high for at_low, at_high in ends if at_low is not None and at_high is not None]
+        cos_f, cos_m = ([cosine(low, s, m) - cosine(high, s, m) for s in seeds
+                         if cosine(low, s, m) is not None and cosine(high, s, m) is not None] for m in ("fedprompt", "mops"))
+        rows.append([
+            dataset, compression, str(steps), f"{high:g} → {low:g}", str(len(seeds)),
+            _pct(*_paired({s: by_alpha[high][s] for s in seeds}, "perplexity", True)),
+            _pct(*_paired({s: by_alpha[low][s] for s in seeds}, "perplexity", True)),
+            _pct(*_mean_sd(growth), unit=" pts"), f"{sum(g > 0 for g in growth)} of {len(growth)}",
+            " / ".join("-" if not c else f"{_mean_sd(c)[0]:+.3f}" for c in (cos_f, cos_m)),
+        ])
+    if not rows:
+        return None
+    headers = ["data", "compression", "local steps", "alpha", "seeds", "gain % at the highest alpha", "gain % at the lowest",
+               "growth", "seeds where it grows", "cosine change F / M"]
+    return Grid("Heterogeneity: does MoPs' gain grow with skew?", headers, rows,
+                "seeds where both methods finished at both ends of the alpha sweep; growth = gain at the lowest alpha minus "
+                "gain at the highest, seed by seed (percentage points; mean ± sd over seeds; positive = MoPs gains more where "
+                "clients differ more); the change of each method's mean update cosine from the highest alpha to the lowest, "
+                "mean over seeds (negative = the clients' updates agree less as their data grows apart)")
 
 
 def heterogeneity_figures(records: Sequence[dict], folder: Path) -> list[Path]:
@@ -428,6 +471,7 @@ def all_tables(records: Sequence[dict]) -> list[Grid]:
         lead_table(records, "centralized", "prompt", "During training, centralized: MoPs' lead over prompt tuning"),
         lead_table(records, "federated", "fedprompt", "During training, federated: MoPs' lead over FedPrompt", parts=8),
         heterogeneity_table(records),
+        heterogeneity_trend(records),
     ]
     return [g for g in grids if g is not None]
 

@@ -432,3 +432,24 @@ def test_the_heterogeneity_table_pairs_seeds_and_the_figures_draw(tmp_path):
     assert [p.name for p in written] == ["heterogeneity-gain.png", "heterogeneity-rouge.png", "heterogeneity-agreement.png"]
     assert all(p.stat().st_size > 0 for p in written)
     assert tables.heterogeneity_table([r for r in records if r["settings"]["alpha"] == 0.1]) is None  # one alpha: no sweep
+
+
+def test_the_heterogeneity_trend_differences_each_seed_between_the_ends_of_the_sweep():
+    def pair(alpha, seed, fed, mops, cos_f, cos_m):
+        return [hetero_record("fedprompt", "sni", alpha, 20, seed, fed, 20.0, 30.0, cos_f, 0.5),
+                hetero_record("mops", "sni", alpha, 20, seed, mops, 20.0, 30.0, cos_m, 0.5)]
+    records = [
+        *pair(10.0, 0, 10.0, 10.0, 0.6, 0.5), *pair(0.1, 0, 10.0, 9.0, 0.2, 0.6),   # gain 0% -> 10%: grows 10 points
+        *pair(10.0, 1, 10.0, 9.0, 0.5, 0.5), *pair(0.1, 1, 10.0, 9.5, 0.3, 0.8),    # gain 10% -> 5%: shrinks 5 points
+        *pair(0.5, 0, 10.0, 1.0, 0.0, 0.0),                                         # a middle alpha: not an end
+        *pair(0.1, 2, 10.0, 1.0, 0.0, 0.0),                                         # seed 2 lacks alpha 10: left out
+    ]
+    [row] = tables.heterogeneity_trend(records).rows
+    assert row[:5] == ["sni", "sparsegpt:0.75", "20", "10 → 0.1", "2"]
+    assert row[5] == "+5.0% ± 7.1" and row[6] == "+7.5% ± 3.5"
+    assert row[7] == "+2.5 pts ± 10.6" and row[8] == "1 of 2"
+    assert row[9] == "-0.300 / +0.200"  # FedPrompt: -0.4 and -0.2; MoPs: +0.1 and +0.3
+    # a seed with one method alone at an end is not a pair there
+    assert tables.heterogeneity_trend([r for r in records if not (r["settings"]["seed"] == 1 and r["method"] == "mops"
+                                                                  and r["settings"]["alpha"] == 10.0)]).rows[0][4] == "1"
+    assert tables.heterogeneity_trend(pair(0.1, 0, 10.0, 9.0, 0.2, 0.6)) is None  # one alpha: no sweep
