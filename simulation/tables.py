@@ -388,19 +388,21 @@ def heterogeneity_trend(records: Sequence[dict]) -> Grid | None:
         if high == low or not seeds:
             continue
 
-        def cosine(alpha: float, seed: int, method: str) -> float | None:
-            return (by_alpha[alpha][seed][method].get("agreement") or {}).get("cosine")
+        def change(value: Callable[[dict[str, dict]], float | None]) -> list[float]:
+            """`value` of each seed at the lowest alpha minus at the highest, over the seeds that have it at both."""
+            ends = [(value(by_alpha[low][s]), value(by_alpha[high][s])) for s in seeds]
+            return [at_low - at_high for at_low, at_high in ends if at_low is not None and at_high is not None]
 
-        ends = [(_gain(by_alpha[low][s], "perplexity", True), _gain(by_alpha[high][s], "perplexity", True)) for s in seeds]
-        growth = [at_low - at_high for at_low, at_high in ends if at_low is not None and at_high is not None]
-        cos_f, cos_m = ([cosine(low, s, m) - cosine(high, s, m) for s in seeds
-                         if cosine(low, s, m) is not None and cosine(high, s, m) is not None] for m in ("fedprompt", "mops"))
+        def cosine(method: str) -> Callable[[dict[str, dict]], float | None]:
+            return lambda methods: (methods[method].get("agreement") or {}).get("cosine")
+
+        growth = change(lambda methods: _gain(methods, "perplexity", True))
         rows.append([
             dataset, compression, str(steps), f"{high:g} → {low:g}", str(len(seeds)),
             _pct(*_paired({s: by_alpha[high][s] for s in seeds}, "perplexity", True)),
             _pct(*_paired({s: by_alpha[low][s] for s in seeds}, "perplexity", True)),
             _pct(*_mean_sd(growth), unit=" pts"), f"{sum(g > 0 for g in growth)} of {len(growth)}",
-            " / ".join("-" if not c else f"{_mean_sd(c)[0]:+.3f}" for c in (cos_f, cos_m)),
+            " / ".join("-" if not c else f"{_mean_sd(c)[0]:+.3f}" for c in (change(cosine("fedprompt")), change(cosine("mops")))),
         ])
     if not rows:
         return None
