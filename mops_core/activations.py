@@ -12,9 +12,10 @@ them (in its batch); later steps, epochs, evaluations and federated rounds reuse
   `<model cache>/activations/<identity>/`, bounded by `activation-cache-disk-mb`, so that a
   client's fresh process in a deployment, or a later run, starts warm.
 
-The identity hashes the base's fingerprint, the input prompts, `inject_layer`, the dtype and
-the tokenizer; each file records its identity and sample key. An entry written for anything
-else is never used, and a truncated or corrupted file is recomputed with a warning.
+The identity hashes the base's fingerprint, the input prompts, `inject_layer`, the dtype, the
+tokenizer and the code of the forward (`loading.code_identity`); each file records its identity
+and sample key. An entry written for anything else is never used, and a truncated or corrupted
+file is recomputed with a warning.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .loading import base_fingerprint
+from .loading import FORWARD_CODE, base_fingerprint, code_identity
 from .model import MoPsModel
 
 log = logging.getLogger(__name__)
+
+_CODE = (*FORWARD_CODE, "mops_core.activations")
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -58,7 +61,10 @@ class ActivationCache:
     def identity(self, model: MoPsModel) -> str:
         """Everything the stored states depend on besides the sample; recomputed each batch (P1 may change)."""
         prompts = model.input_prompts.detach().float().cpu().contiguous().numpy().tobytes()
-        parts = [self.base_id, hashlib.sha256(prompts).hexdigest(), str(model.inject_layer), str(model.dtype), self.tokenizer_id, str(model.sink_token_id)]
+        parts = [
+            self.base_id, hashlib.sha256(prompts).hexdigest(), str(model.inject_layer), str(model.dtype), self.tokenizer_id,
+            str(model.sink_token_id), code_identity(*_CODE),
+        ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
     @staticmethod

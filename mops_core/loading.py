@@ -9,6 +9,7 @@ actor and every deployed ClientApp process benefits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import atomic
@@ -43,6 +45,32 @@ class ModelSource:
 def cache_root(cfg: ModelConfig) -> Path:
     root = cfg.model_cache_dir or os.environ.get("MOPS_CACHE_DIR") or Path.home() / ".cache" / "mops-fl"
     return Path(root)
+
+
+# The modules of the MoPs forward: everything computed through the model depends on them.
+FORWARD_CODE = ("mops_core.model", "mops_core.attention", "mops_core.compiled")
+
+
+@functools.cache
+def code_identity(*modules: str) -> str:
+    """A hash of the code that computes a cached result: the source of `modules` (every file of a
+    package) and the torch and transformers versions.
+
+    A result cached under its settings alone would be handed, after an upgrade or an edit that
+    changes kernels or rounding, to a run that could not reproduce it from an empty cache; with
+    this in its key, other code computes its own. Taken once per process, when first asked.
+    """
+    digest = hashlib.sha256(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError(f"no module {name!r} to identify")
+        origin = Path(spec.origin)
+        files = sorted(origin.parent.rglob("*.py")) if spec.submodule_search_locations else [origin]
+        for file in files:
+            digest.update(f"{name}:{file.relative_to(origin.parent).as_posix()}".encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def embedded_gguf() -> tuple[Path, str]:

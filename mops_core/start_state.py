@@ -3,7 +3,8 @@
 The paper treats the pretrained input prompts P1 like the compressed base: part of the frozen
 model every client holds, never part of what is averaged. The server prepares the start
 state once (or loads it from the cache) and stores it as an adapter checkpoint under a key
-derived from everything that determines it. What a client lacks of it is P1 alone (the experts
+derived from everything that determines it, the code that computes it included (its bfloat16
+pretraining carries a change of kernel or rounding on into the perplexities it starts from). What a client lacks of it is P1 alone (the experts
 and the gate arrive with every round), so P1 is also kept content-addressed, under its hash:
 the server publishes it in its own cache (a simulated client, or a node sharing the machine,
 finds it there) and sends it once to a node that reports lacking it; the node checks the hash
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from . import checkpoint
 from .atomic import directory, file_lock
 from .config import Settings
-from .loading import base_fingerprint, cache_root
+from .loading import FORWARD_CODE, base_fingerprint, cache_root, code_identity
 from .model import INPUT_PROMPTS, MoPsModel
 from .session import Session
 from .train import pretrain_gate, pretrain_input_prompts
@@ -35,6 +36,8 @@ _TRAIN_KEYS = (
     "seed", "batch_size", "input_prompt_init", "input_prompt_text", "input_prompt_steps", "input_prompt_lr",
     "gate_pretrain_steps", "gate_pretrain_samples", "gate_pretrain_lr", "eval_batch_size",
 )
+# The code that computes it: the forward, the data it trains on, the trainers (the gate's through the activation cache).
+_CODE = (*FORWARD_CODE, "mops_core.activations", "mops_core.data", "mops_core.session", "mops_core.start_state", "mops_core.train")
 
 
 @dataclasses.dataclass
@@ -68,6 +71,7 @@ def start_state_key(settings: Settings, fingerprint: str) -> str:
         "mops": dataclasses.asdict(settings.mops),
         "data": dataclasses.asdict(settings.data),
         "train": {k: getattr(settings.train, k) for k in _TRAIN_KEYS},
+        "code": code_identity(*_CODE),
     }
     return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:24]
 

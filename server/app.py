@@ -25,7 +25,7 @@ from mops_core.session import Session
 from mops_core.start_state import prepare_or_load, store_input_prompts, tensor_sha
 
 from .admission import Admission
-from .history import History, ResumeError, progress_line
+from .history import History, progress_line
 from .privacy import with_privacy
 from .strategy import MoPsFedAvg, wait_for_nodes
 
@@ -83,15 +83,16 @@ def run(grid: Grid, settings: Settings) -> History:
 
     session = Session.open(settings)
     model = session.model
-    key, start_report = prepare_or_load(session)
-    sha = tensor_sha(model.input_prompts)
-    if start_report is not None:
-        history.info["start_state"] = {"key": key, "gate_train_accuracy": start_report.gate_train_accuracy}
     if done > 0:
+        # The checkpoint holds the whole adapter, P1 included: the run goes on from it, not from the
+        # start-state cache, whose entry other code (an upgrade) would compute anew and differently.
         checkpoint.load_into(checkpoint.read(out / "checkpoint"), model)
-        if tensor_sha(model.input_prompts) != sha:
-            raise ResumeError(f"the checkpoint in {out} was trained with other input prompts than start state {key}")
         log(INFO, "resuming %s after round %d", out, done)
+    else:
+        key, start_report = prepare_or_load(session)
+        if start_report is not None:
+            history.info["start_state"] = {"key": key, "gate_train_accuracy": start_report.gate_train_accuracy}
+    sha = tensor_sha(model.input_prompts)
 
     tasks = session.tasks
     fingerprint = base_fingerprint(model.base)

@@ -51,3 +51,52 @@ def test_machine_names_the_cpu_its_bf16_units_and_the_dtype_a_run_resolves_to(mo
     monkeypatch.setattr(loading, "_cpuinfo", lambda: "model name\t: Old CPU\nflags\t\t: fpu avx2\n")
     described = loading.machine(ModelConfig(device="cpu", dtype="auto"))
     assert described["bf16_units"] is None and described["dtype"] == "float32"  # bfloat16 would be emulated: float32
+
+
+def test_code_identity_follows_the_source_and_every_cached_result_is_keyed_by_its_code(tmp_path, monkeypatch, pretrained_base, tokenizer):
+    import copy
+
+    from helpers import tiny_settings
+
+    from mops_core import activations, start_state
+    from mops_core.compression import pipeline
+    from mops_core.loading import code_identity
+    from mops_core.session import build_model
+
+    package = tmp_path / "numerics_pkg"
+    (package / "kernels").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "kernels" / "softmax.py").write_text("SCALE = 1.0\n")
+    (tmp_path / "single.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def fresh(*modules):
+        code_identity.cache_clear()
+        return code_identity(*modules)
+
+    first = fresh("numerics_pkg", "single")
+    assert fresh("single", "numerics_pkg") == first and len(first) == 16
+    (package / "kernels" / "softmax.py").write_text("SCALE = 2.0\n")  # a package's every file counts, nested ones too
+    second = fresh("numerics_pkg", "single")
+    (tmp_path / "single.py").write_text("X = 2\n")
+    assert len({first, second, fresh("numerics_pkg", "single")}) == 3
+    with pytest.raises(ModuleNotFoundError, match="no_such_module"):
+        fresh("no_such_module")
+
+    # Each cache takes its key from its own modules: pointed at numerics_pkg, an edit there moves every key.
+    settings = tiny_settings()
+    model = build_model(settings, copy.deepcopy(pretrained_base), tokenizer)
+    cache = activations.ActivationCache(model, "tok", directory=None, memory_mb=1, disk_mb=0)
+    for module in (start_state, pipeline, activations):
+        monkeypatch.setattr(module, "_CODE", ("numerics_pkg",))
+
+    def keys():
+        code_identity.cache_clear()
+        return start_state.start_state_key(settings, "base"), pipeline.cache_dir(settings, "0" * 32)[0], cache.identity(model)
+
+    before = keys()
+    assert keys() == before
+    (package / "kernels" / "softmax.py").write_text("SCALE = 3.0\n")
+    after = keys()
+    assert all(a != b for a, b in zip(before, after)), "a result computed by other code must not be reused"
+    code_identity.cache_clear()

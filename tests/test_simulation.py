@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from simulation.launch import PROJECT, launch, run_config
 
@@ -107,7 +107,18 @@ def test_resume_after_a_round_reaches_the_uninterrupted_state(fed, mops_run):
     # As if killed after results.json but before the checkpoint of round 2 were written:
     ahead = {**first, "rounds": first["rounds"] + [{**first["rounds"][-1], "round": 2, "perplexity": -1.0}]}
     (out / "results.json").write_text(json.dumps(ahead))
-    resumed = run(fed, out, **{"num-server-rounds": 3, "resume": True})
+    # The start state cached now differs from the one the run began with, as after an upgrade that
+    # computes it anew: the run goes on from its own checkpoint regardless.
+    cached = sorted((fed["root"] / "cache" / "start-states").glob("*/adapter_model.safetensors"))
+    assert cached
+    originals = {path: path.read_bytes() for path in cached}
+    for path in cached:
+        save_file({k: v + 0.5 if k == "input_prompts" else v for k, v in load_file(str(path)).items()}, str(path))
+    try:
+        resumed = run(fed, out, **{"num-server-rounds": 3, "resume": True})
+    finally:
+        for path, data in originals.items():
+            path.write_bytes(data)
     assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
     assert resumed["rounds"][2]["perplexity"] > 0, "round 2 must be retrained from the round-1 checkpoint"
     walls = [r["wall_seconds"] for r in resumed["rounds"]]

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .. import atomic
 from ..config import CALIBRATION_DATA, ModelConfig, Settings
 from ..data import Formatter, load_records, sample_and_split
-from ..loading import base_fingerprint, cache_root, load_base, quiet_progress
+from ..loading import base_fingerprint, cache_root, code_identity, load_base, quiet_progress
 from ..settings import SettingsError
 from .int8 import quantize_int8
 from .layerwise import MatrixStats, block_linears, prune_model
@@ -42,6 +42,7 @@ META_FILE = "compression.json"
 WEIGHTS_FILE = "weights.safetensors"
 FORMAT = "mops-fl-compressed-base"
 EXPORT_FILE = "mops_compression.json"  # in an exported base's directory: how it was made
+_CODE = ("mops_core.compression", "mops_core.data")  # the pruners and the calibration text
 
 
 class CompressionCacheError(RuntimeError):
@@ -94,6 +95,7 @@ def cache_dir(settings: Settings, source_fingerprint: str) -> tuple[Path, dict]:
         "source": source_fingerprint,
         "compression": dataclasses.asdict(settings.compression),
         "calibration_data": {k: getattr(settings.data, k) for k in CALIBRATION_DATA},
+        "code": code_identity(*_CODE),
     }
     key = hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:24]
     method = settings.compression.compression.replace(":", "-")
