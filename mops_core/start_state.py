@@ -4,11 +4,12 @@ The paper treats the pretrained input prompts P1 like the compressed base: part 
 model every client holds, never part of what is averaged. The server prepares the start
 state once (or loads it from the cache) and stores it as an adapter checkpoint under a key
 derived from everything that determines it, the code that computes it included (its bfloat16
-pretraining carries a change of kernel or rounding on into the perplexities it starts from). What a client lacks of it is P1 alone (the experts
-and the gate arrive with every round), so P1 is also kept content-addressed, under its hash:
-the server publishes it in its own cache (a simulated client, or a node sharing the machine,
-finds it there) and sends it once to a node that reports lacking it; the node checks the hash
-before it stores anything. No client ever trains against input prompts other than the server's.
+pretraining carries a change of kernel or rounding on into the perplexities a run starts from).
+What a client lacks of it is P1 alone (the experts and the gate arrive with every round), so P1
+is also kept content-addressed, under its hash: the server publishes it in its own cache (a
+simulated client, or a node sharing the machine, finds it there) and sends it once to a node that
+reports lacking it; the node checks the hash before it stores anything. No client ever trains
+against input prompts other than the server's.
 """
 
 from __future__ import annotations
