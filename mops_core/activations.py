@@ -62,7 +62,7 @@ class ActivationCache:
         """Everything the stored states depend on besides the sample; recomputed each batch (P1 may change)."""
         prompts = model.input_prompts.detach().float().cpu().contiguous().numpy().tobytes()
         parts = [
-            self.base_id, hashlib.sha256(prompts).hexdigest(), str(model.inject_layer), str(model.dtype), self.tokenizer_id,
+            self.base_id, hashlib.sha256(prompts).hexdigest(), str(model.inject_layer), str(model.dtype), model.device.type, self.tokenizer_id,
             str(model.sink_token_id), code_identity(*_CODE),
         ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]

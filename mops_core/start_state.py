@@ -64,11 +64,14 @@ def tensor_sha(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:32]
 
 
-def start_state_key(settings: Settings, fingerprint: str) -> str:
+def start_state_key(settings: Settings, model: MoPsModel) -> str:
     determining = {
-        "base": fingerprint,
+        "base": base_fingerprint(model.base),
         "model": settings.model.model,
-        "dtype": settings.model.dtype,
+        # What `dtype = "auto"` became here, and where: a cache shared by machines with and
+        # without bfloat16 units (or a GPU) must not hand one's start state to the other.
+        "dtype": str(model.dtype),
+        "device": model.device.type,
         "mops": dataclasses.asdict(settings.mops),
         "data": dataclasses.asdict(settings.data),
         "train": {k: getattr(settings.train, k) for k in _TRAIN_KEYS},
@@ -87,7 +90,7 @@ def prepare_or_load(session: Session, *, progress: bool = True) -> tuple[str, St
     Returns the cache key and, when computed now, what pretraining reported.
     """
     settings, model = session.settings, session.model
-    key = start_state_key(settings, base_fingerprint(model.base))
+    key = start_state_key(settings, model)
     path = start_state_dir(settings, key)
     with file_lock(path.with_name(path.name + ".lock")):
         if (path / checkpoint.CONFIG_FILE).exists():

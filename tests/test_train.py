@@ -108,8 +108,11 @@ def test_text_init_starts_p1_as_the_texts_token_embeddings_repeated_and_keys_its
     torch.testing.assert_close(model.input_prompts, embeddings[torch.tensor(expected)].float())
     sampled = build_model(vocab, copy.deepcopy(pretrained_base), tokenizer).input_prompts
     assert not torch.equal(sampled, model.input_prompts)
-    keys = {start_state_key(s, "base") for s in (vocab, texted, texted.replace(input_prompt_text="Be brief."))}
+    keys = {start_state_key(s, model) for s in (vocab, texted, texted.replace(input_prompt_text="Be brief."))}
     assert len(keys) == 3, "a start state made from another P1 init must not be reused"
+    # The same settings (dtype "auto") on a machine whose base runs in bfloat16: another start state.
+    model.base.to(torch.bfloat16)
+    assert start_state_key(texted, model) not in keys
 
 
 def test_divergence_stops_with_the_step_named(tokenizer, pretrained_base):
