@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import time
 import tomllib
@@ -73,13 +74,29 @@ def federated_runner(supernodes: int, client_cpus: int, client_gpus: float, flwr
     return run_federated
 
 
-def record(cell: Cell, results: dict, folder: Path, wall_seconds: float) -> dict:
+# The project's code: what a commit of the project says about a cell's numbers.
+CODE_PATHS = ("mops_core", "server", "client", "simulation", "pyproject.toml")
+
+
+def source_commit(root: Path = PROJECT) -> str | None:
+    """The project's commit as a cell starts, with `+changes` where its code differs from that commit;
+    None outside a git checkout. A grid runs for hours, and its cells may span commits."""
+    git = ["git", "-C", str(root)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", *CODE_PATHS], capture_output=True).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if changed else "")
+
+
+def record(cell: Cell, results: dict, folder: Path, wall_seconds: float, commit: str | None = None) -> dict:
     """One row of results.json: the cell, its settings, and the numbers the tables and figures use."""
     saved = checkpoint_config(folder)
     common = {
         "id": cell.id, "kind": cell.kind, "method": cell.method, "study": cell.study, "variants": list(cell.variants),
         "dataset": cell.dataset, "compression": cell.compression, "settings": cell.settings,
-        "dir": str(folder), "wall_seconds": wall_seconds,
+        "dir": str(folder), "wall_seconds": wall_seconds, "commit": commit,
         # inject-layer -1 is a share of the depth: the layer the run used is in its checkpoint.
         "inject_layer": int(saved["inject_layer"]) if "inject_layer" in saved else None,
         "base_fingerprint": results.get("base_fingerprint") or results.get("info", {}).get("base_fingerprint"),
@@ -197,7 +214,7 @@ def run_grid(
     out_dir = Path(out_dir)
     records: list[dict] = []
     failures: list[tuple[Cell, str]] = []
-    started = time.perf_counter()
+    started, imported = time.perf_counter(), source_commit()
     finished = finished_cells(out_dir)
     for number, cell in enumerate(grid, 1):
         folder = out_dir / "cells" / cell.id
@@ -212,7 +229,8 @@ def run_grid(
             + (f" ({cell.study})" if cell.study != "main" else "") + (f" [{named}]" if named else "")
         )
         runner = centralized_runner if cell.kind == "centralized" else federated_runner
-        cell_started = time.perf_counter()
+        # A centralized cell runs the code this process imported; a federated one, the tree as it starts.
+        cell_started, commit = time.perf_counter(), imported if cell.kind == "centralized" else source_commit()
         try:
             if runner is None:
                 raise CellFailed("no federated runner given")
@@ -222,7 +240,7 @@ def run_grid(
             console.print(f"[red]cell {cell.id} failed: {exc}[/red]")
             failures.append((cell, str(exc)))
             continue
-        row = record(cell, results, folder, time.perf_counter() - cell_started + earlier)
+        row = record(cell, results, folder, time.perf_counter() - cell_started + earlier, commit)
         atomic.write_json(folder / CELL_FILE, row)
         records.append(row)
         write_outputs(records, out_dir, meta={**(meta or {}), "wall_seconds_this_run": time.perf_counter() - started})
@@ -235,6 +253,7 @@ def write_outputs(records: Sequence[dict], out_dir: Path, *, meta: dict | None =
     atomic.write_json(out_dir / "results.json", {**(meta or {}), "warnings": warnings, "cells": list(records)})
     tables.write_csv(records, out_dir / "results.csv")
     atomic.write_bytes(out_dir / "tables.md", "\n".join([*(f"**Warning:** {w}\n" for w in warnings), tables.machines_note(records) + "\n",
+                                                        tables.commits_note(records) + "\n",
                                                         *(g.markdown() for g in grids)]).encode())
     tables.write_figures(records, out_dir / "figures")
     if show:

@@ -24,7 +24,7 @@ CSV_COLUMNS = (
     "id", "kind", "method", "study", "dataset", "compression", "model", "seed", "inject-layer", "experts",
     "prompts-per-expert", "lr", "steps", "num-server-rounds", "local-steps", "alpha", "perplexity_start", "perplexity",
     "client_perplexity", "rouge_l", "exact_match",
-    "trainable_parameters", "bytes_communicated", "gate_entropy", "routing_accuracy", "wall_seconds", "machine", "base_fingerprint", "dir",
+    "trainable_parameters", "bytes_communicated", "gate_entropy", "routing_accuracy", "wall_seconds", "machine", "commit", "base_fingerprint", "dir",
 )
 METHOD_NAMES = {"prompt": "prompt tuning", "mops": "MoPs", "lora": "LoRA", "ia3": "IA3", "fedprompt": "FedPrompt"}
 
@@ -516,6 +516,12 @@ def machines_note(records: Sequence[dict]) -> str:
     """One line for the top of the tables: which machines and dtypes the cells ran on, with counts."""
     counts = Counter(machine_label(r) for r in records)
     return "Cells ran on: " + "; ".join(f"{label} ({n} cell{'s' if n > 1 else ''})" for label, n in sorted(counts.items()))
+
+
+def commits_note(records: Sequence[dict]) -> str:
+    """One line for the top of the tables: the commits the cells ran at, with counts."""
+    counts = Counter(r.get("commit") or "not recorded" for r in records)
+    return "Commits: " + "; ".join(f"{commit} ({n} cell{'s' if n > 1 else ''})" for commit, n in sorted(counts.items()))
 
 
 def mixed_machines(records: Sequence[dict]) -> list[str]:

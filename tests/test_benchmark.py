@@ -3,6 +3,7 @@
 import copy
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from mops_core.data import TASKS, Formatter, collate
 from mops_core.loading import machine
 from mops_core.peft_baselines import PeftBaseline
 from simulation import tables
-from simulation.benchmark import CELL_FILE, federated_runner, main, parse_sets, run_grid, write_outputs
+from simulation.benchmark import CELL_FILE, federated_runner, main, parse_sets, run_grid, source_commit, write_outputs
 from simulation.profiles import PROFILES, QUICK, Cell, Profile, cells, same_settings
 
 TINY = {
@@ -125,6 +126,8 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
     assert "Warning" not in (out / "tables.md").read_text()
     assert all(r["machine"] == machine(Settings.from_flat(r["settings"]).model) for r in results)
     assert f"Cells ran on: {tables.machine_label(results[0])} (3 cells)" in (out / "tables.md").read_text()
+    assert {r["commit"] for r in results} == {source_commit()}  # centralized cells: the commit the process started at
+    assert f"Commits: {source_commit() or 'not recorded'} (3 cells)" in (out / "tables.md").read_text()
 
     # Table 2 in tables.md holds the results file's numbers, gain and gain in %.
     markdown = (out / "tables.md").read_text()
@@ -148,7 +151,7 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
         assert numbers[2] == pytest.approx(100 * (b - m) / b, abs=0.05), row  # printed as +x.y%
         assert numbers[3:] == pytest.approx([mops_run["task_gate_entropy"][task], own, mops_run["task_routing"][task]], abs=0.006)
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 4 and csv_lines[0].startswith("id,kind,method") and ",machine," in csv_lines[0]
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("id,kind,method") and ",machine,commit," in csv_lines[0]
     assert all(tables.machine_label(results[0]) in line for line in csv_lines[1:])
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert "curve-centralized-dolly-none.png" in figures and "fig2-inject-layer.png" in figures
@@ -181,6 +184,24 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
 
     _, failed = run_grid(changed, out, centralized_runner=note, progress=False)
     assert len(ran) == 3 and len(failed) == 3 and not set(ran) & {r["id"] for r in records}
+
+
+def test_a_cell_records_the_commit_it_ran_at_and_whether_the_code_differed(tmp_path):
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    assert source_commit(tmp_path) is None  # not a checkout
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "mops_core").mkdir()
+    (tmp_path / "mops_core" / "model.py").write_text("A = 1\n")
+    (tmp_path / "notes.md").write_text("draft\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert source_commit(tmp_path) == head
+    (tmp_path / "notes.md").write_text("edited\n")  # not code: the numbers are still the commit's
+    assert source_commit(tmp_path) == head
+    (tmp_path / "mops_core" / "model.py").write_text("A = 2\n")
+    assert source_commit(tmp_path) == head + "+changes"
+    assert tables.commits_note([{"commit": head}, {"commit": head}, {}]) == f"Commits: {head} (2 cells); not recorded (1 cell)"
 
 
 def test_tables_name_the_machines_and_warn_when_cells_ran_on_several():
