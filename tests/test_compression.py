@@ -165,7 +165,10 @@ def test_pruned_weights_stay_zero_through_training_and_the_cache(compression, pr
 
 def test_a_corrupt_or_mismatched_cache_is_refused_by_name(pretrained_base, tokenizer, toy_data_dir, tmp_path):
     settings, base, _ = compressed(pretrained_base, tokenizer, toy_data_dir, tmp_path)
-    path, _ = cache_dir(settings, __import__("mops_core.loading", fromlist=["x"]).base_fingerprint(pretrained_base))
+    from mops_core.compression.pipeline import calibration_ids
+
+    calibration = calibration_ids(settings, tokenizer, tokenizer.bos_token_id)
+    path, _ = cache_dir(settings, __import__("mops_core.loading", fromlist=["x"]).base_fingerprint(pretrained_base), calibration)
     weights = path / "weights.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[:1000])
@@ -196,13 +199,17 @@ def test_every_setting_that_decides_the_base_chooses_its_own_cached_base(tokeniz
         "compression": "wanda:0.5", "calibration-samples": 4, "calibration-length": 16, "sparsegpt-blocksize": 64,
         "sparsegpt-damp": 0.1, "prune-dtype": "float32", "samples": 100, "data-seed": 1, "model": "other",
     }
-    paths = {"default": cache_dir(Settings.from_flat(common), "0" * 32)[0]}
+    paths = {"default": cache_dir(Settings.from_flat(common), "0" * 32, None)[0]}
     for key, value in changes.items():
-        paths[key] = cache_dir(Settings.from_flat({**common, key: value}), "0" * 32)[0]
+        paths[key] = cache_dir(Settings.from_flat({**common, key: value}), "0" * 32, None)[0]
     others = [path for key, path in paths.items() if key != "model"]
     assert len(set(others)) == len(others), paths
     # `model` acts through the fingerprint of the base it loads, which the key holds.
-    assert paths["model"] == paths["default"] != cache_dir(Settings.from_flat(common), "1" * 32)[0]
+    assert paths["model"] == paths["default"] != cache_dir(Settings.from_flat(common), "1" * 32, None)[0]
+    # The calibration text, as the pruner sees it: other token ids (another reading of the same
+    # settings' data) are another base.
+    texts = [cache_dir(Settings.from_flat(common), "0" * 32, torch.full((2, 8), i))[0] for i in (1, 2)]
+    assert len({*texts, paths["default"]}) == 3
     # The calibration settings shape what SparseGPT and Wanda see: calibration-samples x calibration-length tokens.
     ids = calibration_ids(Settings.from_flat({**common, "calibration-samples": 4, "calibration-length": 16}), tokenizer, 1)
     assert tuple(ids.shape) == (4, 16) and (ids[:, 0] == 1).all()

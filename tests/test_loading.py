@@ -92,7 +92,7 @@ def test_code_identity_follows_the_source_and_every_cached_result_is_keyed_by_it
 
     def keys():
         code_identity.cache_clear()
-        return start_state.start_state_key(settings, model), pipeline.cache_dir(settings, "0" * 32)[0], cache.identity(model)
+        return start_state.start_state_key(settings, model), pipeline.cache_dir(settings, "0" * 32, None)[0], cache.identity(model)
 
     before = keys()
     assert keys() == before

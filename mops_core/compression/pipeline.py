@@ -42,7 +42,7 @@ META_FILE = "compression.json"
 WEIGHTS_FILE = "weights.safetensors"
 FORMAT = "mops-fl-compressed-base"
 EXPORT_FILE = "mops_compression.json"  # in an exported base's directory: how it was made
-_CODE = ("mops_core.compression", "mops_core.data")  # the pruners and the calibration text
+_CODE = ("mops_core.compression",)  # the pruners; the calibration text enters by its token ids
 
 
 class CompressionCacheError(RuntimeError):
@@ -90,11 +90,13 @@ def calibration_ids(settings: Settings, tokenizer: PreTrainedTokenizerBase, sink
     return torch.tensor(rows, dtype=torch.long)
 
 
-def cache_dir(settings: Settings, source_fingerprint: str) -> tuple[Path, dict]:
+def cache_dir(settings: Settings, source_fingerprint: str, calibration: torch.Tensor | None) -> tuple[Path, dict]:
+    ids = None if calibration is None else hashlib.sha256(calibration.cpu().numpy().tobytes()).hexdigest()[:24]
     determining = {
         "source": source_fingerprint,
         "compression": dataclasses.asdict(settings.compression),
         "calibration_data": {k: getattr(settings.data, k) for k in CALIBRATION_DATA},
+        "calibration_ids": ids,  # what the pruner sees, exactly, whatever code read and tokenised it
         "code": code_identity(*_CODE),
     }
     key = hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:24]
@@ -152,15 +154,14 @@ def compress_base(
     if spec.method == "int8":  # quick and deterministic: no cache needed
         backend = quantize_int8(model)
         return CompressionReport(cfg.compression, time.perf_counter() - started, False, backend)
-    source = base_fingerprint(model)
-    path, determining = cache_dir(settings, source)
+    sink = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    calibration = calibration_ids(settings, tokenizer, sink) if spec.calibrated else None
+    path, determining = cache_dir(settings, base_fingerprint(model), calibration)
     with atomic.file_lock(path.with_name(path.name + ".lock")):
         if (path / META_FILE).exists():
             meta = _load(model, path, determining)
             stats = [MatrixStats(**s) for s in meta["stats"]]
             return CompressionReport(cfg.compression, meta["seconds"], True, "cache", stats)
-        sink = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        calibration = calibration_ids(settings, tokenizer, sink) if spec.calibrated else None
         stats = prune_model(
             model, calibration, spec, blocksize=cfg.sparsegpt_blocksize, damp=cfg.sparsegpt_damp,
             dtype=getattr(torch, cfg.prune_dtype), progress=progress,
