@@ -512,16 +512,19 @@ def machine_label(record: dict) -> str:
     return f"{where}; {m.get('dtype')}; torch {m.get('torch')}"
 
 
+def _counted(labels: Iterable[str]) -> str:
+    """`a (2 cells); b (1 cell)`: each label once, with how many cells carry it."""
+    return "; ".join(f"{label} ({n} cell{'s' if n > 1 else ''})" for label, n in sorted(Counter(labels).items()))
+
+
 def machines_note(records: Sequence[dict]) -> str:
     """One line for the top of the tables: which machines and dtypes the cells ran on, with counts."""
-    counts = Counter(machine_label(r) for r in records)
-    return "Cells ran on: " + "; ".join(f"{label} ({n} cell{'s' if n > 1 else ''})" for label, n in sorted(counts.items()))
+    return "Cells ran on: " + _counted(machine_label(r) for r in records)
 
 
 def commits_note(records: Sequence[dict]) -> str:
     """One line for the top of the tables: the commits the cells ran at, with counts."""
-    counts = Counter(r.get("commit") or "not recorded" for r in records)
-    return "Commits: " + "; ".join(f"{commit} ({n} cell{'s' if n > 1 else ''})" for commit, n in sorted(counts.items()))
+    return "Commits: " + _counted(r.get("commit") or "not recorded" for r in records)
 
 
 def mixed_machines(records: Sequence[dict]) -> list[str]:
