@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -30,12 +31,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .cache import touch
 from .loading import FORWARD_CODE, base_fingerprint, code_identity
 from .model import MoPsModel
 
 log = logging.getLogger(__name__)
 
 _CODE = (*FORWARD_CODE, "mops_core.activations")
+_USE_RECORD_S = 3600.0
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -55,6 +58,7 @@ class ActivationCache:
         self.disk_bytes: int | None = None
         self.hits = self.misses = self.disk_hits = 0
         self._prefix: tuple[str, torch.Tensor] | None = None
+        self._used: dict[str, float] = {}  # identity -> when this process last recorded its use on disk
 
     # ------------------------------------------------------------------ identity
 
@@ -113,11 +117,23 @@ class ActivationCache:
         size = states.numel() * states.element_size() + 512
         if self.disk_bytes + size > self.disk_limit:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"states": states.detach().cpu().contiguous()}, str(tmp), metadata={"identity": identity, "key": key})
-        os.replace(tmp, path)
+        try:  # a full disk, or the folder pruned away meanwhile, costs a recomputation later, not the run
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"states": states.detach().cpu().contiguous()}, str(tmp), metadata={"identity": identity, "key": key})
+            os.replace(tmp, path)
+        except (OSError, SafetensorError) as exc:
+            log.warning("could not keep activations in %s (%s); they will be recomputed", path, exc)
+            tmp.unlink(missing_ok=True)
+            return
         self.disk_bytes += size
+
+    def _record_use(self, identity: str) -> None:
+        """Mark the identity's folder used (`mops cache prune` goes by it), hourly rather than per batch."""
+        if self.root is None or time.monotonic() - self._used.get(identity, -_USE_RECORD_S) < _USE_RECORD_S:
+            return
+        self._used[identity] = time.monotonic()
+        touch(self.root / identity)
 
     # ------------------------------------------------------------------ the lower pass, cached
 
@@ -132,6 +148,7 @@ class ActivationCache:
     def entering(self, model: MoPsModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """`model.entering(input_ids, attention_mask)`, each sample's text states computed once."""
         identity = self.identity(model)
+        self._record_use(identity)
         lengths = attention_mask.sum(1).tolist()
         keys = [self.sample_key(identity, input_ids[i, :n].tolist()) for i, n in enumerate(lengths)]
         found: dict[int, torch.Tensor] = {}

@@ -10,13 +10,14 @@ TOML table of the same keys first (flags win).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import tomllib
 from pathlib import Path
 
 from . import checkpoint, report
-from .config import CONCERNS, FederatedConfig, Settings
+from .config import CONCERNS, FederatedConfig, ModelConfig, Settings
 from .settings import SettingsError, add_cli_flags, cli_values
 
 
@@ -258,6 +259,55 @@ def cmd_settings(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from rich.table import Table
+
+    from . import cache
+    from .loading import cache_root
+
+    root = cache_root(_settings_from_args(args).model)
+    now = time.time()
+
+    def days(entry: cache.Entry) -> str:
+        return f"{(now - entry.last_used) / 86400:.1f}"
+
+    if args.action == "prune":
+        if args.unused_days is None:
+            raise SettingsError("mops cache prune needs --unused-days N (0 deletes every entry not in use)")
+        deleted, busy = cache.prune(root, args.unused_days * 86400, dry_run=args.dry_run, now=now)
+        verb = "would delete" if args.dry_run else "deleted"
+        for entry in deleted:
+            report.console.print(f"{verb} {entry.path} ({_size(entry.bytes)}, unused for {days(entry)} days)", highlight=False, soft_wrap=True)
+        for entry in busy:
+            report.console.print(f"kept {entry.path}: another process holds its lock", highlight=False, soft_wrap=True)
+        report.console.print(f"{verb} {len(deleted)} entries, {_size(sum(e.bytes for e in deleted))}, under {root}", highlight=False, soft_wrap=True)
+        return 0
+
+    found = cache.entries(root)
+    table = Table(title=f"the cache at {root}")
+    for column in ("kind", "what", "entries", "size", "last used (days ago)"):
+        table.add_column(column)
+    for kind, what in cache.KINDS.items():
+        mine = [e for e in found if e.kind == kind and not e.unfinished]
+        used = f"{days(mine[-1])} … {days(mine[0])}" if mine else ""
+        table.add_row(kind, what, str(len(mine)), _size(sum(e.bytes for e in mine)), used)
+    unfinished = [e for e in found if e.unfinished]
+    if unfinished:
+        table.add_row("unfinished", "writes whose process died", str(len(unfinished)), _size(sum(e.bytes for e in unfinished)), "")
+    report.console.print(table)
+    report.console.print("`mops cache prune --unused-days N` deletes the entries no run has used for N days", highlight=False)
+    if args.entries:
+        for entry in found:
+            report.console.print(f"{days(entry):>7}  {_size(entry.bytes):>11}  {entry.path}", highlight=False, soft_wrap=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mops", description="Mixture of Prompts on compressed LLaMA-family models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -307,7 +357,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
     _add_settings(ev)
     ev.set_defaults(func=cmd_eval)
+
+    ca = sub.add_parser("cache", help="what the machine's cache holds (bases, start states, activations); prune unused entries")
+    ca.add_argument("action", nargs="?", choices=["list", "prune"], default="list")
+    ca.add_argument("--unused-days", type=_non_negative, metavar="N",
+                    help="prune: delete the entries no run has used for N days (fractions allowed)")
+    ca.add_argument("--dry-run", action="store_true", help="prune: say what would go, delete nothing")
+    ca.add_argument("--entries", action="store_true", help="list: every entry with its size and days since its last use")
+    ca.add_argument("--config", metavar="FILE", help="TOML file with settings (model-cache-dir is the one read)")
+    add_cli_flags(ca, ModelConfig, skip=[f.name for f in dataclasses.fields(ModelConfig) if f.name != "model_cache_dir"])
+    ca.set_defaults(func=cmd_cache)
     return parser
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 days, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,7 @@ class ModelConfig:
         "(seconds to a minute, less with inductor's disk cache warm); eager, with the reason logged, where it "
         "cannot run (no C++ compiler on CPU)",
     )
-    model_cache_dir: str = field("", "the machine's cache of bases (dequantised, compressed), start states and activations ('' = $MOPS_CACHE_DIR, else ~/.cache/mops-fl)")
+    model_cache_dir: str = field("", "the machine's cache of bases (dequantised, compressed), start states and activations ('' = $MOPS_CACHE_DIR, else ~/.cache/mops-fl); `mops cache` lists and prunes it")
 
     def __post_init__(self) -> None:
         if not self.model.strip():

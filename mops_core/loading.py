@@ -24,6 +24,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import atomic
+from .cache import touch
 from .config import EMBEDDED_MODEL, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
                 model, tokenizer = _from_pretrained(source)
                 _save_dequantised(model, tokenizer, cached)
+            touch(cached)
         source = ModelSource("local", str(cached))
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from . import checkpoint
 from .atomic import directory, file_lock
+from .cache import touch
 from .config import Settings
 from .loading import FORWARD_CODE, base_fingerprint, cache_root, code_identity
 from .model import INPUT_PROMPTS, MoPsModel
@@ -95,6 +96,7 @@ def prepare_or_load(session: Session, *, progress: bool = True) -> tuple[str, St
     with file_lock(path.with_name(path.name + ".lock")):
         if (path / checkpoint.CONFIG_FILE).exists():
             checkpoint.load_into(checkpoint.read(path), model)
+            touch(path)
             return key, None
         report = prepare(session, progress=progress)
         checkpoint.save(path, model, settings, list(session.data.tasks), extra={"start_state": dataclasses.asdict(report)})
@@ -133,14 +135,16 @@ def store_input_prompts(settings: Settings, prompts: torch.Tensor, sha: str) -> 
 def load_input_prompts(model: MoPsModel, settings: Settings, sha: str) -> None:
     """Install the server's frozen input prompts into a client's model, verified by content hash."""
     path = input_prompts_path(settings, sha)
-    if not path.is_file():
-        raise StartStateError(
-            f"the input prompts {sha} are not in this node's cache ({path}); the server sends them when it admits the node"
-        )
-    try:
-        prompts = load_file(str(path)).get(INPUT_PROMPTS)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise StartStateError(f"{path} is corrupt ({exc}); delete it and the server sends it again") from None
+    with file_lock(path.parent.with_name(sha + ".lock")):  # a pruner takes it too
+        if not path.is_file():
+            raise StartStateError(
+                f"the input prompts {sha} are not in this node's cache ({path}); the server sends them when it admits the node"
+            )
+        try:
+            prompts = load_file(str(path)).get(INPUT_PROMPTS)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise StartStateError(f"{path} is corrupt ({exc}); delete it and the server sends it again") from None
+        touch(path.parent)
     if prompts is None or tensor_sha(prompts) != sha:
         raise StartStateError(f"{path} does not hold the input prompts {sha} (hash mismatch); delete it and the server sends it again")
     checkpoint.load_adapter_tensors(model, {INPUT_PROMPTS: prompts}, source=str(path), keys=[INPUT_PROMPTS])

@@ -125,3 +125,25 @@ def test_the_memory_and_disk_limits_hold(pretrained_base, tokenizer, tmp_path):
     for batch in batches(tokenizer):
         run(cached, batch, roomy)
     assert len(roomy.memory) == 6 and len(list(tmp_path.rglob("*.safetensors"))) == 6
+
+
+def test_a_run_goes_on_when_its_entries_cannot_be_written_or_are_pruned_away(pretrained_base, tokenizer, tmp_path, caplog, monkeypatch):
+    from mops_core import activations
+
+    plain, cached, cache = models(pretrained_base, tokenizer, tmp_path)
+    first, second = batches(tokenizer)
+    run(cached, first, cache)
+    shutil.rmtree(next(tmp_path.iterdir()))  # what `mops cache prune` does to an entry in use
+    cache.memory.clear()
+    torch.testing.assert_close(run(cached, first, cache).loss, plain(**first).loss, atol=1e-6, rtol=1e-6)
+    assert cache.misses == 6 and len(list(tmp_path.rglob("*.safetensors"))) == 3  # recomputed and kept again
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(activations, "save_file", full_disk)
+    with caplog.at_level(logging.WARNING):
+        loss = run(cached, second, cache).loss
+    torch.testing.assert_close(loss, plain(**second).loss, atol=1e-6, rtol=1e-6)
+    assert "No space left on device" in caplog.text and "recomputed" in caplog.text
+    assert not list(tmp_path.rglob("*.tmp")) and len(list(tmp_path.rglob("*.safetensors"))) == 3

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import atomic
+from ..cache import touch
 from ..config import CALIBRATION_DATA, ModelConfig, Settings
 from ..data import Formatter, load_records, sample_and_split
 from ..loading import base_fingerprint, cache_root, code_identity, load_base, quiet_progress
@@ -160,6 +161,7 @@ def compress_base(
     with atomic.file_lock(path.with_name(path.name + ".lock")):
         if (path / META_FILE).exists():
             meta = _load(model, path, determining)
+            touch(path)
             stats = [MatrixStats(**s) for s in meta["stats"]]
             return CompressionReport(cfg.compression, meta["seconds"], True, "cache", stats)
         stats = prune_model(
