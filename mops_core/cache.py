@@ -148,3 +148,14 @@ def prune(root: str | Path, unused_for: float, *, dry_run: bool = False, now: fl
                 entry.path.unlink(missing_ok=True)
             lock.unlink(missing_ok=True)
     return deleted, busy
+
+
+def stale_note(root: str | Path, *, unused_days: int = 30, min_bytes: int = 2**30, now: float | None = None) -> str | None:
+    """A line for a run's log when at least `min_bytes` of the cache went unused for `unused_days`
+    (what every upgrade leaves behind), naming the command that frees it; None otherwise."""
+    cutoff = (time.time() if now is None else now) - unused_days * 86400
+    stale = sum(e.bytes for e in entries(root) if e.last_used <= cutoff)
+    if stale < min_bytes:
+        return None
+    return (f"the cache at {root} holds {stale / 2**30:.1f} GiB that no run has used for {unused_days} days; "
+            f"`mops cache prune --unused-days {unused_days}` deletes it")

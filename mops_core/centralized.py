@@ -13,7 +13,8 @@ from . import atomic, checkpoint, report, start_state
 from .config import Settings
 from .data import PreparedData, pad_token_id
 from .evaluate import EvalResult, evaluate
-from .loading import base_fingerprint
+from .cache import stale_note
+from .loading import base_fingerprint, cache_root
 from .model import MoPsModel
 from .session import Session, sink_token_id
 from .train import prompt_learning_rate
@@ -38,6 +39,8 @@ def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> di
     settings = session.settings  # with `experts` resolved for the data's tasks
     data, model = session.data, session.model
     log.info("data: %d train / %d test examples over %d tasks", len(data.train), len(data.test), len(data.tasks))
+    if note := stale_note(cache_root(settings.model)):
+        log.info("%s", note)
     start = start_state.prepare(session, progress=progress)
     before = session.evaluate(progress=progress, desc="eval (start)")
 

@@ -20,7 +20,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from mops_core import checkpoint, log_through, report
 from mops_core.config import FederatedConfig, Settings
-from mops_core.loading import base_fingerprint
+from mops_core.cache import stale_note
+from mops_core.loading import base_fingerprint, cache_root
 from mops_core.session import Session
 from mops_core.start_state import prepare_or_load, store_input_prompts, tensor_sha
 
@@ -83,6 +84,8 @@ def run(grid: Grid, settings: Settings) -> History:
 
     session = Session.open(settings)
     model = session.model
+    if note := stale_note(cache_root(settings.model)):
+        log(INFO, "%s", note)
     if done > 0:
         # The checkpoint holds the whole adapter, P1 included: the run goes on from it, not from the
         # start-state cache, whose entry other code (an upgrade) would compute anew and differently.

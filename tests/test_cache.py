@@ -151,3 +151,14 @@ def test_a_dequantised_gguf_base_records_its_use(tiny_model_dir, tmp_path):
     assert [e.path for e in cache.prune(cfg.model_cache_dir, DAY, dry_run=True)[0]] == [cached]
     load_base(cfg)
     assert cache.prune(cfg.model_cache_dir, DAY) == ([], [])
+
+
+def test_a_run_names_the_command_once_enough_of_the_cache_went_unused(tmp_path):
+    root = tmp_path / "cache"
+    _entry(root / "compressed" / "wanda-0.5-aaaa", 3000, 40)
+    _entry(root / "start-states" / "bbbb", 5000, 2)
+    assert cache.stale_note(root, min_bytes=3001) is None  # the recent entry does not count
+    note = cache.stale_note(root, min_bytes=3000)
+    assert note is not None and "`mops cache prune --unused-days 30`" in note and str(root) in note
+    assert cache.stale_note(root, unused_days=50, min_bytes=1) is None
+    assert cache.stale_note(tmp_path / "none") is None

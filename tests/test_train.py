@@ -1,5 +1,8 @@
 import copy
 import json
+import logging
+import os
+import time
 
 import pytest
 import torch
@@ -126,12 +129,19 @@ def test_divergence_stops_with_the_step_named(tokenizer, pretrained_base):
         train_steps(model, data.train, 3, optimizer, pad_id=tokenizer.pad_token_id, progress=False)
 
 
-def test_cli_train_then_eval_end_to_end(tmp_path, tiny_model_dir, toy_data_dir):
+def test_cli_train_then_eval_end_to_end(tmp_path, tiny_model_dir, toy_data_dir, caplog):
     out = tmp_path / "run"
-    common = ["--model", str(tiny_model_dir), "--data-dir", str(toy_data_dir), "--no-progress"]
+    stale = tmp_path / "cache" / "compressed" / "sparsegpt-0.75-old"  # what an earlier version left behind
+    stale.mkdir(parents=True)
+    with open(stale / "weights.safetensors", "wb") as fh:
+        fh.truncate(2**30)  # sparse: a GiB on paper, nothing on disk
+    os.utime(stale, (time.time() - 40 * 86400,) * 2)
+    common = ["--model", str(tiny_model_dir), "--data-dir", str(toy_data_dir), "--no-progress", "--model-cache-dir", str(tmp_path / "cache")]
     shape = ["--experts", "7", "--prompts-per-expert", "2", "--inject-layer", "2", "--max-length", "64", "--samples", "140"]
-    code = main(["train", *common, *shape, "--steps", "5", "--gate-pretrain-steps", "10", "--out", str(out)])
+    with caplog.at_level(logging.INFO):
+        code = main(["train", *common, *shape, "--steps", "5", "--gate-pretrain-steps", "10", "--out", str(out)])
     assert code == 0
+    assert "1.0 GiB that no run has used for 30 days; `mops cache prune --unused-days 30`" in caplog.text
     results = json.loads((out / "results.json").read_text())
     assert results["train"]["steps"] == 5 and len(results["train"]["losses"]) == 5
     for name in ("loss.png", "gate_heatmap.png", "checkpoint/adapter_model.safetensors", "checkpoint/adapter_config.json"):
