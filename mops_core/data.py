@@ -321,6 +321,16 @@ def resolve_data_dir(cfg: DataConfig) -> Path | None:
     return None
 
 
+def missing_local_copy(cfg: DataConfig) -> str | None:
+    """What to tell a user whose preset has no local copy (every process will ask the hub for it); None when it has one."""
+    if cfg.dataset not in PRESETS or cfg.data_dir or resolve_data_dir(cfg) is not None:
+        return None
+    preset = PRESETS[cfg.dataset]
+    looked = ", ".join(map(str, default_data_dirs()))
+    return (f"no local copy of {cfg.dataset} ({preset.marker} in {looked}), so it comes from the hub ({preset.hub_id}); "
+            "set data-dir or $MOPS_DATA_DIR to the folder that holds it")
+
+
 def _preset_records(name: str, cfg: DataConfig, tasks: Sequence[str]) -> list[Record]:
     preset = PRESETS[name]
     folder = resolve_data_dir(cfg)
@@ -329,7 +339,7 @@ def _preset_records(name: str, cfg: DataConfig, tasks: Sequence[str]) -> list[Re
             return read_records(preset.hub_id, preset.hub_columns, tasks=tasks)
         except DataError as exc:
             looked = ", ".join(map(str, default_data_dirs()))
-            raise DataError(f"no local copy of {name} (looked for {preset.marker} in {looked}; set data-dir) and {exc}") from None
+            raise DataError(f"no local copy of {name} (looked for {preset.marker} in {looked}; set data-dir or $MOPS_DATA_DIR) and {exc}") from None
     paths = {task: folder / preset.local.format(task=task) for task in tasks}
     missing = [task for task, path in paths.items() if not path.exists()]
     if len(missing) == len(paths):

@@ -157,7 +157,11 @@ def check_run(run_config: Sequence[str], out_dir: str | None, supernodes: int) -
         raise SettingsError(f"--out-dir {out_dir} and the run config's out-dir {given['out-dir']} disagree; give one of them")
     out = Path(str(given.get("out-dir", out_dir or PROJECT / "runs" / "federated"))).resolve()
     values = {"out-dir": str(out), "min-available-nodes": supernodes}
-    Settings.from_flat({**app_config(), **values, **given}, context="--run-config")
+    settings = Settings.from_flat({**app_config(), **values, **given}, context="--run-config")
+    from mops_core.data import missing_local_copy  # after the settings: a wrong key is refused before torch loads
+
+    if note := missing_local_copy(settings.data):
+        print(f"warning: {note}", file=sys.stderr)
     return values, out
 
 

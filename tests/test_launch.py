@@ -69,3 +69,21 @@ def test_each_run_gets_a_superlink_of_its_own(monkeypatch, tmp_path):
     assert "39091" not in {p for pair in ports for p in pair} and ports[0] != ports[1]
     launch_module.launch({}, flwr_home=tmp_path / "c", env={"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "41000"})
     assert envs[-1]["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] == "41000"  # a caller's choice stands
+
+
+def test_a_preset_without_a_local_copy_is_named_before_anything_starts(monkeypatch, tmp_path, capsys, toy_data_dir):
+    from mops_core import data
+
+    monkeypatch.setattr(launch_module, "launch", lambda *a, **k: 0)
+    monkeypatch.delenv("MOPS_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "default_data_dirs", lambda: [tmp_path / "nowhere"])
+    launch_module.main(["--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert f"warning: no local copy of dolly (dolly/databricks-dolly-15k.jsonl in {tmp_path / 'nowhere'})" in err
+    assert "databricks/databricks-dolly-15k" in err and "$MOPS_DATA_DIR" in err
+
+    monkeypatch.setattr(data, "default_data_dirs", lambda: [tmp_path / "nowhere", toy_data_dir])
+    launch_module.main(["--out-dir", str(tmp_path / "run")])
+    assert "no local copy" not in capsys.readouterr().err
+    launch_module.main(["--out-dir", str(tmp_path / "run"), "--run-config", f"data-dir='{toy_data_dir}'"])
+    assert "no local copy" not in capsys.readouterr().err
