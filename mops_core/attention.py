@@ -69,10 +69,12 @@ def written_out_attention(query, key, value, bias, scale: float) -> torch.Tensor
     softmax in float32 (as the fused kernel accumulates), the probabilities cast back for the product with v."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    length = query.shape[2]
-    causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+    positions = torch.arange(query.shape[2], device=query.device)
+    # The causal mask as a comparison of positions, not a stored (S, S) tensor: inductor computes it
+    # inside the softmax's kernels, forward and backward, instead of loading a mask saved for backward.
+    future = positions[None, :] > positions[:, None]
     logits = (query @ key.transpose(-1, -2)).float() * scale + bias
-    weights = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+    weights = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
     return weights.to(value.dtype) @ value
 
 

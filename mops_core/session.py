@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import checkpoint
 from .activations import ActivationCache, tokenizer_identity
+from .allocator import keep_freed_memory
 from .compression.pipeline import prepare_base
 from .config import Settings
 from .data import Example, Formatter, PreparedData, pad_token_id, prepare, run_tasks
@@ -43,6 +44,8 @@ def build_model(settings: Settings, base: PreTrainedModel, tokenizer: PreTrained
     if settings.mops.experts < 1:
         raise ValueError("experts is 0 (one per task): resolve it for the run's tasks with Settings.for_tasks, as Session.open does")
     train = settings.train
+    if base.device.type == "cpu":  # the step's large buffers come from malloc: keep them for the next step
+        keep_freed_memory()
     torch.manual_seed(train.seed)
     model = MoPsModel(base, settings.mops, sink_token_id(tokenizer)).to(base.device)
     model.compile_layers = settings.model.compile
