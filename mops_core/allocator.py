@@ -7,7 +7,7 @@ vocabulary, their gradients), and glibc serves a block above its mmap threshold 
 same memory in and zeroes it once more, page by page. With the threshold at glibc's largest (32 MiB
 on 64-bit) and the heap trimmed only past 1 GiB free, such blocks stay in the heap and are reused.
 A process then keeps the heap it peaked at, as a training process uses it again at every step.
-(`benchmarks/step_time.py` measures the step; jemalloc or tcmalloc preloaded do the same.)
+(`benchmarks/allocator.py` times the step both ways; jemalloc or tcmalloc preloaded do the same.)
 """
 
 from __future__ import annotations

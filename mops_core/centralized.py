@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 from . import atomic, checkpoint, report, start_state
+from .cache import stale_note
 from .config import Settings
 from .data import PreparedData, pad_token_id
 from .evaluate import EvalResult, evaluate
-from .cache import stale_note
 from .loading import base_fingerprint, cache_root
 from .model import MoPsModel
 from .session import Session, sink_token_id

@@ -299,7 +299,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         table.add_row(kind, what, str(len(mine)), _size(sum(e.bytes for e in mine)), used)
     unfinished = [e for e in found if e.unfinished]
     if unfinished:
-        table.add_row("unfinished", "writes whose process died", str(len(unfinished)), _size(sum(e.bytes for e in unfinished)), "")
+        table.add_row("unfinished", "writes never completed (an hour on: their process died)", str(len(unfinished)), _size(sum(e.bytes for e in unfinished)), "")
     report.console.print(table)
     report.console.print("`mops cache prune --unused-days N` deletes the entries no run has used for N days", highlight=False)
     if args.entries:
