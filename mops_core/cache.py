@@ -67,26 +67,31 @@ def _unfinished(name: str) -> bool:
     return name.startswith(".") and (name.endswith(".tmp") or ".old-" in name or ".pruned-" in name)
 
 
-def entries(root: str | Path) -> list[Entry]:
-    """Every entry under `root`, oldest use first; files of other programs are left out."""
+def entries(root: str | Path, *, used_before: float | None = None) -> list[Entry]:
+    """Every entry under `root`, oldest use first; files of other programs are left out.
+
+    `used_before` (seconds since the epoch) keeps only entries last used by then, and spares
+    measuring the others: a live activation cache holds tens of thousands of files.
+    """
     found = []
+
+    def add(kind: str, path: Path, unfinished: bool) -> None:
+        with contextlib.suppress(FileNotFoundError):  # a concurrent writer may rename it away
+            used = path.stat().st_mtime
+            if used_before is None or used <= used_before:
+                found.append(Entry(kind, path, _size(path), used, unfinished))
+
     for kind in KINDS:
         folder = Path(root) / kind
         if not folder.is_dir():
             continue
         for path in folder.iterdir():
-            name = path.name
-            if name.endswith(LOCK_SUFFIX) or (name.startswith(".") and not _unfinished(name)):
-                continue
-            unfinished = _unfinished(name)
-            if not unfinished and not path.is_dir():
-                continue
-            with contextlib.suppress(FileNotFoundError):  # a concurrent writer may rename it away
-                found.append(Entry(kind, path, _size(path), path.stat().st_mtime, unfinished))
+            unfinished = _unfinished(path.name)
+            if unfinished or (not path.name.startswith(".") and not path.name.endswith(LOCK_SUFFIX) and path.is_dir()):
+                add(kind, path, unfinished)
         if kind == "activations":  # an interrupted per-sample write leaves a hidden file two folders down
             for tmp in folder.glob("*/*/.*.tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    found.append(Entry(kind, tmp, tmp.stat().st_size, tmp.stat().st_mtime, True))
+                add(kind, tmp, True)
     return sorted(found, key=lambda e: e.last_used)
 
 
@@ -124,8 +129,8 @@ def prune(root: str | Path, unused_for: float, *, dry_run: bool = False, now: fl
     now = time.time() if now is None else now
     cutoff = now - unused_for
     deleted, busy = [], []
-    for entry in entries(root):
-        if entry.last_used > (min(cutoff, now - UNFINISHED_GRACE_S) if entry.unfinished else cutoff):
+    for entry in entries(root, used_before=cutoff):
+        if entry.unfinished and entry.last_used > now - UNFINISHED_GRACE_S:
             continue
         lock = entry.path.with_name(entry.path.name + LOCK_SUFFIX)
         with _held_if_free(lock) as free:
@@ -154,7 +159,7 @@ def stale_note(root: str | Path, *, unused_days: int = 30, min_bytes: int = 2**3
     """A line for a run's log when at least `min_bytes` of the cache went unused for `unused_days`
     (what every upgrade leaves behind), naming the command that frees it; None otherwise."""
     cutoff = (time.time() if now is None else now) - unused_days * 86400
-    stale = sum(e.bytes for e in entries(root) if e.last_used <= cutoff)
+    stale = sum(e.bytes for e in entries(root, used_before=cutoff))
     if stale < min_bytes:
         return None
     return (f"the cache at {root} holds {stale / 2**30:.1f} GiB that no run has used for {unused_days} days; "

@@ -20,9 +20,7 @@ def _entry(path: Path, size: int, age_days: float, *, lock: bool = True) -> Path
     (path / "weights.safetensors").write_bytes(b"x" * size)
     if lock:
         path.with_name(path.name + ".lock").touch()
-    when = time.time() - age_days * DAY
-    os.utime(path, (when, when))
-    return path
+    return _aged(path, age_days)
 
 
 def _aged(path: Path, age_days: float) -> Path:
