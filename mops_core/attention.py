@@ -11,14 +11,15 @@ rides in one extra head dimension instead: with q' = [q, 1], k' = [k, b / scale]
 
 so the fused causal kernel (`is_causal=True`) computes exactly that logit, b's gradient reaches
 it through k', and the output's extra column is dropped. (The fused kernel needs q, k and v of
-one head dimension: a value left at 64 would send it back to the math kernel.) Without
-autograd the fused kernel takes a dense mask, which is cheaper than the wider heads: then
+one head dimension: a value left at 64 would send it back to the math kernel.) Eager without
+autograd, the fused kernel takes a dense mask, which is cheaper than the wider heads: then
 `layer_inputs` builds that mask once per forward and the layers get it as their ordinary
 `attention_mask`.
 
 Under torch.compile (`compiled.py`) attention is written out instead -- q k^T, the bias, the causal
 mask, softmax in float32, times v -- which inductor fuses into a few kernels, faster than either
-fused-kernel path on CPU, in bfloat16 above all.
+fused-kernel path on CPU, in bfloat16 above all; the layers then get the per-key bias with or
+without autograd, never the dense mask.
 
 Registered in transformers' AttentionInterface as "mops": a layer called with `key_bias` gets
 the attention above; called without it (no autograd, generation, anything else sharing the
@@ -43,11 +44,12 @@ def key_bias(attention_mask: torch.Tensor, num_prompts: int) -> torch.Tensor:
     return torch.where(present, 0.0, PAD).to(torch.float32)[:, None, None, :]
 
 
-def layer_inputs(bias: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+def layer_inputs(bias: torch.Tensor, dtype: torch.dtype, *, compiled: bool = False) -> dict[str, torch.Tensor | None]:
     """The attention arguments every layer of one forward gets, built once: the (B, 1, 1, S) per-key
-    bias while autograd records (folded into the heads, layer by layer); otherwise the dense causal
-    mask holding it, (B, 1, S, S) in the layers' dtype, for transformers' sdpa to hand to the fused kernel."""
-    if torch.is_grad_enabled():
+    bias while autograd records (folded into the heads, layer by layer) or when the layers run
+    `compiled` (written out); otherwise the dense causal mask holding it, (B, 1, S, S) in the
+    layers' dtype, for transformers' sdpa to hand to the fused kernel."""
+    if torch.is_grad_enabled() or compiled:
         return {"attention_mask": None, "key_bias": bias}
     length = bias.shape[-1]
     causal = torch.ones(length, length, dtype=torch.bool, device=bias.device).tril()

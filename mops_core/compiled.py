@@ -43,11 +43,16 @@ def unavailable_reason() -> str | None:
     return _unavailable
 
 
+def active(compile: bool) -> bool:
+    """Whether layers asked to `compile` will run compiled in this process (as far as is known yet)."""
+    return compile and unavailable_reason() is None
+
+
 def run(through: Callable[[Callable], torch.Tensor], compile: bool) -> torch.Tensor:
     """`through(layer_fn)`: the layers run with `layer_fn` as each layer's call, compiled when `compile`
     and compiling works here, else `decoder_layer` itself."""
     global _compiled, _unavailable, _first_pass_reported
-    if not compile or unavailable_reason() is not None:
+    if not active(compile):
         return through(decoder_layer)
     if _compiled is None:
         _compiled = torch.compile(decoder_layer, dynamic=True)

@@ -164,7 +164,7 @@ class MoPsModel(nn.Module):
         `self.compile_layers`: `compiled.py`), attending causally plus `bias`."""
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         rotary = self.base.model.rotary_emb(hidden, positions)
-        attention = layer_inputs(bias, hidden.dtype)
+        attention = layer_inputs(bias, hidden.dtype, compiled=compiled.active(self.compile_layers))
 
         def through(call_layer) -> torch.Tensor:
             out = hidden

@@ -56,10 +56,12 @@ def through_the_layer(q, k, v, bias, scale):
 
 
 def test_the_layers_inputs_follow_autograd():
-    """While autograd records, the per-key bias itself; without, the dense causal mask built once for every layer."""
+    """While autograd records or the layers run compiled, the per-key bias itself; eager without autograd,
+    the dense causal mask built once for every layer."""
     _, _, _, bias = inputs(torch.float32)
     assert layer_inputs(bias, torch.float32) == {"attention_mask": None, "key_bias": bias}
     with torch.no_grad():
+        assert layer_inputs(bias, torch.bfloat16, compiled=True) == {"attention_mask": None, "key_bias": bias}
         mask = layer_inputs(bias, torch.bfloat16)["attention_mask"]
     length = bias.shape[-1]
     assert mask.shape == (2, 1, length, length) and mask.dtype == torch.bfloat16

@@ -8,7 +8,7 @@ from helpers import tiny_base, tiny_settings
 from test_attention import gradients, inputs, written_out
 from test_model import QLENS, TEXTS, batch_of, make_model
 
-from mops_core import compiled
+from mops_core import attention, compiled
 from mops_core.attention import written_out_attention
 from mops_core.config import Settings
 from mops_core.session import build_model
@@ -54,8 +54,16 @@ def has_cpp_compiler() -> bool:
 
 
 @pytest.mark.skipif(not has_cpp_compiler(), reason="inductor needs a C++ compiler on CPU (the fallback test covers its absence)")
-def test_compiled_layers_give_the_eager_numbers(tokenizer, compiling, caplog):
-    """Loss and every trainable gradient within 1e-5 of eager in float32, evaluation too; the compiled graph really ran."""
+def test_compiled_layers_give_the_eager_numbers(tokenizer, compiling, caplog, monkeypatch):
+    """Loss and every trainable gradient within 1e-5 of eager in float32, evaluation too; the compiled graph really ran,
+    attending through the written-out attention with and without autograd."""
+    traced = []  # autograd's state each time the compiled layers' attention is traced
+
+    def spy(*args):
+        traced.append(torch.is_grad_enabled())
+        return written_out_attention(*args)
+
+    monkeypatch.setattr(attention, "written_out_attention", spy)
     model = make_model(tokenizer)
     batch = batch_of(tokenizer, TEXTS, QLENS)
     eager_loss, eager_grads = loss_and_grads(model, batch)
@@ -75,6 +83,7 @@ def test_compiled_layers_give_the_eager_numbers(tokenizer, compiling, caplog):
         torch.testing.assert_close(grads[name], eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch, return_logits=True).logits, eager_eval, atol=1e-5, rtol=1e-5)
+    assert set(traced) == {True, False}
 
 
 def test_without_a_compiler_the_layers_run_eager_and_the_log_says_why(tokenizer, compiling, caplog):
