@@ -1,14 +1,17 @@
 """Wall time of the default federated main job: this checkout against an earlier commit.
 
-    python benchmarks/main_job.py --before 3316f70 [--rounds 3] [--order after,before]
+    python benchmarks/main_job.py --before 3316f70 [--rounds 3] [--repeats 1] [--order after,before]
 
 Checks out `--before` into a temporary git worktree and runs the same main job there and here
 (`python -m simulation.launch` with the demo's settings from each checkout's pyproject.toml, the
 same interpreter, the same data and model cache), one after the other, each in its own Flower
 home and results folder. It prints each run's wall time, the seconds of each round as its
-results.json recorded them, and the ratio. The two runs share nothing that one could warm for
-the other except the dequantised base, which both load from the model cache: run a demo once
-beforehand so that neither pays for dequantising.
+results.json recorded them, and the ratios: of the wall times, and of the median round. A shared
+machine's speed drifts by more than a speed-up between runs minutes apart: `--repeats N` runs
+each checkout N times, reversing the order every repeat (after, before, before, after, ...),
+and takes medians over them. The runs share nothing that one could warm for another except the
+dequantised base, which all load from the model cache, and inductor's compiled code: run a demo
+once beforehand so that none pays for dequantising.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,31 +57,41 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", required=True, help="git commit to compare against (e.g. the one before a speed-up)")
     parser.add_argument("--rounds", type=int, help="num-server-rounds for both (default: each pyproject's)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each checkout, the order reversed every repeat")
     parser.add_argument("--order", default="after,before", help="which runs first (the first may warm the OS file cache)")
     args = parser.parse_args()
+    order = args.order.split(",")
+    if sorted(order) != ["after", "before"] or args.repeats < 1:
+        parser.error("--order is after,before or before,after; --repeats at least 1")
 
-    results: dict[str, dict] = {}
+    results: dict[str, list[dict]] = {"after": [], "before": []}
     with tempfile.TemporaryDirectory(prefix="mops-main-job-") as tmp:
         tmp_path = Path(tmp)
         worktree = tmp_path / "before-checkout"
         subprocess.run(["git", "worktree", "add", "--detach", str(worktree), args.before], cwd=PROJECT, check=True)
         try:
-            for name in args.order.split(","):
-                checkout = PROJECT if name == "after" else worktree
-                print(f"--- {name}: {checkout} ---", flush=True)
-                results[name] = run_main_job(checkout, tmp_path / name, args.rounds)
+            for repeat in range(args.repeats):
+                for name in order if repeat % 2 == 0 else order[::-1]:
+                    checkout = PROJECT if name == "after" else worktree
+                    print(f"--- {name}, run {repeat + 1}/{args.repeats}: {checkout} ---", flush=True)
+                    results[name].append(run_main_job(checkout, tmp_path / f"{name}-{repeat}", args.rounds))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=PROJECT, check=False)
 
     print(f"\nmain job, before = {args.before}, after = this checkout")
-    for name, result in results.items():
-        last = result["rounds"][-1] if result["rounds"] else {}
-        per_round = ", ".join(f"{s:.1f}" for s in round_seconds(result["rounds"]))
-        print(f"  {name:6s} exit {result['code']}  wall {result['wall']:7.1f} s  rounds [{per_round}] s  "
-              f"last round {last.get('round', '-')}, ppl {last.get('perplexity', '-')}")
-    if all(r["code"] == 0 for r in results.values()) and len(results) == 2:
-        print(f"  after / before wall time: {results['after']['wall'] / results['before']['wall']:.2f}x")
-    return 0 if all(r["code"] == 0 for r in results.values()) else 1
+    for name, runs in results.items():
+        for result in runs:
+            last = result["rounds"][-1] if result["rounds"] else {}
+            per_round = ", ".join(f"{s:.1f}" for s in round_seconds(result["rounds"]))
+            print(f"  {name:6s} exit {result['code']}  wall {result['wall']:7.1f} s  rounds [{per_round}] s  "
+                  f"last round {last.get('round', '-')}, ppl {last.get('perplexity', '-')}")
+    ok = all(r["code"] == 0 for runs in results.values() for r in runs)
+    if ok:
+        wall = {name: statistics.median(r["wall"] for r in runs) for name, runs in results.items()}
+        rounds = {name: statistics.median(s for r in runs for s in round_seconds(r["rounds"])) for name, runs in results.items()}
+        print(f"  median wall: after {wall['after']:.1f} s, before {wall['before']:.1f} s: {wall['after'] / wall['before']:.2f}x")
+        print(f"  median round: after {rounds['after']:.1f} s, before {rounds['before']:.1f} s: {rounds['after'] / rounds['before']:.2f}x")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
