@@ -57,7 +57,6 @@ class ActivationCache:
         self.memory_bytes = 0
         self.disk_bytes: int | None = None
         self.hits = self.misses = self.disk_hits = 0
-        self._prefix: tuple[str, torch.Tensor] | None = None
         self._used: dict[str, float] = {}  # identity -> when this process last recorded its use on disk
 
     # ------------------------------------------------------------------ identity
@@ -137,13 +136,6 @@ class ActivationCache:
 
     # ------------------------------------------------------------------ the lower pass, cached
 
-    def _prefix_states(self, model: MoPsModel, identity: str) -> torch.Tensor:
-        """States of the sink and the K prompt positions (the same for every sample)."""
-        if self._prefix is None or self._prefix[0] != identity:
-            empty = torch.zeros((1, 0), dtype=torch.long, device=model.device)
-            self._prefix = (identity, model.entering(empty, empty)[0])
-        return self._prefix[1]
-
     @torch.no_grad()
     def entering(self, model: MoPsModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """`model.entering(input_ids, attention_mask)`, each sample's text states computed once."""
@@ -177,7 +169,7 @@ class ActivationCache:
                 self._remember(keys[i], states)
                 self._to_disk(identity, keys[i], states)
 
-        prefix = self._prefix_states(model, identity)
+        prefix = model.lower_prefix().states
         batch, text = input_ids.shape
         hidden = prefix.new_zeros(batch, prefix.shape[0] + text, prefix.shape[1])
         hidden[:, : prefix.shape[0]] = prefix

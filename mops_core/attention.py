@@ -23,7 +23,10 @@ without autograd, never the dense mask.
 
 Registered in transformers' AttentionInterface as "mops": a layer called with `key_bias` gets
 the attention above; called without it (no autograd, generation, anything else sharing the
-base) it gets transformers' own sdpa attention, unchanged.
+base) it gets transformers' own sdpa attention, unchanged. A layer called with `prefix` attends
+to those keys and values before its own: the sink's and P1's in the lower layers, the same for
+every input (`MoPsModel.lower_prefix`), so that only the text runs there; its queries are then
+the last positions.
 """
 
 from __future__ import annotations
@@ -44,15 +47,17 @@ def key_bias(attention_mask: torch.Tensor, num_prompts: int) -> torch.Tensor:
     return torch.where(present, 0.0, PAD).to(torch.float32)[:, None, None, :]
 
 
-def layer_inputs(bias: torch.Tensor, dtype: torch.dtype, *, compiled: bool = False) -> dict[str, torch.Tensor | None]:
+def layer_inputs(bias: torch.Tensor, dtype: torch.dtype, *, compiled: bool = False, queries: int | None = None) -> dict[str, torch.Tensor | None]:
     """The attention arguments every layer of one forward gets, built once: the (B, 1, 1, S) per-key
     bias while autograd records (folded into the heads, layer by layer) or when the layers run
-    `compiled` (written out); otherwise the dense causal mask holding it, (B, 1, S, S) in the
-    layers' dtype, for transformers' sdpa to hand to the fused kernel."""
+    `compiled` (written out); otherwise the dense causal mask holding it, (B, 1, Q, S) in the
+    layers' dtype, for transformers' sdpa to hand to the fused kernel. The Q `queries` are the
+    last of the S positions (S by default; fewer after a prefix whose keys the layers are given)."""
     if torch.is_grad_enabled() or compiled:
         return {"attention_mask": None, "key_bias": bias}
     length = bias.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=bias.device).tril()
+    queries = length if queries is None else queries
+    causal = torch.ones(queries, length, dtype=torch.bool, device=bias.device).tril(length - queries)
     return {"attention_mask": bias.to(dtype).masked_fill(~causal, torch.finfo(dtype).min)}
 
 
@@ -68,26 +73,31 @@ def biased_causal_attention(query, key, value, bias, scale: float) -> torch.Tens
 
 def written_out_attention(query, key, value, bias, scale: float) -> torch.Tensor:
     """The same attention as `biased_causal_attention`, written out for inductor to fuse: logits and
-    softmax in float32 (as the fused kernel accumulates), the probabilities cast back for the product with v."""
+    softmax in float32 (as the fused kernel accumulates), the probabilities cast back for the product with v.
+    The queries may be fewer than the keys: they are the last positions, after a prefix's keys."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    positions = torch.arange(query.shape[2], device=query.device)
+    keys = torch.arange(key.shape[2], device=query.device)
+    queries = keys[key.shape[2] - query.shape[2] :]
     # The causal mask as a comparison of positions, not a stored (S, S) tensor: inductor computes it
     # inside the softmax's kernels, forward and backward, instead of loading a mask saved for backward.
-    future = positions[None, :] > positions[:, None]
+    future = keys[None, :] > queries[:, None]
     logits = (query @ key.transpose(-1, -2)).float() * scale + bias
     weights = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
     return weights.to(value.dtype) @ value
 
 
 def mops_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                   key_bias: torch.Tensor | None = None, **kwargs):
+                   key_bias: torch.Tensor | None = None, prefix: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs):
+    if prefix is not None:  # keys and values of positions before these, the same for every sample (`MoPsModel.lower_prefix`)
+        key = torch.cat([prefix[0].expand(key.shape[0], -1, -1, -1), key], dim=2)
+        value = torch.cat([prefix[1].expand(value.shape[0], -1, -1, -1), value], dim=2)
     if key_bias is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if query.shape[2] != key.shape[2]:
-        raise ValueError("key_bias is for a whole sequence at once (no KV cache)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    attend = written_out_attention if torch.compiler.is_compiling() else biased_causal_attention
+    # The fused causal kernel aligns fewer queries than keys to the first keys, not the last.
+    fused = not torch.compiler.is_compiling() and query.shape[2] == key.shape[2]
+    attend = biased_causal_attention if fused else written_out_attention
     out = attend(query, key, value, key_bias, scale)
     return out.transpose(1, 2).contiguous(), None
 

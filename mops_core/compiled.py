@@ -1,4 +1,4 @@
-"""The decoder layers MoPs runs, through torch.compile, and eager where that cannot run.
+"""The decoder layers MoPs runs, and its loss, through torch.compile, and eager where that cannot run.
 
 One function -- a decoder layer called the way MoPs calls it -- is compiled once per process and
 serves every layer of every MoPsModel in it: dynamo takes a module's parameters as graph inputs,
@@ -11,6 +11,11 @@ process, and every process runs the same kernels for a given batch whatever it s
 resumed run should). Training and evaluation, and batches of one and of more samples, are separate
 graphs; inductor keeps compiled code on disk, so a later process on the same machine mostly loads it.
 
+The loss -- cross-entropy of the labelled positions' logits, in float32 -- is compiled too: eager,
+it writes the float32 log-probabilities over the vocabulary, and backward fills a zero gradient of
+that size and reads both again; compiled, the cast, the log-sum-exp and the gradient are two
+passes over the head's own logits. With long answers that is a tenth of a cold training step.
+
 Inductor needs a C++ compiler on CPU (triton on CUDA). Where compiling fails the process runs eager
 from then on, and the log says why; `TORCH_COMPILE_DISABLE=1` (PyTorch's own switch; the tests set it) also means eager.
 """
@@ -22,6 +27,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +37,12 @@ def decoder_layer(layer, hidden: torch.Tensor, attention: dict, rotary, position
     return layer(hidden, **attention, position_embeddings=rotary, position_ids=positions)
 
 
-_compiled: Callable | None = None
+def labelled_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) cross-entropy of N labelled positions' logits (N, V), in float32 whatever the head's dtype."""
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+_compiled: dict[Callable, Callable] = {}  # eager function -> its compiled version, made on first use
 _unavailable: str | None = None  # why this process runs eager, once compiling failed
 _first_pass_reported = False
 
@@ -44,27 +55,46 @@ def unavailable_reason() -> str | None:
 
 
 def active(compile: bool) -> bool:
-    """Whether layers asked to `compile` will run compiled in this process (as far as is known yet)."""
+    """Whether what is asked to `compile` will run compiled in this process (as far as is known yet)."""
     return compile and unavailable_reason() is None
+
+
+def _compiled_version(fn: Callable) -> Callable:
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
+
+
+def _give_up(error: Exception) -> None:
+    global _unavailable
+    _unavailable = str(error).strip().splitlines()[0]
+    log.warning("torch.compile cannot run here (%s): the decoder layers and the loss run eager", _unavailable)
 
 
 def run(through: Callable[[Callable], torch.Tensor], compile: bool) -> torch.Tensor:
     """`through(layer_fn)`: the layers run with `layer_fn` as each layer's call, compiled when `compile`
     and compiling works here, else `decoder_layer` itself."""
-    global _compiled, _unavailable, _first_pass_reported
+    global _first_pass_reported
     if not active(compile):
         return through(decoder_layer)
-    if _compiled is None:
-        _compiled = torch.compile(decoder_layer, dynamic=True)
     started = time.perf_counter()
     try:
-        out = through(_compiled)
+        out = through(_compiled_version(decoder_layer))
     except torch._dynamo.exc.BackendCompilerFailed as error:
-        _unavailable = str(error).strip().splitlines()[0]
-        log.warning("torch.compile cannot run here (%s): the decoder layers run eager", _unavailable)
+        _give_up(error)
         return through(decoder_layer)
     if not _first_pass_reported:
         _first_pass_reported = True
         log.info("decoder layers compiled (torch.compile, once per process): the first pass took %.1f s",
                  time.perf_counter() - started)
     return out
+
+
+def loss(logits: torch.Tensor, labels: torch.Tensor, compile: bool) -> torch.Tensor:
+    """`labelled_nll`, compiled when `compile` and compiling works here."""
+    if active(compile):
+        try:
+            return _compiled_version(labelled_nll)(logits, labels)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            _give_up(error)
+    return labelled_nll(logits, labels)

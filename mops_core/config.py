@@ -46,7 +46,7 @@ class ModelConfig:
     device: Literal["auto", "cpu", "cuda"] = field("auto", "where the model runs ('auto' = CUDA when present)")
     compile: bool = field(
         True,
-        "run the decoder layers through torch.compile: faster steps after a compile paid once per process "
+        "run the decoder layers and the loss through torch.compile: faster steps after a compile paid once per process "
         "(seconds to a minute, less with inductor's disk cache warm); eager, with the reason logged, where it "
         "cannot run (no C++ compiler on CPU)",
     )

@@ -13,6 +13,8 @@ fused causal kernel applies (`attention.py`);
 reaches attention); `"none"` is the prompt-tuning baseline. Prompts precede the text in a causal
 model, so their states entering `inject_layer` do not depend on the input:
 `init_prompts_from_input` starts the experts there, exactly at the input-prompt-tuned model.
+For the same reason the lower layers run the sink and P1 once (`lower_prefix`), and each input's
+text alone after them, attending to their keys and values.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from . import compiled
 from .attention import key_bias, layer_inputs, use_mops_attention
@@ -91,6 +93,16 @@ class Gate(nn.Module):
 
 
 @dataclass
+class LowerPrefix:
+    """The sink and the K input prompts through the layers below `inject_layer`: they precede the text
+    in a causal model, so this is the same for every input, and only the text runs per sample."""
+
+    states: torch.Tensor  # (1 + K, d) entering inject_layer
+    keys: list[torch.Tensor]  # per lower layer, (1, kv heads, 1 + K, head dim), rotated as the layer rotates them
+    values: list[torch.Tensor]
+
+
+@dataclass
 class MoPsOutput:
     loss: torch.Tensor | None  # mean NLL over the batch's labelled tokens
     nll: torch.Tensor  # (B,) summed NLL of each sample's labelled tokens
@@ -111,13 +123,14 @@ class MoPsModel(nn.Module):
         self.gating = cfg.effective_gating
         self.experts, self.prompts_per_expert, self.num_prompts = cfg.experts, cfg.prompts_per_expert, cfg.num_prompts
         self.sink_token_id = int(sink_token_id)
-        self.compile_layers = False  # the decoder layers through torch.compile (`compiled.py`); eager unless asked
+        self.compile_layers = False  # the decoder layers and the loss through torch.compile (`compiled.py`); eager unless asked
         self.input_prompts = nn.Parameter(torch.zeros(self.num_prompts, self.width), requires_grad=False)
         self.prompts = nn.Parameter(torch.zeros(cfg.experts, cfg.prompts_per_expert, self.width))
         self.gate = None
         if self.gating != "none":
             gain = float(cfg.experts) if cfg.gate_scale == "experts" else 1.0
             self.gate = Gate(self.width, cfg.gate_hidden, cfg.experts, norm=cfg.gate_input_norm, floor=cfg.gate_floor, gain=gain)
+        self._lower_prefix: tuple[tuple, LowerPrefix] | None = None  # for the P1 it was computed with
 
     device = property(lambda self: self.input_prompts.device)
     dtype = property(lambda self: self.base.model.embed_tokens.weight.dtype)  # the frozen base's
@@ -138,8 +151,7 @@ class MoPsModel(nn.Module):
     @torch.no_grad()
     def prompt_states(self) -> torch.Tensor:
         """(K, d) hidden states of the prompt positions entering `inject_layer` (input-independent)."""
-        empty = torch.zeros((1, 0), dtype=torch.long, device=self.device)
-        return self.entering(empty, empty)[0, 1 : 1 + self.num_prompts].float()
+        return self.lower_prefix().states[1:].float()
 
     @torch.no_grad()
     def init_prompts_from_input(self) -> None:
@@ -159,27 +171,55 @@ class MoPsModel(nn.Module):
         """(B, 1, 1, S) additive bias per key, causality aside: the text's right padding masked out."""
         return key_bias(attention_mask, self.num_prompts)
 
-    def run_layers(self, hidden, bias, start: int, stop: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def run_layers(self, hidden, bias, start: int, stop: int, scale: torch.Tensor | None = None,
+                   prefix: LowerPrefix | None = None) -> torch.Tensor:
         """Decoder layers start..stop-1, called one by one (transformers' own layers, compiled when
-        `self.compile_layers`: `compiled.py`), attending causally plus `bias`."""
-        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        `self.compile_layers`: `compiled.py`), attending causally plus `bias`; `hidden` follows the
+        `prefix`'s positions when given, and attends to its keys and values too."""
+        before = 0 if prefix is None else prefix.states.shape[0]
+        positions = torch.arange(before, before + hidden.shape[1], device=hidden.device).unsqueeze(0)
         rotary = self.base.model.rotary_emb(hidden, positions)
-        attention = layer_inputs(bias, hidden.dtype, compiled=compiled.active(self.compile_layers))
+        attention = layer_inputs(bias, hidden.dtype, compiled=compiled.active(self.compile_layers), queries=hidden.shape[1])
 
         def through(call_layer) -> torch.Tensor:
             out = hidden
-            for layer in self.base.model.layers[start:stop]:
+            for i in range(start, stop):
                 if scale is not None:
                     out = out * scale
-                out = call_layer(layer, out, attention, rotary, positions)
+                extra = {} if prefix is None else {"prefix": (prefix.keys[i], prefix.values[i])}
+                out = call_layer(self.base.model.layers[i], out, {**attention, **extra}, rotary, positions)
             return out
 
         return compiled.run(through, self.compile_layers)
 
     @torch.no_grad()
+    def lower_prefix(self) -> LowerPrefix:
+        """The sink and P1 through the lower layers, computed once per P1 (eager: it is one short sequence)."""
+        p1 = self.input_prompts
+        version = (p1.data_ptr(), p1._version, self.dtype, self.device)
+        if self._lower_prefix is None or self._lower_prefix[0] != version:
+            empty = torch.zeros((1, 0), dtype=torch.long, device=self.device)
+            hidden, bias = self.embed(empty), self.key_bias(empty)
+            positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            rotary = self.base.model.rotary_emb(hidden, positions)
+            kv = DynamicCache()  # each layer's attention leaves its rotated keys and values here
+            for layer in self.base.model.layers[: self.inject_layer]:
+                hidden = layer(hidden, **layer_inputs(bias, hidden.dtype), position_embeddings=rotary,
+                               position_ids=positions, past_key_values=kv)
+            kept = kv.layers[: self.inject_layer]
+            self._lower_prefix = (version, LowerPrefix(hidden[0], [k.keys for k in kept], [k.values for k in kept]))
+        return self._lower_prefix[1]
+
+    @torch.no_grad()
     def entering(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, S, d) hidden states entering `inject_layer`: all frozen, so a cache may keep them."""
-        return self.run_layers(self.embed(input_ids), self.key_bias(attention_mask), 0, self.inject_layer)
+        """(B, S, d) hidden states entering `inject_layer`: all frozen, so a cache may keep them.
+        The lower layers run the text alone, after the sink's and P1's states (`lower_prefix`)."""
+        prefix = self.lower_prefix()
+        hidden = prefix.states.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
+        if input_ids.shape[1] == 0:
+            return hidden
+        text = self.run_layers(self.base.model.embed_tokens(input_ids), self.key_bias(attention_mask), 0, self.inject_layer, prefix=prefix)
+        return torch.cat([hidden, text], dim=1)
 
     def gate_input(self, hidden: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
         """(B, d) float32, never the sink or the response: the question's mean ('question'; the prompts'
@@ -221,8 +261,8 @@ class MoPsModel(nn.Module):
             zeros = torch.zeros(batch, device=hidden.device)
             return None, zeros, zeros, logits
         labelled = labels != IGNORE_INDEX
-        picked = logits[:, :-1][labelled] if want_logits else self.base.lm_head(self.base.model.norm(text[:, :-1][labelled])).float()
-        token_nll = F.cross_entropy(picked, labels[labelled], reduction="none")
+        picked = logits[:, :-1][labelled] if want_logits else self.base.lm_head(self.base.model.norm(text[:, :-1][labelled]))
+        token_nll = compiled.loss(picked, labels[labelled], self.compile_layers)
         nll = torch.zeros(batch, device=hidden.device, dtype=token_nll.dtype).index_add(0, labelled.nonzero()[:, 0], token_nll)
         loss = token_nll.mean() if token_nll.numel() else token_nll.sum()
         return loss, nll, labelled.sum(1), logits

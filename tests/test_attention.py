@@ -1,6 +1,5 @@
 """The fused biased causal attention against attention written out, values and gradients."""
 
-import pytest
 import torch
 from helpers import tiny_base
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -124,7 +123,26 @@ def test_without_a_key_bias_the_base_gets_transformers_sdpa():
     torch.testing.assert_close(before, base(input_ids=ids).logits)
 
 
-def test_a_key_bias_needs_the_whole_sequence():
-    q, k, v, bias = inputs(torch.float32)
-    with pytest.raises(ValueError, match="whole sequence"):
-        mops_attention(None, q[:, :, -1:], k, v, None, key_bias=bias)
+def test_fewer_queries_than_keys_are_the_last_positions():
+    """The queries after a prefix (`MoPsModel.lower_prefix`) attend as the same rows of the whole sequence would,
+    whether the prefix's keys come with the call or already lead `key`, through the per-key bias or the dense mask."""
+    q, k, v, bias = (t.detach() for t in inputs(torch.float32))
+    scale, before = 0.25, 6
+    whole = written_out(q, k, v, bias, scale)[:, :, before:].transpose(1, 2)
+    with torch.no_grad():
+        led = mops_attention(None, q[:, :, before:], k, v, None, scaling=scale, key_bias=bias)[0]
+        prefix = (k[:1, :, :before], v[:1, :, :before])  # one sample's, as the model keeps it
+        k2, v2 = k.clone(), v.clone()
+        k2[1:, :, :before], v2[1:, :, :before] = prefix[0], prefix[1]
+        whole2 = written_out(q, k2, v2, bias, scale)[:, :, before:].transpose(1, 2)
+        given = mops_attention(None, q[:, :, before:], k2[:, :, before:], v2[:, :, before:], None, scaling=scale, key_bias=bias, prefix=prefix)[0]
+        base = tiny_base(64, layers=2)
+        module = base.model.layers[0].self_attn
+        q3, k3, v3, bias3 = (t.detach() for t in inputs(torch.float32, heads=base.config.num_attention_heads,
+                                                      kv_heads=base.config.num_key_value_heads, dim=module.head_dim))
+        mask = layer_inputs(bias3, torch.float32, queries=q3.shape[2] - before)["attention_mask"]
+        assert mask.shape == (2, 1, q3.shape[2] - before, q3.shape[2])
+        dense = mops_attention(module, q3[:, :, before:], k3, v3, mask, scaling=scale)[0]
+    torch.testing.assert_close(led, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(given, whole2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense, written_out(q3, k3, v3, bias3, scale)[:, :, before:].transpose(1, 2), atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ from test_model import QLENS, TEXTS, batch_of, make_model
 
 from mops_core import attention, compiled
 from mops_core.attention import written_out_attention
+from mops_core.compiled import labelled_nll
 from mops_core.config import Settings
 from mops_core.session import build_model
 
@@ -18,7 +19,7 @@ from mops_core.session import build_model
 def compiling(monkeypatch, tmp_path):
     """torch.compile on (the tests' conftest turns it off), a fresh compiled function, inductor's cache in tmp_path."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(compiled, "_compiled", None)
+    monkeypatch.setattr(compiled, "_compiled", {})
     monkeypatch.setattr(compiled, "_unavailable", None)
     monkeypatch.setattr(compiled, "_first_pass_reported", False)
     torch._dynamo.reset()
@@ -56,14 +57,20 @@ def has_cpp_compiler() -> bool:
 @pytest.mark.skipif(not has_cpp_compiler(), reason="inductor needs a C++ compiler on CPU (the fallback test covers its absence)")
 def test_compiled_layers_give_the_eager_numbers(tokenizer, compiling, caplog, monkeypatch):
     """Loss and every trainable gradient within 1e-5 of eager in float32, evaluation too; the compiled graph really ran,
-    attending through the written-out attention with and without autograd."""
+    attending through the written-out attention with and without autograd, and the loss was compiled too."""
     traced = []  # autograd's state each time the compiled layers' attention is traced
+    losses = []  # whether the loss ran compiled, each time
 
     def spy(*args):
         traced.append(torch.is_grad_enabled())
         return written_out_attention(*args)
 
+    def loss_spy(*args):
+        losses.append(torch.compiler.is_compiling())
+        return labelled_nll(*args)
+
     monkeypatch.setattr(attention, "written_out_attention", spy)
+    monkeypatch.setattr(compiled, "labelled_nll", loss_spy)
     model = make_model(tokenizer)
     batch = batch_of(tokenizer, TEXTS, QLENS)
     eager_loss, eager_grads = loss_and_grads(model, batch)
@@ -84,6 +91,7 @@ def test_compiled_layers_give_the_eager_numbers(tokenizer, compiling, caplog, mo
     with torch.no_grad():
         torch.testing.assert_close(model(**batch, return_logits=True).logits, eager_eval, atol=1e-5, rtol=1e-5)
     assert set(traced) == {True, False}
+    assert set(losses) == {False, True}  # eager first, then compiled
 
 
 def test_without_a_compiler_the_layers_run_eager_and_the_log_says_why(tokenizer, compiling, caplog):

@@ -250,6 +250,31 @@ def test_initial_prompts_reproduce_the_input_prompt_model(tokenizer):
     torch.testing.assert_close(injected[real], plain[real], atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_the_lower_layers_run_the_text_after_one_shared_prefix(tokenizer):
+    """`entering` (the text alone through the lower layers, after the sink's and P1's keys and values,
+    computed once) equals the whole sequence through them written plainly; a new P1 is a new prefix."""
+    model = make_model(tokenizer, layers=4, inject=3)
+    batch = batch_of(tokenizer, TEXTS, QLENS)
+    config, k = model.base.config, model.num_prompts
+
+    def plainly():
+        hidden = model.embed(batch["input_ids"])
+        b, length, _ = hidden.shape
+        valid = torch.cat([torch.ones(b, 1 + k, dtype=torch.bool), batch["attention_mask"].bool()], 1)
+        allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & valid[:, None, :]
+        cos, sin = rope(torch.arange(length), config.head_dim, config.rope_parameters["rope_theta"])
+        for layer in model.base.model.layers[: model.inject_layer]:
+            hidden = reference_layer(layer, hidden, allowed, torch.ones(b, length), cos, sin)
+        return hidden, valid
+
+    for _ in range(2):
+        expected, real = plainly()
+        torch.testing.assert_close(model.entering(batch["input_ids"], batch["attention_mask"])[real], expected[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.prompt_states(), expected[0, 1 : 1 + k], atol=1e-5, rtol=1e-5)
+        model.input_prompts.copy_(torch.randn_like(model.input_prompts))
+
+
 def test_inject_layer_bounds():
     with pytest.raises(ValueError, match="inject-layer"):
         MoPsConfig(inject_layer=9).resolve_inject_layer(8)
