@@ -9,9 +9,14 @@ home and results folder. It prints each run's wall time, the seconds of each rou
 results.json recorded them, and the ratios: of the wall times, and of the median round. A shared
 machine's speed drifts by more than a speed-up between runs minutes apart: `--repeats N` runs
 each checkout N times, reversing the order every repeat (after, before, before, after, ...),
-and takes medians over them. The runs share nothing that one could warm for another except the
-dequantised base, which all load from the model cache, and inductor's compiled code: run a demo
-once beforehand so that none pays for dequantising.
+and takes medians over them.
+
+Every run samples the same clients and the same local samples, so the activation cache on disk
+would serve a checkout's second run (and any run of a commit benchmarked before) every state
+below `L_int`: the runs keep activations in memory only (`activation-cache-disk-mb=0`), and each
+client's first visit of a sample is cold, as on a fresh machine. What they still share is the
+dequantised base and the start state in the model cache, and inductor's compiled code: run a
+demo once beforehand so that none pays for dequantising.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from simulation.launch import PROJECT, with_shared_data  # noqa: E402
 
 def run_main_job(checkout: Path, work: Path, rounds: int | None) -> dict:
     out = work / "results"
-    command = [sys.executable, "-m", "simulation.launch", "--out-dir", str(out), "--flwr-home", str(work / "flwr")]
+    command = [sys.executable, "-m", "simulation.launch", "--out-dir", str(out), "--flwr-home", str(work / "flwr"),
+               "--run-config", "activation-cache-disk-mb=0"]  # no run warm from an earlier one's activations
     if rounds:
         command += ["--run-config", f"num-server-rounds={rounds}"]
     started = time.perf_counter()

@@ -102,21 +102,22 @@ def peft_steps(base, k: int, batch) -> dict[str, Callable[[], float]]:
     return steps
 
 
-def layer_flops(config, s: int, backward: bool = True) -> float:
-    """FLOPs of one decoder layer over `s` positions, forward and, with `backward`, input gradients
-    (the weights are frozen: backward runs each linear once more and attention's two products twice)."""
+def layer_flops(config, s: int, backward: bool = True, keys: int | None = None) -> float:
+    """FLOPs of one decoder layer over `s` positions attending to `keys` (`s` unless a prefix's keys
+    lead them), forward and, with `backward`, input gradients (the weights are frozen: backward runs
+    each linear once more and attention's two products twice)."""
     d, di = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (d // config.num_attention_heads)
     linear = 2 * s * (d * d + 2 * d * kv + d * d + 3 * d * di)
-    attention = 2 * 2 * s * s * d
+    attention = 2 * 2 * s * (s if keys is None else keys) * d
     return 2 * linear + 3 * attention if backward else linear + attention
 
 
 def mops_flops(config, seq: int, k: int, labelled: int, inject: int, cached: bool) -> float:
     """FLOPs of one MoPs step: the upper layers forward and backward, the head on labelled tokens
-    (and, cold, the lower layers forward only)."""
+    (and, cold, the lower layers forward only, over the text after the sink's and P1's keys)."""
     s = seq + 1 + k
-    lower = 0 if cached else inject * layer_flops(config, s, backward=False)
+    lower = 0 if cached else inject * layer_flops(config, seq, backward=False, keys=s)
     head = 2 * 2 * labelled * config.hidden_size * config.vocab_size
     return (config.num_hidden_layers - inject) * layer_flops(config, s) + lower + head
 

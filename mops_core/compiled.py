@@ -14,7 +14,8 @@ graphs; inductor keeps compiled code on disk, so a later process on the same mac
 The loss -- cross-entropy of the labelled positions' logits, in float32 -- is compiled too: eager,
 it writes the float32 log-probabilities over the vocabulary, and backward fills a zero gradient of
 that size and reads both again; compiled, the cast, the log-sum-exp and the gradient are two
-passes over the head's own logits. With long answers that is a tenth of a cold training step.
+passes over the head's own logits. Those passes grow with the answer's length, and with long
+answers they weigh as much as the attention of several layers.
 
 Inductor needs a C++ compiler on CPU (triton on CUDA). Where compiling fails the process runs eager
 from then on, and the log says why; `TORCH_COMPILE_DISABLE=1` (PyTorch's own switch; the tests set it) also means eager.
