@@ -151,7 +151,7 @@ class MoPsModel(nn.Module):
     @torch.no_grad()
     def prompt_states(self) -> torch.Tensor:
         """(K, d) hidden states of the prompt positions entering `inject_layer` (input-independent)."""
-        return self.lower_prefix().states[1:].float()
+        return self.lower_prefix().states[1:].to(torch.float32, copy=True)  # never the kept prefix itself
 
     @torch.no_grad()
     def init_prompts_from_input(self) -> None:
@@ -217,7 +217,7 @@ class MoPsModel(nn.Module):
         prefix = self.lower_prefix()
         hidden = prefix.states.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
         if input_ids.shape[1] == 0:
-            return hidden
+            return hidden.clone()  # a caller may write into what it gets; the kept prefix stays as computed
         text = self.run_layers(self.base.model.embed_tokens(input_ids), self.key_bias(attention_mask), 0, self.inject_layer, prefix=prefix)
         return torch.cat([hidden, text], dim=1)
 

@@ -271,6 +271,8 @@ def test_the_lower_layers_run_the_text_after_one_shared_prefix(tokenizer):
     for _ in range(2):
         expected, real = plainly()
         torch.testing.assert_close(model.entering(batch["input_ids"], batch["attention_mask"])[real], expected[real], atol=1e-5, rtol=1e-5)
+        model.prompt_states().add_(1.0)  # what a caller gets is its own: the kept prefix stays as computed
+        model.entering(batch["input_ids"][:, :0], batch["attention_mask"][:, :0]).add_(1.0)
         torch.testing.assert_close(model.prompt_states(), expected[0, 1 : 1 + k], atol=1e-5, rtol=1e-5)
         model.input_prompts.copy_(torch.randn_like(model.input_prompts))
 
