@@ -49,7 +49,7 @@ _first_pass_reported = False
 
 
 def unavailable_reason() -> str | None:
-    """Why the layers run eager in this process although compiling was asked for; None if they compile."""
+    """Why the layers and the loss run eager in this process although compiling was asked for; None if they compile."""
     if torch._dynamo.config.disable:
         return "TORCH_COMPILE_DISABLE is set"
     return _unavailable
