@@ -124,7 +124,7 @@ def progress_line(row: dict) -> str:
         parts += [
             f"clients {row['accepted']}/{row['sampled']}" + (f" ({len(row['dropped'])} dropped, {row['failed']} failed)" if row["dropped"] or row["failed"] else ""),
             f"sent {row['bytes_down'] / 1e6:.2f} MB, received {row['bytes_up'] / 1e6:.2f} MB",
-            f"round {num('seconds', '.1f')} s (local training {num('train_seconds', '.1f')} s)",
+            f"round {num('seconds', '.1f')} s (clients' training {num('train_seconds', '.1f')} s summed)",
         ]
     agreement = row.get("agreement")
     if agreement and agreement["cosine"] is not None:  # how much the clients' prompt updates pulled together

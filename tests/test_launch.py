@@ -87,3 +87,24 @@ def test_a_preset_without_a_local_copy_is_named_before_anything_starts(monkeypat
     assert "no local copy" not in capsys.readouterr().err
     launch_module.main(["--out-dir", str(tmp_path / "run"), "--run-config", f"data-dir='{toy_data_dir}'"])
     assert "no local copy" not in capsys.readouterr().err
+
+
+def test_the_clients_of_a_round_share_the_cores_unless_told(monkeypatch, tmp_path):
+    """One actor per client of a round where the cores allow it (each with a share of them), never fewer than one CPU."""
+    commands = []
+
+    def fake_run(command, env, cwd, timeout):
+        commands.append(command[command.index("--federation-config") + 1])
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(launch_module.subprocess, "run", fake_run)
+    monkeypatch.setattr(launch_module.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    home = tmp_path / "home"
+    launch_module.launch({}, supernodes=100, flwr_home=home)  # 10 clients a round (fraction-train 0.1)
+    launch_module.launch({}, supernodes=40, flwr_home=home)  # 4
+    launch_module.launch({"fraction-train": 0.5}, supernodes=4, flwr_home=home)  # 2
+    launch_module.launch({}, supernodes=4, flwr_home=home, extra_run_config=["fraction-train=0.5"])
+    launch_module.launch({}, supernodes=100, flwr_home=home, client_cpus=3)  # asked
+    launch_module.launch({}, supernodes=4, flwr_home=home, ray_address="head:6379")  # a cluster's cores are not these
+    cpus = [int(c.split("client-resources-num-cpus=")[1].split()[0]) for c in commands]
+    assert cpus == [1, 4, 8, 8, 3, 2]
