@@ -60,18 +60,62 @@ def write_connection(flwr_home: Path) -> Path:
     return path
 
 
-def actor_cpus(clients_per_round: int, ray_address: str | None = None) -> int:
+# What an actor holds beside its base's weights: torch, compiled code, activations, the data.
+ACTOR_OVERHEAD_BYTES = 2**30
+
+
+def base_bytes(model: str, dtype: str) -> int | None:
+    """An upper estimate of one actor's base in memory, from its config.json (a local checkpoint or
+    one in the Hugging Face cache) without loading it: float32 unless `dtype` asks for 16 bits.
+    None when there is no config to read (the embedded model, a hub id not downloaded yet)."""
+    path = Path(model).expanduser()
+    try:
+        config: Path | None = path / "config.json" if path.is_dir() else None
+        if config is None and model.count("/") == 1:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(model, "config.json")  # a ValueError for what cannot be a hub id
+            config = Path(found) if isinstance(found, str) else None
+        c = json.loads(config.read_text()) if config else None
+        d, heads = c["hidden_size"], c["num_attention_heads"]
+        head_dim, kv = c.get("head_dim") or d // heads, c.get("num_key_value_heads") or heads
+        layer = 2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * c["intermediate_size"]
+        embeddings = c["vocab_size"] * d * (1 if c.get("tie_word_embeddings") else 2)
+        parameters = embeddings + c["num_hidden_layers"] * (layer + 2 * d) + d  # the norms' weights too
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return parameters * (2 if dtype in ("bfloat16", "float16") else 4)
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says new processes can use (/proc/meminfo's MemAvailable); None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def actor_cpus(clients_per_round: int, ray_address: str | None = None, *, base: int | None = None,
+               memory: int | None = None) -> int:
     """CPUs per ClientApp actor when none are asked: this machine's cores shared among the clients
     of one round, at least one each, so that they train side by side rather than in turn. Ray gives
     an actor as many threads as CPUs (OMP_NUM_THREADS). A client's batch-1 step is small GEMMs and
     single-threaded work (Python, dynamo, autograd), so two clients on one thread each finish
-    sooner than the same two one after the other on two threads. Each actor holds a base of its
-    own, which this bounds too: never more actors than cores, and no more threads than a round
-    can use. On a Ray cluster this machine's cores say nothing of the cluster's: Flower's default, 2."""
+    sooner than the same two one after the other on two threads. Every actor holds a base of its
+    own: with the base's estimated `base` bytes and `memory` free, no more actors than fit in
+    four fifths of it. On a Ray cluster this machine's cores and memory say nothing of the
+    cluster's: Flower's default, 2."""
     if ray_address:
         return 2
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(clients_per_round, 1))
+    cpus = max(1, cores // max(clients_per_round, 1))
+    if base and memory:
+        fit = max(1, int(0.8 * memory) // (base + ACTOR_OVERHEAD_BYTES))
+        cpus = max(cpus, cores // (fit + 1) + 1)  # the fewest CPUs each for which Ray starts (cores // cpus) <= fit actors
+    return cpus
 
 
 def federation_config(supernodes: int, client_cpus: int, client_gpus: float) -> str:
@@ -127,8 +171,10 @@ def launch(
         from flwr.common.config import parse_config_args
 
         given = {**(overrides or {}), **parse_config_args(list(extra_run_config))}
-        fraction = Settings.from_flat({**app_config(), **given}, context="--run-config").federated.fraction_train
-        client_cpus = actor_cpus(max(int(supernodes * fraction), 1), ray_address)  # as the server samples
+        settings = Settings.from_flat({**app_config(), **given}, context="--run-config")
+        clients = max(int(supernodes * settings.federated.fraction_train), 1)  # as the server samples
+        base = base_bytes(settings.model.model, settings.model.dtype) if not client_gpus else None  # GPU shares bound those actors
+        client_cpus = actor_cpus(clients, ray_address, base=base, memory=available_memory())
     flwr_home = Path(flwr_home or os.environ.get("FLWR_HOME") or PROJECT / ".flwr").resolve()
     write_connection(flwr_home)
     bin_dir = Path(sys.executable).parent

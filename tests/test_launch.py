@@ -108,3 +108,36 @@ def test_the_clients_of_a_round_share_the_cores_unless_told(monkeypatch, tmp_pat
     launch_module.launch({}, supernodes=4, flwr_home=home, ray_address="head:6379")  # a cluster's cores are not these
     cpus = [int(c.split("client-resources-num-cpus=")[1].split()[0]) for c in commands]
     assert cpus == [1, 4, 8, 8, 3, 2]
+
+
+def test_no_more_actors_than_their_bases_fit_in_memory(tmp_path):
+    """A large base on a small machine trains one client at a time, as before; a small one side by side."""
+    def checkpoint(name, **config):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        return str(folder)
+
+    llama_7b = checkpoint("7b", hidden_size=4096, num_attention_heads=32, num_hidden_layers=32, intermediate_size=11008,
+                          vocab_size=32000)
+    smol = checkpoint("135m", hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30,
+                      intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+    assert launch_module.base_bytes(smol, "float32") == 134_515_008 * 4  # SmolLM2-135M's parameters, as the released model counts them
+    assert launch_module.base_bytes(llama_7b, "bfloat16") == 6_738_415_616 * 2  # LLaMA-2-7B's (untied head), as released
+    assert launch_module.base_bytes(str(tmp_path / "missing"), "float32") is None
+    assert launch_module.base_bytes("not a/hub id", "float32") is None
+    assert launch_module.base_bytes(checkpoint("broken", hidden_size=64), "float32") is None
+
+    gib = 2**30
+    big, small = launch_module.base_bytes(llama_7b, "auto"), launch_module.base_bytes(smol, "auto")
+    cores = launch_module.os.sched_getaffinity
+    try:
+        launch_module.os.sched_getaffinity = lambda pid: set(range(2))
+        assert launch_module.actor_cpus(10, base=big, memory=24 * gib) == 2  # one actor: 27 GB each would not fit twice
+        assert launch_module.actor_cpus(10, base=small, memory=24 * gib) == 1
+        assert launch_module.actor_cpus(10, base=None, memory=24 * gib) == 1  # nothing known: the cores decide
+        launch_module.os.sched_getaffinity = lambda pid: set(range(16))
+        assert launch_module.actor_cpus(10, base=big, memory=128 * gib) == 5  # Ray starts 16 // 5 = 3 actors of 28 GB in 110 GB
+        assert launch_module.actor_cpus(10, base=small, memory=128 * gib) == 1
+    finally:
+        launch_module.os.sched_getaffinity = cores
