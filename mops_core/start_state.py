@@ -111,8 +111,23 @@ def input_prompts_path(settings: Settings, sha: str) -> Path:
     return cache_root(settings.model) / "input-prompts" / sha / "input_prompts.safetensors"
 
 
+# Begins every error a node raises for want of intact input prompts. The server admits such a node
+# again, and so sends them, before it next samples it: a cache pruned or damaged mid-run heals.
+LACKS_INPUT_PROMPTS = "this node lacks the run's input prompts"
+
+
+def _stored(path: Path) -> torch.Tensor | None:
+    """P1 as stored at `path`; None when the file is missing, unreadable or holds no P1."""
+    try:
+        return load_file(str(path)).get(INPUT_PROMPTS)
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
 def has_input_prompts(settings: Settings, sha: str) -> bool:
-    return input_prompts_path(settings, sha).is_file()
+    """Whether this node holds the input prompts `sha` intact (a damaged copy does not count: the server sends them)."""
+    prompts = _stored(input_prompts_path(settings, sha))
+    return prompts is not None and tensor_sha(prompts) == sha
 
 
 def store_input_prompts(settings: Settings, prompts: torch.Tensor, sha: str) -> Path:
@@ -126,7 +141,8 @@ def store_input_prompts(settings: Settings, prompts: torch.Tensor, sha: str) -> 
             f"the input prompts received do not match their hash (expected {sha}, got {tensor_sha(prompts)}); nothing was stored"
         )
     with file_lock(path.parent.with_name(sha + ".lock")):
-        if not path.is_file():
+        held = _stored(path)
+        if held is None or tensor_sha(held) != sha:  # a damaged copy is replaced
             with directory(path.parent) as tmp:
                 save_file({INPUT_PROMPTS: prompts}, str(tmp / path.name))
     return path
@@ -136,15 +152,11 @@ def load_input_prompts(model: MoPsModel, settings: Settings, sha: str) -> None:
     """Install the server's frozen input prompts into a client's model, verified by content hash."""
     path = input_prompts_path(settings, sha)
     with file_lock(path.parent.with_name(sha + ".lock")):  # a pruner takes it too
-        if not path.is_file():
-            raise StartStateError(
-                f"the input prompts {sha} are not in this node's cache ({path}); the server sends them when it admits the node"
-            )
-        try:
-            prompts = load_file(str(path)).get(INPUT_PROMPTS)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise StartStateError(f"{path} is corrupt ({exc}); delete it and the server sends it again") from None
-        touch(path.parent)
+        prompts = _stored(path)
+        if prompts is not None:
+            touch(path.parent)
     if prompts is None or tensor_sha(prompts) != sha:
-        raise StartStateError(f"{path} does not hold the input prompts {sha} (hash mismatch); delete it and the server sends it again")
+        why = "not in its cache" if not path.is_file() else "unreadable or changed"
+        raise StartStateError(f"{LACKS_INPUT_PROMPTS} ({sha}): {path} is {why}; the server sends them again before it next "
+                              "samples this node")
     checkpoint.load_adapter_tensors(model, {INPUT_PROMPTS: prompts}, source=str(path), keys=[INPUT_PROMPTS])

@@ -2,7 +2,8 @@
 
     query              -> its data (partition, counts per task), its base's fingerprint,
                           whether it holds the run's frozen input prompts
-    query.start_state  -> the input prompts, to a node that lacks them (hash-checked there)
+    query.start_state  -> the input prompts, to a node that lacks them (hash-checked there); again
+                          to a node whose training or evaluation fails for want of them
 
 A node that cannot read its data or load its base, or whose base differs from the server's, is
 left out with one log line that says why and what to do; it is never sampled. A node that did
@@ -25,6 +26,7 @@ from flwr.serverapp import Grid
 
 from mops_core.config import Settings
 from mops_core.model import INPUT_PROMPTS
+from mops_core.start_state import LACKS_INPUT_PROMPTS
 
 START_STATE = f"{MessageType.QUERY}.start_state"
 # Errors about the node's reachability, not about the node: it is asked again later.
@@ -113,6 +115,12 @@ class Admission:
             if report["partition-id"] >= 0:
                 self.partitions[node] = report["partition-id"]
         return sorted(found)
+
+    def readmit_if_lacking_prompts(self, node: int, reason: str) -> None:
+        """A node whose error says it lacks the input prompts (its cache was pruned or damaged since it
+        was admitted) is admitted again, and so sent them, before it is next sampled."""
+        if LACKS_INPUT_PROMPTS in reason and self.reports.pop(node, None) is not None:
+            log(WARNING, "node %d lacks the input prompts it was sent; it is admitted again before it is next sampled", node)
 
     def _send_input_prompts(self, grid: Grid, nodes: list[int], found: dict[int, dict]) -> None:
         if not nodes:

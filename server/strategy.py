@@ -270,6 +270,10 @@ class MoPsFedAvg(FedAvg):
         rng = random.Random(f"{self.seed}:{self.round_number(server_round)}" + (":evaluate" if evaluate else ""))
         return rng.sample(ordered, size)
 
+    def _readmit_if_lacking_prompts(self, node: int, reason: str) -> None:
+        if self.admission is not None:
+            self.admission.readmit_if_lacking_prompts(node, reason)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         number = self.round_number(server_round)
         round_log = self.rounds[number] = RoundLog(number)
@@ -303,6 +307,7 @@ class MoPsFedAvg(FedAvg):
             node = answering_node(msg, self.sent_evaluate)
             if msg.has_error():
                 log(WARNING, "node %d (partition %s) failed to evaluate: %s", node, self.partitions.get(node, "?"), msg.error.reason)
+                self._readmit_if_lacking_prompts(node, msg.error.reason)
                 continue
             problem = eval_reply_problem(msg.content, len(self.tasks))
             if problem:
@@ -327,6 +332,7 @@ class MoPsFedAvg(FedAvg):
             if msg.has_error():
                 round_log.failed += 1
                 log(WARNING, "node %d (partition %s) failed: %s", node, self.partitions.get(node, "?"), msg.error.reason)
+                self._readmit_if_lacking_prompts(node, msg.error.reason)
                 continue
             for record in msg.content.array_records.values():
                 round_log.bytes_up += record.count_bytes()

@@ -159,7 +159,7 @@ def test_a_node_with_its_own_cache_reports_its_base_and_stores_the_input_prompts
     assert report["node"]["base-fingerprint"] == base_fingerprint(server.base)
     arrays = ArrayRecord({k: v.cpu() for k, v in server.model.federated_state_dict().items()})
     train = message({"arrays": arrays, "config": ConfigRecord({**config, "server-round": 1})}, MessageType.TRAIN)
-    with pytest.raises(StartStateError, match="not in this node's cache"):
+    with pytest.raises(StartStateError, match="this node lacks the run's input prompts .*is not in its cache"):
         client_app.train(train, context)
 
     def send(tensor, claimed):
@@ -203,3 +203,29 @@ def test_the_apps_print_what_mops_core_logs_from_info_up(module):
     done = subprocess.run([sys.executable, "-c", code], cwd=PYPROJECT.parent, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert line in done.stdout + done.stderr
+
+
+def test_input_prompts_pruned_or_damaged_mid_run_are_reported_as_lacking_and_replaced_when_sent_again(tmp_path):
+    from mops_core.start_state import LACKS_INPUT_PROMPTS, StartStateError, has_input_prompts, input_prompts_path, load_input_prompts
+
+    settings = Settings.from_flat({"model-cache-dir": str(tmp_path)})
+    prompts = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    sha = tensor_sha(prompts)
+    path = store_input_prompts(settings, prompts, sha)
+    assert has_input_prompts(settings, sha)
+
+    path.write_bytes(b"half a safetensors file")  # a disk fault, a partial copy
+    assert not has_input_prompts(settings, sha)  # the query says so: the server sends them again
+    with pytest.raises(StartStateError, match=f"^{LACKS_INPUT_PROMPTS} \\({sha}\\): .* is unreadable or changed"):
+        load_input_prompts(None, settings, sha)
+    store_input_prompts(settings, prompts, sha)  # what the server sends replaces the damaged copy
+    assert has_input_prompts(settings, sha) and torch.equal(load_file(str(path))["input_prompts"], prompts)
+
+    save_file({"input_prompts": prompts + 1}, str(path))  # another tensor under this hash
+    assert not has_input_prompts(settings, sha)
+    import shutil
+
+    shutil.rmtree(input_prompts_path(settings, sha).parent)  # `mops cache prune` between two rounds
+    assert not has_input_prompts(settings, sha)
+    with pytest.raises(StartStateError, match=f"^{LACKS_INPUT_PROMPTS} \\({sha}\\): .* is not in its cache"):
+        load_input_prompts(None, settings, sha)

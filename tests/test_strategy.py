@@ -539,3 +539,28 @@ def test_each_round_records_how_the_prompt_updates_agree(server_identity):
     # Expert 0 (both clients, the same step): cosine 1; expert 2 (only client 1 used it) has no pair;
     # expert 1: zero update for both. Pooled: 1.
     assert s.rounds[1].agreement["cosine"] == pytest.approx(1.0)
+
+
+def test_a_node_that_lost_its_input_prompts_mid_run_is_sent_them_again_before_it_is_next_sampled(server_identity, caplog):
+    from mops_core.start_state import LACKS_INPUT_PROMPTS
+    from server.admission import START_STATE
+    from server.app import discover
+
+    holding = {1, 2, 3, 4}
+    grid = AnsweringGrid([1, 2, 3, 4], nodes_answer(lambda n: partition_report(n, has_prompts=n in holding),
+                                                    lambda n: holding.add(n) or reply_ok(n)))
+    a = admission()
+    discover(grid, a, 4, timeout=1.0)
+    s = strategy(admission=a, fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=4)
+    assert sorted(s.sample(grid, 1)) == [1, 2, 3, 4] and a.prompts_sent == 0
+    holding -= {2, 4}  # their caches pruned between rounds
+    lacking = lambda n: f"StartStateError: {LACKS_INPUT_PROMPTS} ({a.sha}): /cache/{n} is not in its cache"  # noqa: E731
+    with caplog.at_level(logging.WARNING):
+        s.aggregate_train(1, [reply(1, arrays(1), metrics(4)), reply(2, error=lacking(2)), reply(3, error="out of memory")])
+        s.aggregate_evaluate(1, [reply(4, error=lacking(4))])
+    assert "node 2 lacks the input prompts it was sent; it is admitted again" in caplog.text
+    asked = len(grid.sent)
+    assert sorted(s.sample(grid, 2)) == [1, 2, 3, 4]
+    again = [(m.metadata.dst_node_id, m.metadata.message_type) for m in grid.sent[asked:]]
+    assert sorted(again) == [(2, MessageType.QUERY), (2, START_STATE), (4, MessageType.QUERY), (4, START_STATE)]
+    assert holding == {1, 2, 3, 4} and a.prompts_sent == 2  # a node that failed for another reason is not asked again
