@@ -1,6 +1,7 @@
 """Wall time of the default federated main job: this checkout against an earlier commit.
 
     python benchmarks/main_job.py --before 3316f70 [--rounds 3] [--repeats 1] [--order after,before]
+    python benchmarks/main_job.py --before HEAD --before-args "--client-cpus 2"   # one launcher option against the default
 
 Checks out `--before` into a temporary git worktree and runs the same main job there and here
 (`python -m simulation.launch` with the demo's settings from each checkout's pyproject.toml, the
@@ -9,7 +10,8 @@ home and results folder. It prints each run's wall time, the seconds of each rou
 results.json recorded them, and the ratios: of the wall times, and of the median round. A shared
 machine's speed drifts by more than a speed-up between runs minutes apart: `--repeats N` runs
 each checkout N times, reversing the order every repeat (after, before, before, after, ...),
-and takes medians over them.
+and takes medians over them. `--before-args` are launcher options for the "before" runs alone
+(`python -m simulation.launch --help`): with `--before HEAD` they measure one option of the same code.
 
 Every run samples the same clients and the same local samples, so the activation cache on disk
 would serve a checkout's second run (and any run of a commit benchmarked before) every state
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -36,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from simulation.launch import PROJECT, with_shared_data  # noqa: E402
 
 
-def run_main_job(checkout: Path, work: Path, rounds: int | None) -> dict:
+def run_main_job(checkout: Path, work: Path, rounds: int | None, extra: list[str] = ()) -> dict:
     out = work / "results"
     command = [sys.executable, "-m", "simulation.launch", "--out-dir", str(out), "--flwr-home", str(work / "flwr"),
-               "--run-config", "activation-cache-disk-mb=0"]  # no run warm from an earlier one's activations
+               "--run-config", "activation-cache-disk-mb=0", *extra]  # no run warm from an earlier one's activations
     if rounds:
         command += ["--run-config", f"num-server-rounds={rounds}"]
     started = time.perf_counter()
@@ -65,7 +68,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="num-server-rounds for both (default: each pyproject's)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each checkout, the order reversed every repeat")
     parser.add_argument("--order", default="after,before", help="which runs first (the first may warm the OS file cache)")
+    parser.add_argument("--before-args", default="", help="launcher options of the before runs, e.g. \"--client-cpus 2\"")
     args = parser.parse_args()
+    before_args = shlex.split(args.before_args)
     order = args.order.split(",")
     if sorted(order) != ["after", "before"] or args.repeats < 1:
         parser.error("--order is after,before or before,after; --repeats at least 1")
@@ -80,11 +85,12 @@ def main() -> int:
                 for name in order if repeat % 2 == 0 else order[::-1]:
                     checkout = PROJECT if name == "after" else worktree
                     print(f"--- {name}, run {repeat + 1}/{args.repeats}: {checkout} ---", flush=True)
-                    results[name].append(run_main_job(checkout, tmp_path / f"{name}-{repeat}", args.rounds))
+                    extra = before_args if name == "before" else []
+                    results[name].append(run_main_job(checkout, tmp_path / f"{name}-{repeat}", args.rounds, extra))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=PROJECT, check=False)
 
-    print(f"\nmain job, before = {args.before}, after = this checkout")
+    print(f"\nmain job, before = {args.before}{' ' + shlex.join(before_args) if before_args else ''}, after = this checkout")
     for name, runs in results.items():
         for result in runs:
             last = result["rounds"][-1] if result["rounds"] else {}
