@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from simulation.launch import PROJECT, with_shared_data  # noqa: E402
 
 
-def run_main_job(checkout: Path, work: Path, rounds: int | None, extra: list[str] = ()) -> dict:
+def run_main_job(checkout: Path, work: Path, rounds: int | None, extra: tuple[str, ...] = ()) -> dict:
     out = work / "results"
     command = [sys.executable, "-m", "simulation.launch", "--out-dir", str(out), "--flwr-home", str(work / "flwr"),
                "--run-config", "activation-cache-disk-mb=0", *extra]  # no run warm from an earlier one's activations
@@ -85,7 +85,7 @@ def main() -> int:
                 for name in order if repeat % 2 == 0 else order[::-1]:
                     checkout = PROJECT if name == "after" else worktree
                     print(f"--- {name}, run {repeat + 1}/{args.repeats}: {checkout} ---", flush=True)
-                    extra = before_args if name == "before" else []
+                    extra = tuple(before_args) if name == "before" else ()
                     results[name].append(run_main_job(checkout, tmp_path / f"{name}-{repeat}", args.rounds, extra))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=PROJECT, check=False)
