@@ -116,18 +116,19 @@ def input_prompts_path(settings: Settings, sha: str) -> Path:
 LACKS_INPUT_PROMPTS = "this node lacks the run's input prompts"
 
 
-def _stored(path: Path) -> torch.Tensor | None:
-    """P1 as stored at `path`; None when the file is missing, unreadable or holds no P1."""
+def _intact(path: Path, sha: str) -> torch.Tensor | None:
+    """P1 as stored at `path` if it is the tensor `sha` names; None when the file is missing,
+    unreadable, holds no P1 or another tensor."""
     try:
-        return load_file(str(path)).get(INPUT_PROMPTS)
+        prompts = load_file(str(path)).get(INPUT_PROMPTS)
     except (SafetensorError, OSError, ValueError):
         return None
+    return prompts if prompts is not None and tensor_sha(prompts) == sha else None
 
 
 def has_input_prompts(settings: Settings, sha: str) -> bool:
     """Whether this node holds the input prompts `sha` intact (a damaged copy does not count: the server sends them)."""
-    prompts = _stored(input_prompts_path(settings, sha))
-    return prompts is not None and tensor_sha(prompts) == sha
+    return _intact(input_prompts_path(settings, sha), sha) is not None
 
 
 def store_input_prompts(settings: Settings, prompts: torch.Tensor, sha: str) -> Path:
@@ -141,8 +142,7 @@ def store_input_prompts(settings: Settings, prompts: torch.Tensor, sha: str) -> 
             f"the input prompts received do not match their hash (expected {sha}, got {tensor_sha(prompts)}); nothing was stored"
         )
     with file_lock(path.parent.with_name(sha + ".lock")):
-        held = _stored(path)
-        if held is None or tensor_sha(held) != sha:  # a damaged copy is replaced
+        if _intact(path, sha) is None:  # a damaged copy is replaced
             with directory(path.parent) as tmp:
                 save_file({INPUT_PROMPTS: prompts}, str(tmp / path.name))
     return path
@@ -152,10 +152,10 @@ def load_input_prompts(model: MoPsModel, settings: Settings, sha: str) -> None:
     """Install the server's frozen input prompts into a client's model, verified by content hash."""
     path = input_prompts_path(settings, sha)
     with file_lock(path.parent.with_name(sha + ".lock")):  # a pruner takes it too
-        prompts = _stored(path)
+        prompts = _intact(path, sha)
         if prompts is not None:
             touch(path.parent)
-    if prompts is None or tensor_sha(prompts) != sha:
+    if prompts is None:
         why = "not in its cache" if not path.is_file() else "unreadable or changed"
         raise StartStateError(f"{LACKS_INPUT_PROMPTS} ({sha}): {path} is {why}; the server sends them again before it next "
                               "samples this node")

@@ -170,8 +170,7 @@ def launch(
     if client_cpus is None:
         from flwr.common.config import parse_config_args
 
-        given = {**(overrides or {}), **parse_config_args(list(extra_run_config))}
-        settings = Settings.from_flat({**app_config(), **given}, context="--run-config")
+        settings = run_settings({**(overrides or {}), **parse_config_args(list(extra_run_config))})
         clients = max(int(supernodes * settings.federated.fraction_train), 1)  # as the server samples
         base = base_bytes(settings.model.model, settings.model.dtype) if not client_gpus else None  # GPU shares bound those actors
         client_cpus = actor_cpus(clients, ray_address, base=base, memory=available_memory())
@@ -208,6 +207,11 @@ def app_config() -> dict[str, Any]:
     return tomllib.loads((PROJECT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
+def run_settings(given: Mapping[str, Any]) -> Settings:
+    """The settings a run gets: pyproject.toml's app config, overridden by `given` (a wrong key or value raises SettingsError)."""
+    return Settings.from_flat({**app_config(), **given}, context="--run-config")
+
+
 def check_run(run_config: Sequence[str], out_dir: str | None, supernodes: int) -> tuple[dict[str, Any], Path]:
     """The settings this run will have and its results folder, checked before anything starts.
 
@@ -224,7 +228,7 @@ def check_run(run_config: Sequence[str], out_dir: str | None, supernodes: int) -
         raise SettingsError(f"--out-dir {out_dir} and the run config's out-dir {given['out-dir']} disagree; give one of them")
     out = Path(str(given.get("out-dir", out_dir or PROJECT / "runs" / "federated"))).resolve()
     values = {"out-dir": str(out), "min-available-nodes": supernodes}
-    settings = Settings.from_flat({**app_config(), **values, **given}, context="--run-config")
+    settings = run_settings({**values, **given})
     from mops_core.data import missing_local_copy  # after the settings: a wrong key is refused before torch loads
 
     if note := missing_local_copy(settings.data):
