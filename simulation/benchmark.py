@@ -57,7 +57,7 @@ def run_centralized(cell: Cell, folder: Path, *, progress: bool) -> dict:
     return centralized.run(settings, folder, progress=progress)
 
 
-def federated_runner(supernodes: int, client_cpus: int | None, client_gpus: float, flwr_home: Path | None = None):
+def federated_runner(supernodes: int, client_cpus: int | None, client_gpus: float | None, flwr_home: Path | None = None):
     def run_federated(cell: Cell, folder: Path, *, progress: bool) -> dict:
         overrides = {k: v for k, v in cell.settings.items() if k not in ("out-dir", "resume")}
         overrides.update({"out-dir": str(folder.resolve()), "resume": True})
@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", help="comma-separated seeds of every main cell, e.g. 0,1,2,3 (default: the profile's)")
     parser.add_argument("--supernodes", type=int, help="simulated clients of federated cells (default: the profile's)")
     parser.add_argument("--client-cpus", type=int, help="CPUs per ClientApp actor (default: as simulation.launch chooses)")
-    parser.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per ClientApp actor (e.g. 0.25)")
+    parser.add_argument("--client-gpus", type=float, help="GPUs per ClientApp actor, e.g. 0.25 (default: this "
+                        "machine's GPUs shared among a round's clients, as `simulation.launch`)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and what is finished, run nothing")
     parser.add_argument("--tables", action="store_true", help="redraw tables and figures from finished cells only")
     parser.add_argument("--no-progress", action="store_true")

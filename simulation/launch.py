@@ -1,6 +1,6 @@
 """Run the Flower app as a Ray-backed simulation through `flwr run`, the way a user does.
 
-    python -m simulation.launch [--supernodes 100] [--client-cpus N] [--client-gpus 0] \
+    python -m simulation.launch [--supernodes 100] [--client-cpus N] [--client-gpus SHARE] \
         [--run-config "method='fedprompt' num-server-rounds=5"] [--ray-address HOST:6379] ...
 
 It checks the settings first (a wrong key fails in a fraction of a second, before Ray starts),
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import signal
@@ -118,6 +119,47 @@ def actor_cpus(clients_per_round: int, ray_address: str | None = None, *, base: 
     return cpus
 
 
+def visible_gpus(env: Mapping[str, str] | None = None) -> list[int]:
+    """The memory, in bytes, of each GPU that this machine's processes see: `nvidia-smi`'s list,
+    narrowed by CUDA_VISIBLE_DEVICES (indices or UUIDs) as CUDA narrows it. Empty without an NVIDIA
+    driver, or where torch is a CPU build (its version ends in +cpu): such actors could not use one."""
+    env = os.environ if env is None else env
+    try:
+        from importlib.metadata import version
+
+        if "+cpu" in version("torch"):
+            return []
+        listed = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+        gpus = [[field.strip() for field in line.split(",")] for line in listed.splitlines() if line.strip()]
+        memory = {key: int(mib) * 2**20 for index, uuid, mib in gpus for key in (index, uuid)}
+    except (OSError, ValueError, subprocess.SubprocessError, ImportError):
+        return []
+    if "CUDA_VISIBLE_DEVICES" not in env:
+        return [int(mib) * 2**20 for _, _, mib in gpus]
+    chosen = []
+    for key in env["CUDA_VISIBLE_DEVICES"].split(","):
+        if key.strip() not in memory:
+            break  # CUDA stops at the first device it does not know
+        chosen.append(memory[key.strip()])
+    return chosen
+
+
+def actor_gpus(clients_per_round: int, gpus: Sequence[int], *, base: int | None = None) -> float:
+    """The GPU share per ClientApp actor when none is asked and this machine has GPUs: a round's
+    clients spread evenly over them, side by side, a whole GPU at most (one base is never split),
+    and no more actors on a GPU than four fifths of its memory holds bases of `base` bytes.
+    Ray takes shares to four decimals: rounded down, so that the actors meant to fit do."""
+    if not gpus:
+        return 0.0
+    per_gpu = -(-max(clients_per_round, 1) // len(gpus))
+    if base:
+        per_gpu = min(per_gpu, max(1, int(0.8 * min(gpus)) // (base + ACTOR_OVERHEAD_BYTES)))
+    return math.floor(10_000 / per_gpu) / 10_000
+
+
 def federation_config(supernodes: int, client_cpus: int, client_gpus: float) -> str:
     return (
         f"num-supernodes={supernodes} client-resources-num-cpus={client_cpus} "
@@ -159,20 +201,27 @@ def launch(
     extra_run_config: Sequence[str] = (),
     supernodes: int = 100,
     client_cpus: int | None = None,
-    client_gpus: float = 0.0,
+    client_gpus: float | None = None,
     flwr_home: Path | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     ray_address: str | None = None,
 ) -> int:
-    """Run the app once; returns `flwr run`'s exit code. `client_cpus` None: `actor_cpus` for the
-    clients a round of these settings trains."""
-    if client_cpus is None:
-        from flwr.common.config import parse_config_args
+    """Run the app once; returns `flwr run`'s exit code. `client_gpus` None: `actor_gpus`, a share
+    of this machine's GPUs when the run may use them (0 on a Ray cluster, whose GPUs these are not).
+    `client_cpus` None: `actor_cpus` for the actors of a round of these settings."""
+    from flwr.common.config import parse_config_args
 
-        settings = run_settings({**(overrides or {}), **parse_config_args(list(extra_run_config))})
-        clients = max(int(supernodes * settings.federated.fraction_train), 1)  # as the server samples
-        base = base_bytes(settings.model.model, settings.model.dtype) if not client_gpus else None  # GPU shares bound those actors
+    settings = run_settings({**(overrides or {}), **parse_config_args(list(extra_run_config))})
+    clients = max(int(supernodes * settings.federated.fraction_train), 1)  # as the server samples
+    base = base_bytes(settings.model.model, settings.model.dtype)
+    gpus = [] if ray_address or settings.model.device == "cpu" else visible_gpus()
+    if client_gpus is None:
+        client_gpus = actor_gpus(clients, gpus, base=base)
+    if client_cpus is None and client_gpus:  # the GPU shares bound the actors, and the GPUs' memory their bases
+        actors = min(clients, math.floor(len(gpus) / client_gpus + 1e-6)) if gpus else clients
+        client_cpus = actor_cpus(actors, ray_address)
+    elif client_cpus is None:
         client_cpus = actor_cpus(clients, ray_address, base=base, memory=available_memory())
     flwr_home = Path(flwr_home or os.environ.get("FLWR_HOME") or PROJECT / ".flwr").resolve()
     write_connection(flwr_home)
@@ -181,7 +230,9 @@ def launch(
         **os.environ,
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray's own advice; silences a warning per actor
+        # An actor without a GPU share sees no GPU, where there are any: else each would put its base on
+        # one that Ray does not count. Elsewhere Ray's advice, which silences its warning.
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1" if gpus and not client_gpus else "0",
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         **({"RAY_ADDRESS": ray_address} if ray_address else {}),
         **(env or {}),
@@ -260,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supernodes", type=int, default=100, help="simulated clients (default 100)")
     parser.add_argument("--client-cpus", type=int, help="CPUs (threads) per ClientApp actor (default: the cores "
                         "shared among one round's clients, at least 1; 2 on a Ray cluster)")
-    parser.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per ClientApp actor (e.g. 0.25)")
+    parser.add_argument("--client-gpus", type=float, help="GPUs per ClientApp actor, e.g. 0.25 (default: where torch "
+                        "sees GPUs, a round's clients spread over them as their memory allows; 0 on a Ray cluster)")
     parser.add_argument("--flwr-home", type=Path, help="Flower's home for this run (default ./.flwr)")
     parser.add_argument("--out-dir", help="where results go (default runs/federated; or out-dir in --run-config)")
     parser.add_argument("--run-config", action="append", default=[], help="settings, as for `flwr run --run-config`")

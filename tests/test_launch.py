@@ -6,6 +6,14 @@ import pytest
 
 import simulation.launch as launch_module
 
+VISIBLE_GPUS = launch_module.visible_gpus
+
+
+@pytest.fixture(autouse=True)
+def no_gpus(monkeypatch):
+    """Every launch here sees no GPU, whatever this machine has, unless a test gives it some."""
+    monkeypatch.setattr(launch_module, "visible_gpus", lambda env=None: [])
+
 
 def test_a_run_that_wrote_no_round_is_an_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(launch_module, "launch", lambda *a, **k: 0)  # `flwr run` after a ServerApp crash
@@ -141,3 +149,62 @@ def test_no_more_actors_than_their_bases_fit_in_memory(tmp_path):
         assert launch_module.actor_cpus(10, base=small, memory=128 * gib) == 1
     finally:
         launch_module.os.sched_getaffinity = cores
+
+
+def test_the_gpus_torch_would_see_are_those_cuda_visible_devices_names(monkeypatch):
+    gib, listed = 2**30, "0, GPU-aaaa, 143771\n1, GPU-bbbb, 81559\n"
+    calls = []
+
+    def nvidia_smi(command, **kwargs):
+        calls.append(command[0])
+        return type("Done", (), {"stdout": listed})()
+
+    monkeypatch.setattr(launch_module.subprocess, "run", nvidia_smi)
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "2.13.0+cu128")
+    assert VISIBLE_GPUS({}) == [143771 * 2**20, 81559 * 2**20]
+    assert VISIBLE_GPUS({"CUDA_VISIBLE_DEVICES": "1"}) == [81559 * 2**20]
+    assert VISIBLE_GPUS({"CUDA_VISIBLE_DEVICES": "GPU-aaaa"}) == [143771 * 2**20]
+    assert VISIBLE_GPUS({"CUDA_VISIBLE_DEVICES": "1,7,0"}) == [81559 * 2**20]  # CUDA stops at an unknown device
+    assert VISIBLE_GPUS({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert calls == ["nvidia-smi"] * 5 and 143771 * 2**20 > 140 * gib
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "2.13.0+cpu")  # a CPU torch cannot use them
+    assert VISIBLE_GPUS({}) == [] and len(calls) == 5
+
+    def no_driver(command, **kwargs):
+        raise FileNotFoundError(command[0])
+
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "2.13.0")
+    monkeypatch.setattr(launch_module.subprocess, "run", no_driver)
+    assert VISIBLE_GPUS({}) == []
+
+
+def test_a_rounds_clients_share_the_gpus_as_their_memory_allows(monkeypatch, tmp_path):
+    gib = 2**30
+    h200, a100 = 139 * gib, 80 * gib
+    llama_7b = 6_738_415_616 * 4  # float32, the estimate for dtype 'auto'
+    assert launch_module.actor_gpus(10, [h200]) == 0.1  # a small base: the whole round side by side
+    assert launch_module.actor_gpus(10, [h200], base=llama_7b) == 0.25  # four 7B bases fit in four fifths of it
+    assert launch_module.actor_gpus(10, [a100], base=llama_7b) == 0.5
+    assert launch_module.actor_gpus(10, [a100] * 8, base=llama_7b) == 0.5  # no more than two on any GPU
+    assert launch_module.actor_gpus(3, [h200]) == 0.3333  # Ray's four decimals, rounded down: three fit
+    assert launch_module.actor_gpus(2, [a100] * 4) == 1.0  # a base is never split over GPUs
+    assert launch_module.actor_gpus(10, [h200], base=200 * gib) == 1.0  # too large for its memory: one at a time
+    assert launch_module.actor_gpus(10, []) == 0.0
+
+    runs = []
+
+    def fake_run(command, env, cwd, timeout):
+        config = command[command.index("--federation-config") + 1]
+        runs.append((config.split("cpus=")[1].split()[0], config.split("gpus=")[1], env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"]))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(launch_module.subprocess, "run", fake_run)
+    monkeypatch.setattr(launch_module.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(launch_module, "visible_gpus", lambda env=None: [h200])
+    home = tmp_path / "home"
+    launch_module.launch({}, supernodes=100, flwr_home=home)  # the embedded base: ten actors on the GPU
+    launch_module.launch({}, supernodes=100, flwr_home=home, client_gpus=0.5)  # asked: two actors, 8 cores each
+    launch_module.launch({}, supernodes=100, flwr_home=home, client_gpus=0)  # asked for none: the GPU hidden from them
+    launch_module.launch({"device": "cpu"}, supernodes=100, flwr_home=home)  # the run is told to keep off GPUs
+    launch_module.launch({}, supernodes=100, flwr_home=home, ray_address="head:6379")  # a cluster's GPUs are not these
+    assert runs == [("1", "0.1", "0"), ("8", "0.5", "0"), ("1", "0.0", "1"), ("1", "0.0", "0"), ("2", "0.0", "0")]
