@@ -35,7 +35,7 @@ from mops_core.loading import machine
 from mops_core.settings import SettingsError
 
 from . import tables
-from .launch import PROJECT, launch
+from .launch import PROJECT, cpus_arg, gpus_arg, launch
 from .profiles import PEFT_METHODS, PROFILES, Cell, Profile, cells, same_settings
 
 console = Console()
@@ -308,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-sweeps", action="store_true", help="only the cells of the main tables: no L_int or prompt-count sweep")
     parser.add_argument("--seeds", help="comma-separated seeds of every main cell, e.g. 0,1,2,3 (default: the profile's)")
     parser.add_argument("--supernodes", type=int, help="simulated clients of federated cells (default: the profile's)")
-    parser.add_argument("--client-cpus", type=int, help="CPUs per ClientApp actor (default: as simulation.launch chooses)")
-    parser.add_argument("--client-gpus", type=float, help="GPUs per ClientApp actor, e.g. 0.25 (default: this "
+    parser.add_argument("--client-cpus", type=cpus_arg, help="CPUs per ClientApp actor (default: as simulation.launch chooses)")
+    parser.add_argument("--client-gpus", type=gpus_arg, help="GPUs per ClientApp actor, e.g. 0.25 (default: this "
                         "machine's GPUs shared among a round's clients, as `simulation.launch`)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and what is finished, run nothing")
     parser.add_argument("--tables", action="store_true", help="redraw tables and figures from finished cells only")

@@ -160,6 +160,28 @@ def actor_gpus(clients_per_round: int, gpus: Sequence[int], *, base: int | None 
     return math.floor(10_000 / per_gpu) / 10_000
 
 
+def cpus_arg(text: str) -> int:
+    """`--client-cpus`: a whole number of CPUs, at least one (Ray starts no actor on none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of CPUs, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: an actor needs at least one CPU")
+    return value
+
+
+def gpus_arg(text: str) -> float:
+    """`--client-gpus`: what Ray schedules, a share of one GPU (0 to 1) or a whole number of them."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs, got {text!r}") from None
+    if not 0 <= value < math.inf or (value > 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"{text}: a share of one GPU (0 to 1) or a whole number of GPUs, as Ray schedules them")
+    return value
+
+
 def federation_config(supernodes: int, client_cpus: int, client_gpus: float) -> str:
     return (
         f"num-supernodes={supernodes} client-resources-num-cpus={client_cpus} "
@@ -218,6 +240,10 @@ def launch(
     gpus = [] if ray_address or settings.model.device == "cpu" else visible_gpus()
     if client_gpus is None:
         client_gpus = actor_gpus(clients, gpus, base=base)
+    elif client_gpus and not gpus and not ray_address:
+        print(f"warning: --client-gpus {client_gpus} asks for GPUs, but none that torch could use is visible here (nvidia-smi "
+              "lists none, CUDA_VISIBLE_DEVICES hides them, torch is a CPU build, or device='cpu'): where Ray sees none "
+              "either, the simulation stops with an empty actor pool", file=sys.stderr)
     if client_cpus is None and client_gpus:  # the GPU shares bound the actors, and the GPUs' memory their bases
         actors = min(clients, math.floor(len(gpus) / client_gpus + 1e-6)) if gpus else clients
         client_cpus = actor_cpus(actors, ray_address)
@@ -309,9 +335,9 @@ def own_superlink_ports(env: Mapping[str, str]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--supernodes", type=int, default=100, help="simulated clients (default 100)")
-    parser.add_argument("--client-cpus", type=int, help="CPUs (threads) per ClientApp actor (default: the cores "
+    parser.add_argument("--client-cpus", type=cpus_arg, help="CPUs (threads) per ClientApp actor (default: the cores "
                         "shared among one round's clients, at least 1; 2 on a Ray cluster)")
-    parser.add_argument("--client-gpus", type=float, help="GPUs per ClientApp actor, e.g. 0.25 (default: where torch "
+    parser.add_argument("--client-gpus", type=gpus_arg, help="GPUs per ClientApp actor, e.g. 0.25 (default: where torch "
                         "sees GPUs, a round's clients spread over them as their memory allows; 0 on a Ray cluster)")
     parser.add_argument("--flwr-home", type=Path, help="Flower's home for this run (default ./.flwr)")
     parser.add_argument("--out-dir", help="where results go (default runs/federated; or out-dir in --run-config)")

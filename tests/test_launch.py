@@ -208,3 +208,32 @@ def test_a_rounds_clients_share_the_gpus_as_their_memory_allows(monkeypatch, tmp
     launch_module.launch({"device": "cpu"}, supernodes=100, flwr_home=home)  # the run is told to keep off GPUs
     launch_module.launch({}, supernodes=100, flwr_home=home, ray_address="head:6379")  # a cluster's GPUs are not these
     assert runs == [("1", "0.1", "0"), ("8", "0.5", "0"), ("1", "0.0", "1"), ("1", "0.0", "0"), ("2", "0.0", "0")]
+
+
+@pytest.mark.parametrize("option, problem", [
+    (["--client-gpus", "-1"], "a share of one GPU (0 to 1) or a whole number of GPUs"),
+    (["--client-gpus", "1.5"], "a share of one GPU (0 to 1) or a whole number of GPUs"),
+    (["--client-gpus", "some"], "expected a number of GPUs, got 'some'"),
+    (["--client-cpus", "0"], "an actor needs at least one CPU"),
+    (["--client-cpus", "1.5"], "expected a whole number of CPUs, got '1.5'"),
+])
+def test_actor_resources_ray_cannot_schedule_are_refused_before_anything_starts(monkeypatch, tmp_path, capsys, option, problem):
+    monkeypatch.setattr(launch_module, "launch", lambda *a, **k: pytest.fail("launched"))
+    with pytest.raises(SystemExit) as exit:
+        launch_module.main([*option, "--out-dir", str(tmp_path)])
+    assert exit.value.code == 2 and f"argument {option[0]}: " in (err := capsys.readouterr().err) and problem in err
+    from simulation.benchmark import main as benchmark
+
+    with pytest.raises(SystemExit):
+        benchmark([*option, "--dry-run"])
+    assert problem in capsys.readouterr().err
+
+
+def test_gpus_asked_where_none_is_seen_are_warned_of(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(launch_module.subprocess, "run", lambda command, **kwargs: type("Done", (), {"returncode": 0})())
+    launch_module.launch({}, supernodes=10, flwr_home=tmp_path, client_gpus=0.25)
+    assert "--client-gpus 0.25 asks for GPUs, but none that torch could use is visible here" in capsys.readouterr().err
+    monkeypatch.setattr(launch_module, "visible_gpus", lambda env=None: [80 * 2**30])
+    launch_module.launch({}, supernodes=10, flwr_home=tmp_path, client_gpus=0.25)
+    launch_module.launch({}, supernodes=10, flwr_home=tmp_path, client_gpus=0)
+    assert "warning" not in capsys.readouterr().err
