@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--model", default="smollm2", help="the base: the embedded SmolLM2, a local checkpoint or a hub "
+                        "id; a checkpoint of random weights times a model's shape without its download")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the base and the evaluations run")
     args = parser.parse_args()
 
@@ -91,7 +92,7 @@ def main() -> None:
             run()
             times[name].append(time.perf_counter() - start)
     where = torch.cuda.get_device_name(args.device) if args.device == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"\nSmolLM2 on {args.device}, {args.samples} samples of 64-320 tokens ({tokens} text tokens), batch {args.batch_size}, "
+    print(f"\n{args.model} on {args.device}, {args.samples} samples of 64-320 tokens ({tokens} text tokens), batch {args.batch_size}, "
           f"{where}, median of {args.repeats} interleaved runs")
     print(f"{'run':36s} {'s':>7s} {'text tokens/s':>14s} {'vs base forward':>16s}")
     for name, values in times.items():
