@@ -474,3 +474,29 @@ def test_the_heterogeneity_trend_differences_each_seed_between_the_ends_of_the_s
     assert tables.heterogeneity_trend([r for r in records if not (r["settings"]["seed"] == 1 and r["method"] == "mops"
                                                                   and r["settings"]["alpha"] == 10.0)]).rows[0][4] == "1"
     assert tables.heterogeneity_trend(pair(0.1, 0, 10.0, 9.0, 0.2, 0.6)) is None  # one alpha: no sweep
+
+
+def test_the_cuda_script_asks_only_for_what_the_tools_take():
+    """benchmarks/cuda.sh runs where a GPU is lent, rarely: its central runs' flags and settings, and the
+    benchmarks' options it passes, are checked here against the parsers, so that a renamed one fails now."""
+    import shlex
+
+    from mops_core.cli import _settings_from_args, build_parser
+
+    script = (Path(__file__).resolve().parent.parent / "benchmarks" / "cuda.sh").read_text().replace("\\\n", " ")
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    [train] = [line for line in script.splitlines() if "mops_core.cli train" in line]
+    variables = {'"$model"': "smollm2", '"$compression"': "", '"$steps"': "20", '"$out/train-${compression//:/-}"': "out"}
+    compressions = re.search(r"for compression in ([^;]+);", script).group(1).split()
+    assert compressions == ["int8", "sparsegpt:2:4"]
+    for compression in compressions:
+        command = train.split("mops_core.cli", 1)[1]
+        for name, value in {**variables, '"$compression"': compression}.items():
+            command = command.replace(name, value)
+        settings = _settings_from_args(build_parser().parse_args(shlex.split(command)))
+        assert (settings.model.device, settings.model.dtype, settings.compression.compression) == ("cuda", "bfloat16", compression)
+    for tool in ("step_time.py", "eval_speed.py"):
+        [line] = [line for line in script.splitlines() if f"benchmarks/{tool}" in line]
+        source = (Path(__file__).resolve().parent.parent / "benchmarks" / tool).read_text()
+        for option in re.findall(r"(--[a-z-]+)", line):
+            assert f'"{option}"' in source, f"{tool} takes no {option}"
