@@ -99,6 +99,11 @@ def available_memory() -> int | None:
     return None
 
 
+def local_cores() -> int:
+    """The cores this process may run on, as Ray counts them for a Ray of its own."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def actor_cpus(clients_per_round: int, ray_address: str | None = None, *, base: int | None = None,
                memory: int | None = None) -> int:
     """CPUs per ClientApp actor when none are asked: this machine's cores shared among the clients
@@ -111,7 +116,7 @@ def actor_cpus(clients_per_round: int, ray_address: str | None = None, *, base: 
     cluster's: Flower's default, 2."""
     if ray_address:
         return 2
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = local_cores()
     cpus = max(1, cores // max(clients_per_round, 1))
     if base and memory:
         fit = max(1, int(0.8 * memory) // (base + ACTOR_OVERHEAD_BYTES))
@@ -158,6 +163,21 @@ def actor_gpus(clients_per_round: int, gpus: Sequence[int], *, base: int | None 
     if base:
         per_gpu = min(per_gpu, max(1, int(0.8 * min(gpus)) // (base + ACTOR_OVERHEAD_BYTES)))
     return math.floor(10_000 / per_gpu) / 10_000
+
+
+def actor_layout(clients_per_round: int, cpus: int, share: float, gpus: Sequence[int], ray_address: str | None) -> str:
+    """One line on the ClientApp actors Ray will start, as Flower's pool counts them: the defaults
+    depend on the machine, so the run says what they chose."""
+    each = f"{cpus} CPU{'s' if cpus > 1 else ''}" + (f" and {share:g} GPU" if share else "")
+    if ray_address:
+        return f"ClientApp actors: as many as the Ray cluster at {ray_address} holds, {each} each"
+    actors = local_cores() // cpus
+    if share and gpus:
+        actors = min(actors, math.floor(len(gpus) / share + 1e-6))
+    elif share:
+        return f"ClientApp actors: as many as Ray's GPUs hold, {each} each"
+    return (f"ClientApp actors: {actors} of {each}, for {clients_per_round} client{'s' if clients_per_round > 1 else ''} "
+            f"a round (--client-cpus, --client-gpus to choose)")
 
 
 def cpus_arg(text: str) -> int:
@@ -272,6 +292,7 @@ def launch(
         command += ["--run-config", run_config(overrides)]
     for extra in extra_run_config:
         command += ["--run-config", extra]
+    print(actor_layout(clients, client_cpus, client_gpus, gpus, ray_address))
     print("$ " + shlex.join(command), flush=True)
     try:
         return subprocess.run(command, env=full_env, cwd=PROJECT, timeout=timeout).returncode

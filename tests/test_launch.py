@@ -178,7 +178,7 @@ def test_the_gpus_torch_would_see_are_those_cuda_visible_devices_names(monkeypat
     assert VISIBLE_GPUS({}) == []
 
 
-def test_a_rounds_clients_share_the_gpus_as_their_memory_allows(monkeypatch, tmp_path):
+def test_a_rounds_clients_share_the_gpus_as_their_memory_allows(monkeypatch, tmp_path, capsys):
     gib = 2**30
     h200, a100 = 139 * gib, 80 * gib
     llama_7b = 6_738_415_616 * 4  # float32, the estimate for dtype 'auto'
@@ -208,6 +208,14 @@ def test_a_rounds_clients_share_the_gpus_as_their_memory_allows(monkeypatch, tmp
     launch_module.launch({"device": "cpu"}, supernodes=100, flwr_home=home)  # the run is told to keep off GPUs
     launch_module.launch({}, supernodes=100, flwr_home=home, ray_address="head:6379")  # a cluster's GPUs are not these
     assert runs == [("1", "0.1", "0"), ("8", "0.5", "0"), ("1", "0.0", "1"), ("1", "0.0", "0"), ("2", "0.0", "0")]
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ClientApp actors")]
+    assert said == [  # what Ray will start, as Flower's pool counts it: the cores, and the GPU shares
+        "ClientApp actors: 10 of 1 CPU and 0.1 GPU, for 10 clients a round (--client-cpus, --client-gpus to choose)",
+        "ClientApp actors: 2 of 8 CPUs and 0.5 GPU, for 10 clients a round (--client-cpus, --client-gpus to choose)",
+        "ClientApp actors: 16 of 1 CPU, for 10 clients a round (--client-cpus, --client-gpus to choose)",
+        "ClientApp actors: 16 of 1 CPU, for 10 clients a round (--client-cpus, --client-gpus to choose)",
+        "ClientApp actors: as many as the Ray cluster at head:6379 holds, 2 CPUs each",
+    ]
 
 
 @pytest.mark.parametrize("option, problem", [
