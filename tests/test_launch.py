@@ -1,6 +1,7 @@
 """The README's main command fails loudly when Flower reports success but the ServerApp wrote nothing."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -245,3 +246,34 @@ def test_gpus_asked_where_none_is_seen_are_warned_of(monkeypatch, tmp_path, caps
     launch_module.launch({}, supernodes=10, flwr_home=tmp_path, client_gpus=0.25)
     launch_module.launch({}, supernodes=10, flwr_home=tmp_path, client_gpus=0)
     assert "warning" not in capsys.readouterr().err
+
+
+def test_the_fab_holds_the_apps_code_alone_whatever_lies_beside_it(tmp_path):
+    """`flwr run` ships a FAB of at most 10 MB: a dataset's local copy in data/ (where the apps look for
+    one), a user's JSONL or a checkpoint beside the project must not go in with the code."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    project = tmp_path / "project"
+    keep = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("mops_core", "server", "client", "simulation", "docs", "tests"):
+        shutil.copytree(launch_module.PROJECT / name, project / name, ignore=keep)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(launch_module.PROJECT / name, project / name)
+    (project / "data" / "dolly").mkdir(parents=True)
+    line = json.dumps({"instruction": "x" * 200, "context": "", "response": "y" * 200, "category": "open_qa"}) + "\n"
+    (project / "data" / "dolly" / "databricks-dolly-15k.jsonl").write_text(line * 25_000)  # over 10 MB, as Dolly is
+    (project / "my-tasks.jsonl").write_text(line)
+    (project / "my-run" / "checkpoint").mkdir(parents=True)
+    (project / "my-run" / "checkpoint" / "adapter_config.json").write_text("{}")
+    out = tmp_path / "out"
+    out.mkdir()
+    built = subprocess.run([str(Path(sys.executable).parent / "flwr"), "build", "--app", str(project)], cwd=out,
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stdout + built.stderr
+    [fab] = out.glob("*.fab")
+    names = zipfile.ZipFile(fab).namelist()
+    assert {"server/app.py", "client/app.py", "mops_core/model.py", "pyproject.toml"} <= set(names)
+    assert not [n for n in names if n.startswith(("data/", "my-", "docs/", "tests/", "simulation/")) or n.endswith(".md")]
