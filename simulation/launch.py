@@ -143,7 +143,7 @@ def visible_gpus(env: Mapping[str, str] | None = None) -> list[int]:
     except (OSError, ValueError, subprocess.SubprocessError, ImportError):
         return []
     if "CUDA_VISIBLE_DEVICES" not in env:
-        return [int(mib) * 2**20 for _, _, mib in gpus]
+        return [memory[index] for index, _, _ in gpus]
     chosen = []
     for key in env["CUDA_VISIBLE_DEVICES"].split(","):
         if key.strip() not in memory:
@@ -165,6 +165,12 @@ def actor_gpus(clients_per_round: int, gpus: Sequence[int], *, base: int | None 
     return math.floor(10_000 / per_gpu) / 10_000
 
 
+def gpu_actors(gpus: Sequence[int], share: float) -> int:
+    """How many actors of `share` GPU each these GPUs hold, as Flower's pool counts them (Ray's
+    four-decimal shares, such as 0.3333, hold their whole number)."""
+    return math.floor(len(gpus) / share + 1e-6)
+
+
 def actor_layout(clients_per_round: int, cpus: int, share: float, gpus: Sequence[int], ray_address: str | None) -> str:
     """One line on the ClientApp actors Ray will start, as Flower's pool counts them: the defaults
     depend on the machine, so the run says what they chose."""
@@ -173,7 +179,7 @@ def actor_layout(clients_per_round: int, cpus: int, share: float, gpus: Sequence
         return f"ClientApp actors: as many as the Ray cluster at {ray_address} holds, {each} each"
     actors = local_cores() // cpus
     if share and gpus:
-        actors = min(actors, math.floor(len(gpus) / share + 1e-6))
+        actors = min(actors, gpu_actors(gpus, share))
     elif share:
         return f"ClientApp actors: as many as Ray's GPUs hold, {each} each"
     return (f"ClientApp actors: {actors} of {each}, for {clients_per_round} client{'s' if clients_per_round > 1 else ''} "
@@ -265,7 +271,7 @@ def launch(
               "lists none, CUDA_VISIBLE_DEVICES hides them, torch is a CPU build, or device='cpu'): where Ray sees none "
               "either, the simulation stops with an empty actor pool", file=sys.stderr)
     if client_cpus is None and client_gpus:  # the GPU shares bound the actors, and the GPUs' memory their bases
-        actors = min(clients, math.floor(len(gpus) / client_gpus + 1e-6)) if gpus else clients
+        actors = min(clients, gpu_actors(gpus, client_gpus)) if gpus else clients
         client_cpus = actor_cpus(actors, ray_address)
     elif client_cpus is None:
         client_cpus = actor_cpus(clients, ray_address, base=base, memory=available_memory())
