@@ -40,8 +40,8 @@ class ModelConfig:
     )
     dtype: Literal["auto", "float32", "bfloat16"] = field(
         "auto",
-        "dtype of the frozen base ('auto' = bfloat16 where the hardware does it well: CUDA, or a CPU with "
-        "AVX-512/AMX bf16; else float32); trainable parameters are always float32",
+        "dtype of the frozen base ('auto' = bfloat16 where the hardware has bfloat16 units: a GPU of compute "
+        "capability 8.0 or later, a CPU with AVX-512 bf16 or AMX; else float32); trainable parameters are always float32",
     )
     device: Literal["auto", "cpu", "cuda"] = field("auto", "where the model runs ('auto' = CUDA when present)")
     compile: bool = field(

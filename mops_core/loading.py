@@ -216,12 +216,19 @@ def machine(cfg: ModelConfig) -> dict:
     }
 
 
+def gpu_has_fast_bf16(device: torch.device) -> bool:
+    """bfloat16 tensor cores on this GPU: compute capability 8.0 on (Ampere and later), or any ROCm GPU.
+    Older ones (V100, T4) emulate bfloat16, gaining no speed over float32 and losing its precision;
+    torch's `is_bf16_supported` counts emulation as support, and asks the current device, not `device`."""
+    return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
+
+
 def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """The base's dtype: the setting's, or for 'auto' bfloat16 where `device` has bfloat16 units, else float32."""
     if cfg.dtype != "auto":
         return DTYPES[cfg.dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    fast = gpu_has_fast_bf16(device) if device.type == "cuda" else cpu_has_fast_bf16()
+    return torch.bfloat16 if fast else torch.float32
 
 
 def check_architecture(model: PreTrainedModel) -> None:
