@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import random
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,11 @@ def dirichlet_split(data: DataConfig, num_partitions: int, alpha: float, min_siz
         )
     split.dataset = table
     try:
-        return tuple(tuple(split.load_partition(i)["idx"]) for i in range(num_partitions))
+        with warnings.catch_warnings():
+            # flwr-datasets warns at every draw that misses min_partition_size, then draws again; the
+            # draw that holds is what counts, and the one none holds is the error below.
+            warnings.filterwarnings("ignore", message="The specified min_partition_size", category=UserWarning)
+            return tuple(tuple(split.load_partition(i)["idx"]) for i in range(num_partitions))
     except ValueError as exc:  # flwr-datasets gives up after 10 draws and names only alpha
         if partitioner != "dirichlet":
             raise ValueError(f"no inner-Dirichlet(alpha={alpha}) split of {len(records)} training samples over "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -62,6 +63,9 @@ def active(compile: bool) -> bool:
 
 def _compiled_version(fn: Callable) -> Callable:
     if fn not in _compiled:
+        # Inductor imports torch.utils.mkldnn, which uses PyTorch's own deprecated `torch.jit.script_method`;
+        # Flower shows every DeprecationWarning once per process, so each simulated client printed it.
+        warnings.filterwarnings("ignore", message="`torch.jit.script_method` is deprecated", category=DeprecationWarning)
         _compiled[fn] = torch.compile(fn, dynamic=True)
     return _compiled[fn]
 

@@ -115,3 +115,19 @@ def test_compile_is_a_setting_the_model_follows(tokenizer):
     for wanted in (True, False):
         assert build_model(tiny_settings(compile=wanted), tiny_base(len(tokenizer)), tokenizer).compile_layers is wanted
     assert compiled.unavailable_reason() == "TORCH_COMPILE_DISABLE is set"  # as conftest.py asks
+
+
+def test_pytorchs_own_deprecation_met_while_compiling_stays_quiet_where_flower_shows_them(compiling):
+    """Flower shows every DeprecationWarning once per process; inductor's import of torch.utils.mkldnn
+    raised PyTorch's own about `torch.jit.script_method` in every simulated client. Others still show."""
+    import importlib
+    import warnings
+
+    import torch.utils.mkldnn
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.filterwarnings("once", category=DeprecationWarning)  # as flwr.simulation.ray_transport.utils sets
+        compiled._compiled_version(labelled_nll)
+        importlib.reload(torch.utils.mkldnn)  # what inductor imports on its first compile on a CPU
+        warnings.warn("a deprecation of ours", DeprecationWarning)
+    assert [str(w.message) for w in seen] == ["a deprecation of ours"]
