@@ -87,7 +87,9 @@ def mops_steps(settings: Settings, base, tokenizer, batch) -> dict[str, Callable
 
 
 def peft_steps(base, k: int, batch) -> dict[str, Callable[[], float]]:
-    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    from mops_core.peft_baselines import adapted
 
     configs = {
         "peft prompt": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=k),
@@ -96,7 +98,7 @@ def peft_steps(base, k: int, batch) -> dict[str, Callable[[], float]]:
     }
     steps = {}
     for name, config in configs.items():
-        model = get_peft_model(copy.deepcopy(base), config)
+        model = adapted(copy.deepcopy(base), config)
         inputs = {k2: batch[k2] for k2 in ("input_ids", "attention_mask", "labels")}
         steps[name] = step_of(lambda m=model, i=inputs: m(**i).loss, [p for p in model.parameters() if p.requires_grad])
     return steps

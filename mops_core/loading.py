@@ -217,8 +217,8 @@ def machine(cfg: ModelConfig) -> dict:
 
 
 def gpu_has_fast_bf16(device: torch.device) -> bool:
-    """bfloat16 tensor cores on this GPU: compute capability 8.0 on (Ampere and later), or any ROCm GPU.
-    Older ones (V100, T4) emulate bfloat16, gaining no speed over float32 and losing its precision;
+    """bfloat16 tensor cores on this GPU: compute capability 8.0 on (Ampere and later); on ROCm, as torch
+    judges (yes). Older NVIDIA GPUs (V100, T4) emulate bfloat16: its rounding for no speed over float32.
     torch's `is_bf16_supported` counts emulation as support, and asks the current device, not `device`."""
     return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +48,16 @@ def peft_config(kind: str):
     raise ValueError(f"unknown PEFT baseline '{kind}' (choose from {', '.join(PEFT_KINDS)})")
 
 
+def adapted(base: PreTrainedModel, config):
+    """PEFT's `get_peft_model`, without the FutureWarning it triggers in transformers 5 by reading the
+    deprecated `is_gradient_checkpointing` (PEFT's call, nothing a user can change)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(base, config)
+
+
 class PeftBaseline(nn.Module):
     """A PEFT-adapted base that answers like `MoPsModel` (no gate, no prompts)."""
 
@@ -55,11 +66,9 @@ class PeftBaseline(nn.Module):
 
     def __init__(self, base: PreTrainedModel, kind: str, sink_token_id: int):
         super().__init__()
-        from peft import get_peft_model
-
         self.kind = kind
         self.sink_token_id = int(sink_token_id)
-        self.peft = get_peft_model(base.requires_grad_(False), peft_config(kind))
+        self.peft = adapted(base.requires_grad_(False), peft_config(kind))
 
     @property
     def device(self) -> torch.device:

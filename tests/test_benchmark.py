@@ -343,6 +343,23 @@ def test_peft_baseline_scores_like_the_plain_model_before_training(pretrained_ba
     assert all(p.grad is not None for p in model.trainable_parameters())
 
 
+def test_a_peft_baseline_is_built_without_the_warning_peft_triggers_in_transformers(pretrained_base, tokenizer):
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning in every benchmark cell."""
+    import warnings
+
+    from peft import get_peft_model
+
+    from mops_core.peft_baselines import peft_config
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        get_peft_model(copy.deepcopy(pretrained_base), peft_config("lora"))
+        assert any("is_gradient_checkpointing" in str(w.message) for w in seen)  # PEFT's own call warns
+        seen.clear()
+        PeftBaseline(copy.deepcopy(pretrained_base), "lora", sink_token_id(tokenizer))
+    assert [str(w.message) for w in seen] == []
+
+
 def test_peft_baselines_answer_in_batches_as_the_model_answers_one_question_at_a_time(pretrained_base, tokenizer):
     formatter = Formatter(tokenizer, 64, TASKS["dolly"])
     model = PeftBaseline(copy.deepcopy(pretrained_base), "lora", sink_token_id(tokenizer))
