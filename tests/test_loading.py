@@ -53,7 +53,6 @@ def test_machine_names_the_cpu_its_bf16_units_and_the_dtype_a_run_resolves_to(mo
     assert described["bf16_units"] is None and described["dtype"] == "float32"  # bfloat16 would be emulated: float32
 
 
-
 def test_auto_picks_bfloat16_on_a_gpu_only_where_it_has_bfloat16_units(monkeypatch):
     """A V100 or T4 emulates bfloat16 (torch's `is_bf16_supported` says yes): float32 there. Asked of the run's GPU."""
     from types import SimpleNamespace
@@ -73,8 +72,9 @@ def test_auto_picks_bfloat16_on_a_gpu_only_where_it_has_bfloat16_units(monkeypat
     picked = [loading.resolve_dtype(auto, torch.device("cuda", i)) for i in (0, 1, 2)]
     assert picked == [torch.float32, torch.bfloat16, torch.bfloat16] and asked == [0, 1, 2]
     assert loading.resolve_dtype(ModelConfig(dtype="bfloat16"), torch.device("cuda", 0)) == torch.bfloat16  # a setting beats the hardware
-    monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm GPUs do bfloat16
+    monkeypatch.setattr(torch.version, "hip", "6.4")  # on ROCm, as torch judges: every GPU able
     assert loading.resolve_dtype(auto, torch.device("cuda", 0)) == torch.bfloat16
+
 
 def test_code_identity_follows_the_source_and_every_cached_result_is_keyed_by_its_code(tmp_path, monkeypatch, pretrained_base, tokenizer):
     import copy

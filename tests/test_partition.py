@@ -34,6 +34,7 @@ def test_draws_that_miss_the_least_size_are_redrawn_without_a_warning_in_every_p
     """flwr-datasets warns at each draw it discards; every simulated client computing the split printed it."""
     import warnings
 
+    from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner
 
     data = records(30, tasks=7)  # the demo's shape, smaller: 7 tasks, alpha 0.5, at least 5 each; the first draw misses
@@ -41,8 +42,6 @@ def test_draws_that_miss_the_least_size_are_redrawn_without_a_warning_in_every_p
         warnings.simplefilter("always")
         direct = DirichletPartitioner(num_partitions=10, partition_by="task", alpha=0.5, min_partition_size=5,
                                       self_balancing=False, shuffle=True, seed=data.data_seed)
-        from datasets import Dataset
-
         direct.dataset = Dataset.from_dict({"task": [i // 30 for i in range(210)]})
         direct.load_partition(0)
         assert any("min_partition_size" in str(w.message) for w in seen)  # flwr-datasets' own redraws warn
