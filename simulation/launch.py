@@ -32,7 +32,7 @@ import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mops_core.config import Settings
 from mops_core.settings import SettingsError
@@ -67,8 +67,8 @@ ACTOR_OVERHEAD_BYTES = 2**30
 
 def base_bytes(model: str, dtype: str) -> int | None:
     """An upper estimate of one actor's base in memory, from its config.json (a local checkpoint or
-    one in the Hugging Face cache) without loading it: float32 unless `dtype` asks for 16 bits.
-    None when there is no config to read (the embedded model, a hub id not downloaded yet)."""
+    one in the Hugging Face cache) without loading it, in `dtype` (float32 for anything but the two
+    16-bit types). None when there is no config to read (the embedded model, a hub id not downloaded yet)."""
     path = Path(model).expanduser()
     try:
         config: Path | None = path / "config.json" if path.is_dir() else None
@@ -124,35 +124,61 @@ def actor_cpus(clients_per_round: int, ray_address: str | None = None, *, base: 
     return cpus
 
 
-def visible_gpus(env: Mapping[str, str] | None = None) -> list[int]:
-    """The memory, in bytes, of each GPU that this machine's processes see: `nvidia-smi`'s list,
-    narrowed by CUDA_VISIBLE_DEVICES (indices or UUIDs) as CUDA narrows it. Empty without an NVIDIA
-    driver, or where torch is a CPU build (its version ends in +cpu): such actors could not use one."""
+class Gpu(NamedTuple):
+    memory: int  # bytes
+    fast_bf16: bool  # compute capability 8.0 on: bfloat16 units, where dtype 'auto' runs the base in bfloat16
+
+
+def visible_gpus(env: Mapping[str, str] | None = None) -> list[Gpu]:
+    """The GPUs this machine's processes see: `nvidia-smi`'s list, narrowed by CUDA_VISIBLE_DEVICES
+    (indices or UUIDs) as CUDA narrows it. Empty without an NVIDIA driver, or where torch is a CPU
+    build (its version ends in +cpu): such actors could not use one. A driver too old to report the
+    compute capability counts its GPUs as without bfloat16 units (a larger base: fewer actors)."""
     env = os.environ if env is None else env
     try:
         from importlib.metadata import version
 
         if "+cpu" in version("torch"):
             return []
-        listed = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout
-        gpus = [[field.strip() for field in line.split(",")] for line in listed.splitlines() if line.strip()]
-        memory = {key: int(mib) * 2**20 for index, uuid, mib in gpus for key in (index, uuid)}
-    except (OSError, ValueError, subprocess.SubprocessError, ImportError):
+        listed = None
+        for fields in ("index,uuid,memory.total,compute_cap", "index,uuid,memory.total"):
+            try:
+                listed = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                                        capture_output=True, text=True, timeout=30, check=True).stdout
+                break
+            except subprocess.CalledProcessError:
+                continue  # an older driver refuses the field it does not know
+        if listed is None:
+            return []
+        rows = [[field.strip() for field in line.split(",")] for line in listed.splitlines() if line.strip()]
+        gpus = {row[0]: (row[1], Gpu(int(row[2]) * 2**20, len(row) > 3 and float(row[3]) >= 8)) for row in rows}
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError, ImportError):
         return []
     if "CUDA_VISIBLE_DEVICES" not in env:
-        return [memory[index] for index, _, _ in gpus]
+        return [gpu for _, gpu in gpus.values()]
+    by_key = {key: gpu for index, (uuid, gpu) in gpus.items() for key in (index, uuid)}
     chosen = []
     for key in env["CUDA_VISIBLE_DEVICES"].split(","):
-        if key.strip() not in memory:
+        if key.strip() not in by_key:
             break  # CUDA stops at the first device it does not know
-        chosen.append(memory[key.strip()])
+        chosen.append(by_key[key.strip()])
     return chosen
 
 
-def actor_gpus(clients_per_round: int, gpus: Sequence[int], *, base: int | None = None) -> float:
+def actors_dtype(dtype: str, gpus: Sequence[Gpu]) -> str:
+    """The dtype the actors' bases will have, as `mops_core.loading.resolve_dtype` picks it for `dtype`
+    on their device: 'auto' is bfloat16 where every GPU they may get has bfloat16 units, or where
+    they run on this machine's CPU and it has them; float32 otherwise."""
+    if dtype != "auto":
+        return dtype
+    if gpus:
+        return "bfloat16" if all(gpu.fast_bf16 for gpu in gpus) else "float32"
+    from mops_core.loading import cpu_has_fast_bf16  # torch: after the settings are checked
+
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"
+
+
+def actor_gpus(clients_per_round: int, gpus: Sequence[Gpu], *, base: int | None = None) -> float:
     """The GPU share per ClientApp actor when none is asked and this machine has GPUs: a round's
     clients spread evenly over them, side by side, a whole GPU at most (one base is never split),
     and no more actors on a GPU than four fifths of its memory holds bases of `base` bytes.
@@ -161,17 +187,17 @@ def actor_gpus(clients_per_round: int, gpus: Sequence[int], *, base: int | None 
         return 0.0
     per_gpu = -(-max(clients_per_round, 1) // len(gpus))
     if base:
-        per_gpu = min(per_gpu, max(1, int(0.8 * min(gpus)) // (base + ACTOR_OVERHEAD_BYTES)))
+        per_gpu = min(per_gpu, max(1, int(0.8 * min(gpu.memory for gpu in gpus)) // (base + ACTOR_OVERHEAD_BYTES)))
     return math.floor(10_000 / per_gpu) / 10_000
 
 
-def gpu_actors(gpus: Sequence[int], share: float) -> int:
+def gpu_actors(gpus: Sequence[Gpu], share: float) -> int:
     """How many actors of `share` GPU each these GPUs hold, as Flower's pool counts them (Ray's
     four-decimal shares, such as 0.3333, hold their whole number)."""
     return math.floor(len(gpus) / share + 1e-6)
 
 
-def actor_layout(clients_per_round: int, cpus: int, share: float, gpus: Sequence[int], ray_address: str | None) -> str:
+def actor_layout(clients_per_round: int, cpus: int, share: float, gpus: Sequence[Gpu], ray_address: str | None) -> str:
     """One line on the ClientApp actors Ray will start, as Flower's pool counts them: the defaults
     depend on the machine, so the run says what they chose."""
     each = f"{cpus} CPU{'s' if cpus > 1 else ''}" + (f" and {share:g} GPU" if share else "")
@@ -262,8 +288,8 @@ def launch(
 
     settings = run_settings({**(overrides or {}), **parse_config_args(list(extra_run_config))})
     clients = max(int(supernodes * settings.federated.fraction_train), 1)  # as the server samples
-    base = base_bytes(settings.model.model, settings.model.dtype)
     gpus = [] if ray_address or settings.model.device == "cpu" else visible_gpus()
+    base = base_bytes(settings.model.model, actors_dtype(settings.model.dtype, gpus if client_gpus != 0 else []))
     if client_gpus is None:
         client_gpus = actor_gpus(clients, gpus, base=base)
     elif client_gpus and not gpus and not ray_address:

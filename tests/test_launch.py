@@ -153,7 +153,8 @@ def test_no_more_actors_than_their_bases_fit_in_memory(tmp_path):
 
 
 def test_the_gpus_torch_would_see_are_those_cuda_visible_devices_names(monkeypatch):
-    gib, listed = 2**30, "0, GPU-aaaa, 143771\n1, GPU-bbbb, 81559\n"
+    gib, listed = 2**30, "0, GPU-aaaa, 143771, 9.0\n1, GPU-bbbb, 32768, 7.0\n"
+    h200, v100 = launch_module.Gpu(143771 * 2**20, True), launch_module.Gpu(32768 * 2**20, False)
     calls = []
 
     def nvidia_smi(command, **kwargs):
@@ -162,27 +163,35 @@ def test_the_gpus_torch_would_see_are_those_cuda_visible_devices_names(monkeypat
 
     monkeypatch.setattr(launch_module.subprocess, "run", nvidia_smi)
     monkeypatch.setattr("importlib.metadata.version", lambda name: "2.13.0+cu128")
-    assert VISIBLE_GPUS({}) == [143771 * 2**20, 81559 * 2**20]
-    assert VISIBLE_GPUS({"CUDA_VISIBLE_DEVICES": "1"}) == [81559 * 2**20]
-    assert VISIBLE_GPUS({"CUDA_VISIBLE_DEVICES": "GPU-aaaa"}) == [143771 * 2**20]
-    assert VISIBLE_GPUS({"CUDA_VISIBLE_DEVICES": "1,7,0"}) == [81559 * 2**20]  # CUDA stops at an unknown device
+    assert VISIBLE_GPUS({}) == [h200, v100]
+    assert VISIBLE_GPUS({"CUDA_VISIBLE_DEVICES": "1"}) == [v100]
+    assert VISIBLE_GPUS({"CUDA_VISIBLE_DEVICES": "GPU-aaaa"}) == [h200]
+    assert VISIBLE_GPUS({"CUDA_VISIBLE_DEVICES": "1,7,0"}) == [v100]  # CUDA stops at an unknown device
     assert VISIBLE_GPUS({"CUDA_VISIBLE_DEVICES": ""}) == []
-    assert calls == ["nvidia-smi"] * 5 and 143771 * 2**20 > 140 * gib
+    assert calls == ["nvidia-smi"] * 5 and h200.memory > 140 * gib
     monkeypatch.setattr("importlib.metadata.version", lambda name: "2.13.0+cpu")  # a CPU torch cannot use them
     assert VISIBLE_GPUS({}) == [] and len(calls) == 5
+
+    def old_driver(command, **kwargs):  # one that does not know the compute_cap field
+        if "compute_cap" in command[1]:
+            raise launch_module.subprocess.CalledProcessError(2, command)
+        return type("Done", (), {"stdout": "0, GPU-aaaa, 81559\n"})()
+
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "2.13.0")
+    monkeypatch.setattr(launch_module.subprocess, "run", old_driver)
+    assert VISIBLE_GPUS({}) == [launch_module.Gpu(81559 * 2**20, False)]  # bfloat16 units unknown: none counted
 
     def no_driver(command, **kwargs):
         raise FileNotFoundError(command[0])
 
-    monkeypatch.setattr("importlib.metadata.version", lambda name: "2.13.0")
     monkeypatch.setattr(launch_module.subprocess, "run", no_driver)
     assert VISIBLE_GPUS({}) == []
 
 
 def test_a_rounds_clients_share_the_gpus_as_their_memory_allows(monkeypatch, tmp_path, capsys):
     gib = 2**30
-    h200, a100 = 139 * gib, 80 * gib
-    llama_7b = 6_738_415_616 * 4  # float32, the estimate for dtype 'auto'
+    h200, a100 = launch_module.Gpu(139 * gib, True), launch_module.Gpu(80 * gib, True)
+    llama_7b = 6_738_415_616 * 4  # float32
     assert launch_module.actor_gpus(10, [h200]) == 0.1  # a small base: the whole round side by side
     assert launch_module.actor_gpus(10, [h200], base=llama_7b) == 0.25  # four 7B bases fit in four fifths of it
     assert launch_module.actor_gpus(10, [a100], base=llama_7b) == 0.5
@@ -219,6 +228,45 @@ def test_a_rounds_clients_share_the_gpus_as_their_memory_allows(monkeypatch, tmp
     ]
 
 
+def test_the_bases_are_sized_in_the_dtype_that_auto_gives_the_actors(monkeypatch, tmp_path):
+    """dtype 'auto' runs the base in bfloat16 on a GPU or a CPU with bfloat16 units: half the float32
+    bytes, so about twice the actors fit; where the units are missing, float32's size decides."""
+    import mops_core.loading
+
+    gib, llama_7b = 2**30, tmp_path / "7b"
+    llama_7b.mkdir()
+    (llama_7b / "config.json").write_text(json.dumps({"hidden_size": 4096, "num_attention_heads": 32, "vocab_size": 32000,
+                                                      "num_hidden_layers": 32, "intermediate_size": 11008}))
+    runs = []
+
+    def fake_run(command, env, cwd, timeout):
+        config = command[command.index("--federation-config") + 1]
+        runs.append((int(config.split("cpus=")[1].split()[0]), float(config.split("gpus=")[1])))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(launch_module.subprocess, "run", fake_run)
+    monkeypatch.setattr(launch_module.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(launch_module, "available_memory", lambda: 128 * gib)
+
+    def run(cpu_bf16: bool, gpus: list, **settings):
+        monkeypatch.setattr(mops_core.loading, "cpu_has_fast_bf16", lambda: cpu_bf16)
+        monkeypatch.setattr(launch_module, "visible_gpus", lambda env=None: gpus)
+        client_gpus = settings.pop("client_gpus", None)
+        launch_module.launch({"model": str(llama_7b), **settings}, supernodes=100, flwr_home=tmp_path / "home",
+                             client_gpus=client_gpus)
+        return runs[-1]
+
+    bf16_units, none = launch_module.Gpu(80 * gib, True), launch_module.Gpu(80 * gib, False)
+    assert run(False, [bf16_units]) == (4, 0.25)  # 13.5 GB in bfloat16: four in 64 GB
+    assert run(False, [none]) == (8, 0.5)  # 27 GB in float32: two
+    assert run(False, [bf16_units, none]) == (4, 0.5)  # an actor may get either GPU
+    assert run(False, [bf16_units], dtype="float32") == (8, 0.5)  # asked for float32: float32's size
+    assert run(True, [none], dtype="bfloat16") == (4, 0.25)
+    assert run(True, []) == (3, 0.0)  # on the CPUs, in bfloat16: five actors of 3 CPUs in 102 GB (seven would fit)
+    assert run(False, []) == (5, 0.0)  # in float32: three of 5 CPUs
+    assert run(True, [none], client_gpus=0) == (3, 0.0)  # kept off the GPUs: the CPU's bfloat16 units decide
+
+
 @pytest.mark.parametrize("option, problem", [
     (["--client-gpus", "-1"], "a share of one GPU (0 to 1) or a whole number of GPUs"),
     (["--client-gpus", "1.5"], "a share of one GPU (0 to 1) or a whole number of GPUs"),
@@ -242,7 +290,7 @@ def test_gpus_asked_where_none_is_seen_are_warned_of(monkeypatch, tmp_path, caps
     monkeypatch.setattr(launch_module.subprocess, "run", lambda command, **kwargs: type("Done", (), {"returncode": 0})())
     launch_module.launch({}, supernodes=10, flwr_home=tmp_path, client_gpus=0.25)
     assert "--client-gpus 0.25 asks for GPUs, but none that torch could use is visible here" in capsys.readouterr().err
-    monkeypatch.setattr(launch_module, "visible_gpus", lambda env=None: [80 * 2**30])
+    monkeypatch.setattr(launch_module, "visible_gpus", lambda env=None: [launch_module.Gpu(80 * 2**30, True)])
     launch_module.launch({}, supernodes=10, flwr_home=tmp_path, client_gpus=0.25)
     launch_module.launch({}, supernodes=10, flwr_home=tmp_path, client_gpus=0)
     assert "warning" not in capsys.readouterr().err
