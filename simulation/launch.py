@@ -65,10 +65,9 @@ def write_connection(flwr_home: Path) -> Path:
 ACTOR_OVERHEAD_BYTES = 2**30
 
 
-def base_bytes(model: str, dtype: str) -> int | None:
-    """An upper estimate of one actor's base in memory, from its config.json (a local checkpoint or
-    one in the Hugging Face cache) without loading it, in `dtype` (float32 for anything but the two
-    16-bit types). None when there is no config to read (the embedded model, a hub id not downloaded yet)."""
+def base_parameters(model: str) -> int | None:
+    """The base's parameters, from its config.json (a local checkpoint or one in the Hugging Face cache)
+    without loading it. None when there is no config to read (the embedded model, a hub id not downloaded yet)."""
     path = Path(model).expanduser()
     try:
         config: Path | None = path / "config.json" if path.is_dir() else None
@@ -85,6 +84,12 @@ def base_bytes(model: str, dtype: str) -> int | None:
         parameters = embeddings + c["num_hidden_layers"] * (layer + 2 * d) + d  # the norms' weights too
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return parameters
+
+
+def base_bytes(parameters: int, dtype: str) -> int:
+    """An upper estimate of one actor's base in memory: its parameters in `dtype` (float32 for anything
+    but the two 16-bit types: int8 bases are quantised from a full-precision load)."""
     return parameters * (2 if dtype in ("bfloat16", "float16") else 4)
 
 
@@ -289,7 +294,8 @@ def launch(
     settings = run_settings({**(overrides or {}), **parse_config_args(list(extra_run_config))})
     clients = max(int(supernodes * settings.federated.fraction_train), 1)  # as the server samples
     gpus = [] if ray_address or settings.model.device == "cpu" else visible_gpus()
-    base = base_bytes(settings.model.model, actors_dtype(settings.model.dtype, gpus if client_gpus != 0 else []))
+    parameters = base_parameters(settings.model.model)  # where known; its dtype may need torch, imported only then
+    base = base_bytes(parameters, actors_dtype(settings.model.dtype, gpus if client_gpus != 0 else [])) if parameters else None
     if client_gpus is None:
         client_gpus = actor_gpus(clients, gpus, base=base)
     elif client_gpus and not gpus and not ray_address:

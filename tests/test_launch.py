@@ -131,14 +131,14 @@ def test_no_more_actors_than_their_bases_fit_in_memory(tmp_path):
                           vocab_size=32000)
     smol = checkpoint("135m", hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30,
                       intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
-    assert launch_module.base_bytes(smol, "float32") == 134_515_008 * 4  # SmolLM2-135M's parameters, as the released model counts them
-    assert launch_module.base_bytes(llama_7b, "bfloat16") == 6_738_415_616 * 2  # LLaMA-2-7B's (untied head), as released
-    assert launch_module.base_bytes(str(tmp_path / "missing"), "float32") is None
-    assert launch_module.base_bytes("not a/hub id", "float32") is None
-    assert launch_module.base_bytes(checkpoint("broken", hidden_size=64), "float32") is None
+    assert launch_module.base_parameters(smol) == 134_515_008  # SmolLM2-135M's, as the released model counts them
+    assert launch_module.base_parameters(llama_7b) == 6_738_415_616  # LLaMA-2-7B's (untied head), as released
+    assert launch_module.base_parameters(str(tmp_path / "missing")) is None
+    assert launch_module.base_parameters("not a/hub id") is None
+    assert launch_module.base_parameters(checkpoint("broken", hidden_size=64)) is None
 
     gib = 2**30
-    big, small = launch_module.base_bytes(llama_7b, "auto"), launch_module.base_bytes(smol, "auto")
+    big, small = (launch_module.base_bytes(launch_module.base_parameters(m), "float32") for m in (llama_7b, smol))
     cores = launch_module.os.sched_getaffinity
     try:
         launch_module.os.sched_getaffinity = lambda pid: set(range(2))
@@ -265,6 +265,9 @@ def test_the_bases_are_sized_in_the_dtype_that_auto_gives_the_actors(monkeypatch
     assert run(True, []) == (3, 0.0)  # on the CPUs, in bfloat16: five actors of 3 CPUs in 102 GB (seven would fit)
     assert run(False, []) == (5, 0.0)  # in float32: three of 5 CPUs
     assert run(True, [none], client_gpus=0) == (3, 0.0)  # kept off the GPUs: the CPU's bfloat16 units decide
+    monkeypatch.setattr(mops_core.loading, "cpu_has_fast_bf16", lambda: pytest.fail("a dtype for no size"))
+    monkeypatch.setattr(launch_module, "visible_gpus", lambda env=None: [])
+    launch_module.launch({}, supernodes=100, flwr_home=tmp_path / "home")  # the embedded base: its size unknown here
 
 
 @pytest.mark.parametrize("option, problem", [
