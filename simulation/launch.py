@@ -134,6 +134,14 @@ class Gpu(NamedTuple):
     fast_bf16: bool  # compute capability 8.0 on: bfloat16 units, where dtype 'auto' runs the base in bfloat16
 
 
+def ampere_or_later(compute_cap: str) -> bool:
+    """Whether nvidia-smi's compute capability ("8.0", "9.0") is 8.0 or later; unreported ("[N/A]") is not."""
+    try:
+        return float(compute_cap) >= 8
+    except ValueError:
+        return False
+
+
 def visible_gpus(env: Mapping[str, str] | None = None) -> list[Gpu]:
     """The GPUs this machine's processes see: `nvidia-smi`'s list, narrowed by CUDA_VISIBLE_DEVICES
     (indices or UUIDs) as CUDA narrows it. Empty without an NVIDIA driver, or where torch is a CPU
@@ -156,12 +164,12 @@ def visible_gpus(env: Mapping[str, str] | None = None) -> list[Gpu]:
         if listed is None:
             return []
         rows = [[field.strip() for field in line.split(",")] for line in listed.splitlines() if line.strip()]
-        gpus = {row[0]: (row[1], Gpu(int(row[2]) * 2**20, len(row) > 3 and float(row[3]) >= 8)) for row in rows}
+        gpus = [(row[0], row[1], Gpu(int(row[2]) * 2**20, len(row) > 3 and ampere_or_later(row[3]))) for row in rows]
     except (OSError, ValueError, IndexError, subprocess.SubprocessError, ImportError):
         return []
     if "CUDA_VISIBLE_DEVICES" not in env:
-        return [gpu for _, gpu in gpus.values()]
-    by_key = {key: gpu for index, (uuid, gpu) in gpus.items() for key in (index, uuid)}
+        return [gpu for _, _, gpu in gpus]
+    by_key = {key: gpu for index, uuid, gpu in gpus for key in (index, uuid)}
     chosen = []
     for key in env["CUDA_VISIBLE_DEVICES"].split(","):
         if key.strip() not in by_key:

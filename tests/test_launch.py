@@ -153,8 +153,9 @@ def test_no_more_actors_than_their_bases_fit_in_memory(tmp_path):
 
 
 def test_the_gpus_torch_would_see_are_those_cuda_visible_devices_names(monkeypatch):
-    gib, listed = 2**30, "0, GPU-aaaa, 143771, 9.0\n1, GPU-bbbb, 32768, 7.0\n"
+    gib, listed = 2**30, "0, GPU-aaaa, 143771, 9.0\n1, GPU-bbbb, 32768, 7.0\n2, GPU-cccc, 81559, [N/A]\n"
     h200, v100 = launch_module.Gpu(143771 * 2**20, True), launch_module.Gpu(32768 * 2**20, False)
+    unreported = launch_module.Gpu(81559 * 2**20, False)
     calls = []
 
     def nvidia_smi(command, **kwargs):
@@ -163,7 +164,7 @@ def test_the_gpus_torch_would_see_are_those_cuda_visible_devices_names(monkeypat
 
     monkeypatch.setattr(launch_module.subprocess, "run", nvidia_smi)
     monkeypatch.setattr("importlib.metadata.version", lambda name: "2.13.0+cu128")
-    assert VISIBLE_GPUS({}) == [h200, v100]
+    assert VISIBLE_GPUS({}) == [h200, v100, unreported]  # a capability not reported: counted as without bfloat16 units
     assert VISIBLE_GPUS({"CUDA_VISIBLE_DEVICES": "1"}) == [v100]
     assert VISIBLE_GPUS({"CUDA_VISIBLE_DEVICES": "GPU-aaaa"}) == [h200]
     assert VISIBLE_GPUS({"CUDA_VISIBLE_DEVICES": "1,7,0"}) == [v100]  # CUDA stops at an unknown device
