@@ -45,7 +45,7 @@ class Profile:
 
 QUICK = Profile(
     name="quick",
-    description="SmolLM2 on Dolly, SparseGPT 75% and 2:4, short runs (about 1.5 hours on a 2-core CPU)",
+    description="SmolLM2 on Dolly, SparseGPT 75% and 2:4, short runs (about an hour on a 2-core CPU)",
     model="smollm2",
     datasets=("dolly",),
     compressions=("sparsegpt:0.75", "sparsegpt:2:4"),
@@ -55,6 +55,7 @@ QUICK = Profile(
     supernodes=100,
     inject_layers=(5, 15),
     prompts_per_expert=(5, 20),
+    sweep_baseline=True,  # L_int changes how many layers train for both methods: Fig. 2 compares them at each
 )
 
 PAPER = Profile(

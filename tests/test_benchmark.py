@@ -93,7 +93,8 @@ def test_datasets_compressions_methods_and_no_sweeps_choose_the_cells(capsys):
 
     summary, all_cells = listed()
     assert summary == "model smollm2; data dolly; compression sparsegpt:0.75, sparsegpt:2:4; seeds 0"
-    assert len(all_cells) == 16 and any(study != "main" for _, study in all_cells)  # 12 main cells and 4 sweeps
+    assert len(all_cells) == 18 and sum(study != "main" for _, study in all_cells) == 6  # 12 main cells; 4 MoPs sweeps
+    assert sum(name.startswith("cent-prompt") for name, study in all_cells if study == "inject-layer") == 2  # and the baseline's
     summary, chosen = listed("--datasets", "dolly,sni", "--compressions", "sparsegpt:0.75", "--methods", "prompt,mops,fedprompt",
                              "--no-sweeps")
     assert summary == "model smollm2; data dolly, sni; compression sparsegpt:0.75; seeds 0"
