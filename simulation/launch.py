@@ -135,7 +135,8 @@ class Gpu(NamedTuple):
 
 
 def ampere_or_later(compute_cap: str) -> bool:
-    """Whether nvidia-smi's compute capability ("8.0", "9.0") is 8.0 or later; unreported ("[N/A]") is not."""
+    """Whether nvidia-smi's compute capability ("8.0", "9.0") is 8.0 or later, the bfloat16 rule of
+    `mops_core.loading.gpu_has_fast_bf16` (which needs torch); unreported ("[N/A]") is not."""
     try:
         return float(compute_cap) >= 8
     except ValueError:
@@ -302,7 +303,9 @@ def launch(
     settings = run_settings({**(overrides or {}), **parse_config_args(list(extra_run_config))})
     clients = max(int(supernodes * settings.federated.fraction_train), 1)  # as the server samples
     gpus = [] if ray_address or settings.model.device == "cpu" else visible_gpus()
-    parameters = base_parameters(settings.model.model)  # where known; its dtype may need torch, imported only then
+    # The base's size bounds the actors on this machine only (a Ray cluster's are not its); where known, since
+    # its dtype may need torch, imported only then.
+    parameters = None if ray_address else base_parameters(settings.model.model)
     base = base_bytes(parameters, actors_dtype(settings.model.dtype, gpus if client_gpus != 0 else [])) if parameters else None
     if client_gpus is None:
         client_gpus = actor_gpus(clients, gpus, base=base)

@@ -269,6 +269,8 @@ def test_the_bases_are_sized_in_the_dtype_that_auto_gives_the_actors(monkeypatch
     monkeypatch.setattr(mops_core.loading, "cpu_has_fast_bf16", lambda: pytest.fail("a dtype for no size"))
     monkeypatch.setattr(launch_module, "visible_gpus", lambda env=None: [])
     launch_module.launch({}, supernodes=100, flwr_home=tmp_path / "home")  # the embedded base: its size unknown here
+    launch_module.launch({"model": str(llama_7b)}, supernodes=100, flwr_home=tmp_path / "home",
+                         ray_address="head:6379")  # a Ray cluster's actors: this machine's dtype says nothing of them
 
 
 @pytest.mark.parametrize("option, problem", [
