@@ -213,7 +213,7 @@ class TrainConfig:
     gate_pretrain_lr: float = field(1e-3, "learning rate of gate pretraining")
     eval_batch_size: int = field(8, "samples per evaluation forward pass")
     activation_cache: bool = field(True, "reuse each sample's hidden states below inject-layer (exact: that part is frozen)")
-    activation_cache_mb: float = field(2048.0, "memory the activation cache may use per process")
+    activation_cache_mb: float = field(2048.0, "memory the activation cache may use per process (on the base's device; the simulation launcher counts it in each actor's share of memory)")
     activation_cache_disk_mb: float = field(8192.0, "disk the activation cache may use (under the model cache)")
     eval_samples: int = field(0, "test samples to evaluate (0 = the whole test split)")
     generation_samples: int = field(

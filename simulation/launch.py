@@ -61,8 +61,12 @@ def write_connection(flwr_home: Path) -> Path:
     return path
 
 
-# What an actor holds beside its base's weights: torch, compiled code, activations, the data.
-ACTOR_OVERHEAD_BYTES = 2**30
+# What a process of the run holds beside its base and its activation cache. In host memory: Python with torch,
+# transformers and Flower, the data, compiled code, a step's activations and the buffers the allocator keeps
+# for the next step (a ClientApp actor of the embedded 270 MB base reached 2.1 GB in all, docs/results.md). On a
+# GPU: the CUDA context and a step's activations, the libraries being in host memory.
+PROCESS_BYTES = 2 * 2**30
+GPU_PROCESS_BYTES = 2**30
 
 
 def base_parameters(model: str) -> int | None:
@@ -93,6 +97,15 @@ def base_bytes(parameters: int, dtype: str) -> int:
     return parameters * (2 if dtype in ("bfloat16", "float16") else 4)
 
 
+def footprint(base: int, settings: Settings, *, on_gpu: bool) -> int:
+    """An upper estimate of what one process of the run (the ServerApp, each ClientApp actor) holds in the
+    memory its `base` bytes are in: the base, the activation cache filled to its bound (`activation-cache-mb`,
+    kept on the base's device), and the rest."""
+    train = settings.train
+    cache = int(train.activation_cache_mb * 2**20) if train.activation_cache else 0
+    return base + cache + (GPU_PROCESS_BYTES if on_gpu else PROCESS_BYTES)
+
+
 def available_memory() -> int | None:
     """Bytes the kernel says new processes can use (/proc/meminfo's MemAvailable); None elsewhere."""
     try:
@@ -109,22 +122,23 @@ def local_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def actor_cpus(clients_per_round: int, ray_address: str | None = None, *, base: int | None = None,
+def actor_cpus(clients_per_round: int, ray_address: str | None = None, *, each: int | None = None,
                memory: int | None = None) -> int:
     """CPUs per ClientApp actor when none are asked: this machine's cores shared among the clients
     of one round, at least one each, so that they train side by side rather than in turn. Ray gives
     an actor as many threads as CPUs (OMP_NUM_THREADS). A client's batch-1 step is small GEMMs and
     single-threaded work (Python, dynamo, autograd), so two clients on one thread each finish
     sooner than the same two one after the other on two threads. Every actor holds a base of its
-    own: with the base's estimated `base` bytes and `memory` free, no more actors than fit in
-    four fifths of it. On a Ray cluster this machine's cores and memory say nothing of the
-    cluster's: Flower's default, 2."""
+    own, and so does the ServerApp: with `each` such process holding an estimated `each` bytes
+    (`footprint`) and `memory` free, no more actors than fit in four fifths of it beside the
+    ServerApp. On a Ray cluster this machine's cores and memory say nothing of the cluster's:
+    Flower's default, 2."""
     if ray_address:
         return 2
     cores = local_cores()
     cpus = max(1, cores // max(clients_per_round, 1))
-    if base and memory:
-        fit = max(1, int(0.8 * memory) // (base + ACTOR_OVERHEAD_BYTES))
+    if each and memory:
+        fit = max(1, int(0.8 * memory) // each - 1)  # the ServerApp's process is one of them
         cpus = max(cpus, cores // (fit + 1) + 1)  # the fewest CPUs each for which Ray starts (cores // cpus) <= fit actors
     return cpus
 
@@ -192,16 +206,19 @@ def actors_dtype(dtype: str, gpus: Sequence[Gpu]) -> str:
     return "bfloat16" if cpu_has_fast_bf16() else "float32"
 
 
-def actor_gpus(clients_per_round: int, gpus: Sequence[Gpu], *, base: int | None = None) -> float:
+def actor_gpus(clients_per_round: int, gpus: Sequence[Gpu], *, each: int | None = None) -> float:
     """The GPU share per ClientApp actor when none is asked and this machine has GPUs: a round's
     clients spread evenly over them, side by side, a whole GPU at most (one base is never split),
-    and no more actors on a GPU than four fifths of its memory holds bases of `base` bytes.
+    and no more actors on a GPU than four fifths of its memory holds processes of `each` bytes
+    (`footprint`), the ServerApp's among them on the first GPU, where its base goes.
     Ray takes shares to four decimals: rounded down, so that the actors meant to fit do."""
     if not gpus:
         return 0.0
     per_gpu = -(-max(clients_per_round, 1) // len(gpus))
-    if base:
-        per_gpu = min(per_gpu, max(1, int(0.8 * min(gpu.memory for gpu in gpus)) // (base + ACTOR_OVERHEAD_BYTES)))
+    if each:
+        fits = [int(0.8 * gpu.memory) // each for gpu in gpus]
+        fits[0] -= 1  # Ray may place an actor on any GPU: every one's share must leave room there
+        per_gpu = min(per_gpu, max(1, min(fits)))
     return math.floor(10_000 / per_gpu) / 10_000
 
 
@@ -306,9 +323,10 @@ def launch(
     # The base's size bounds the actors on this machine only (a Ray cluster's are not its); where known, since
     # its dtype may need torch, imported only then.
     parameters = None if ray_address else base_parameters(settings.model.model)
-    base = base_bytes(parameters, actors_dtype(settings.model.dtype, gpus if client_gpus != 0 else [])) if parameters else None
+    on_gpu = bool(gpus) and client_gpus != 0
+    base = base_bytes(parameters, actors_dtype(settings.model.dtype, gpus if on_gpu else [])) if parameters else None
     if client_gpus is None:
-        client_gpus = actor_gpus(clients, gpus, base=base)
+        client_gpus = actor_gpus(clients, gpus, each=base and footprint(base, settings, on_gpu=True))
     elif client_gpus and not gpus and not ray_address:
         print(f"warning: --client-gpus {client_gpus} asks for GPUs, but none that torch could use is visible here (nvidia-smi "
               "lists none, CUDA_VISIBLE_DEVICES hides them, torch is a CPU build, or device='cpu'): where Ray sees none "
@@ -317,7 +335,8 @@ def launch(
         actors = min(clients, gpu_actors(gpus, client_gpus)) if gpus else clients
         client_cpus = actor_cpus(actors, ray_address)
     elif client_cpus is None:
-        client_cpus = actor_cpus(clients, ray_address, base=base, memory=available_memory())
+        client_cpus = actor_cpus(clients, ray_address, each=base and footprint(base, settings, on_gpu=False),
+                                 memory=available_memory())
     flwr_home = Path(flwr_home or os.environ.get("FLWR_HOME") or PROJECT / ".flwr").resolve()
     write_connection(flwr_home)
     bin_dir = Path(sys.executable).parent

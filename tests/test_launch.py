@@ -137,17 +137,27 @@ def test_no_more_actors_than_their_bases_fit_in_memory(tmp_path):
     assert launch_module.base_parameters("not a/hub id") is None
     assert launch_module.base_parameters(checkpoint("broken", hidden_size=64)) is None
 
-    gib = 2**30
+    gib, settings = 2**30, launch_module.run_settings({})
     big, small = (launch_module.base_bytes(launch_module.base_parameters(m), "float32") for m in (llama_7b, smol))
+    # Each process holds its base, its activation cache at the bound (2 GiB by default) and 2 GiB more.
+    assert launch_module.footprint(small, settings, on_gpu=False) == small + 4 * gib
+    assert launch_module.footprint(small, settings, on_gpu=True) == small + 3 * gib  # the libraries stay in host memory
+    bigger_cache = launch_module.run_settings({"activation-cache-mb": 8192})
+    assert launch_module.footprint(small, bigger_cache, on_gpu=False) == small + 10 * gib
+    assert launch_module.footprint(small, launch_module.run_settings({"activation-cache": False}), on_gpu=False) == small + 2 * gib
+    each = {base: launch_module.footprint(base, settings, on_gpu=False) for base in (big, small)}
     cores = launch_module.os.sched_getaffinity
     try:
         launch_module.os.sched_getaffinity = lambda pid: set(range(2))
-        assert launch_module.actor_cpus(10, base=big, memory=24 * gib) == 2  # one actor: 27 GB each would not fit twice
-        assert launch_module.actor_cpus(10, base=small, memory=24 * gib) == 1
-        assert launch_module.actor_cpus(10, base=None, memory=24 * gib) == 1  # nothing known: the cores decide
+        assert launch_module.actor_cpus(10, each=each[big], memory=24 * gib) == 2  # one actor: 29 GiB each would not fit twice
+        assert launch_module.actor_cpus(10, each=each[small], memory=24 * gib) == 1
+        assert launch_module.actor_cpus(10, each=None, memory=24 * gib) == 1  # nothing known: the cores decide
+        # A cache allowed 8 GiB: 10.5 GiB a process, the ServerApp's and one actor's in 19 GiB.
+        assert launch_module.actor_cpus(10, each=launch_module.footprint(small, bigger_cache, on_gpu=False), memory=24 * gib) == 2
         launch_module.os.sched_getaffinity = lambda pid: set(range(16))
-        assert launch_module.actor_cpus(10, base=big, memory=128 * gib) == 5  # Ray starts 16 // 5 = 3 actors of 28 GB in 110 GB
-        assert launch_module.actor_cpus(10, base=small, memory=128 * gib) == 1
+        # Three processes of 29 GiB fit in 102 GiB: the ServerApp's and two actors, so Ray starts 16 // 6 = 2.
+        assert launch_module.actor_cpus(10, each=each[big], memory=128 * gib) == 6
+        assert launch_module.actor_cpus(10, each=each[small], memory=128 * gib) == 1
     finally:
         launch_module.os.sched_getaffinity = cores
 
@@ -192,14 +202,16 @@ def test_the_gpus_torch_would_see_are_those_cuda_visible_devices_names(monkeypat
 def test_a_rounds_clients_share_the_gpus_as_their_memory_allows(monkeypatch, tmp_path, capsys):
     gib = 2**30
     h200, a100 = launch_module.Gpu(139 * gib, True), launch_module.Gpu(80 * gib, True)
-    llama_7b = 6_738_415_616 * 4  # float32
+    llama_7b = 16 * gib  # a 7B base in bfloat16 with its activation cache and the rest (`footprint`)
     assert launch_module.actor_gpus(10, [h200]) == 0.1  # a small base: the whole round side by side
-    assert launch_module.actor_gpus(10, [h200], base=llama_7b) == 0.25  # four 7B bases fit in four fifths of it
-    assert launch_module.actor_gpus(10, [a100], base=llama_7b) == 0.5
-    assert launch_module.actor_gpus(10, [a100] * 8, base=llama_7b) == 0.5  # no more than two on any GPU
+    assert launch_module.actor_gpus(10, [h200], each=llama_7b) == 0.2  # six fit in four fifths of it, one the ServerApp's
+    assert launch_module.actor_gpus(10, [a100], each=llama_7b) == 0.3333  # four fit: three actors beside the ServerApp
+    assert launch_module.actor_gpus(10, [a100] * 2, each=llama_7b) == 0.3333  # the second GPU would hold four
+    assert launch_module.actor_gpus(10, [a100] * 8, each=llama_7b) == 0.5  # the round spread over eight
     assert launch_module.actor_gpus(3, [h200]) == 0.3333  # Ray's four decimals, rounded down: three fit
     assert launch_module.actor_gpus(2, [a100] * 4) == 1.0  # a base is never split over GPUs
-    assert launch_module.actor_gpus(10, [h200], base=200 * gib) == 1.0  # too large for its memory: one at a time
+    assert launch_module.actor_gpus(10, [h200], each=200 * gib) == 1.0  # too large for its memory: one at a time
+    assert launch_module.actor_gpus(10, [a100], each=40 * gib) == 1.0  # only one fits, where the ServerApp's is too
     assert launch_module.actor_gpus(10, []) == 0.0
 
     runs = []
@@ -258,13 +270,15 @@ def test_the_bases_are_sized_in_the_dtype_that_auto_gives_the_actors(monkeypatch
         return runs[-1]
 
     bf16_units, none = launch_module.Gpu(80 * gib, True), launch_module.Gpu(80 * gib, False)
-    assert run(False, [bf16_units]) == (4, 0.25)  # 13.5 GB in bfloat16: four in 64 GB
-    assert run(False, [none]) == (8, 0.5)  # 27 GB in float32: two
-    assert run(False, [bf16_units, none]) == (4, 0.5)  # an actor may get either GPU
-    assert run(False, [bf16_units], dtype="float32") == (8, 0.5)  # asked for float32: float32's size
-    assert run(True, [none], dtype="bfloat16") == (4, 0.25)
-    assert run(True, []) == (3, 0.0)  # on the CPUs, in bfloat16: five actors of 3 CPUs in 102 GB (seven would fit)
-    assert run(False, []) == (5, 0.0)  # in float32: three of 5 CPUs
+    # On a GPU each process holds its base, a 2 GiB activation cache and 1 GiB more; the ServerApp's is one of them.
+    assert run(False, [bf16_units]) == (5, 0.3333)  # 12.6 GiB in bfloat16: four in 64 GiB, three actors
+    assert run(False, [none]) == (16, 1.0)  # 25.1 GiB in float32: two, one actor
+    assert run(False, [bf16_units, none]) == (8, 1.0)  # an actor may get either GPU
+    assert run(False, [bf16_units], dtype="float32") == (16, 1.0)  # asked for float32: float32's size
+    assert run(True, [none], dtype="bfloat16") == (5, 0.3333)
+    # On the CPUs 2 GiB more each: in bfloat16 six processes of 16.6 GiB in 102 GiB, five actors of 3 CPUs
+    assert run(True, []) == (3, 0.0)
+    assert run(False, []) == (6, 0.0)  # in float32: three of 29.1 GiB, two actors of 6 CPUs
     assert run(True, [none], client_gpus=0) == (3, 0.0)  # kept off the GPUs: the CPU's bfloat16 units decide
     monkeypatch.setattr(mops_core.loading, "cpu_has_fast_bf16", lambda: pytest.fail("a dtype for no size"))
     monkeypatch.setattr(launch_module, "visible_gpus", lambda env=None: [])
