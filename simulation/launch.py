@@ -63,8 +63,8 @@ def write_connection(flwr_home: Path) -> Path:
 
 # What a process of the run holds beside its base and its activation cache. In host memory: Python with torch,
 # transformers and Flower, the data, compiled code, a step's activations and the buffers the allocator keeps
-# for the next step (a ClientApp actor of the embedded 270 MB base reached 2.1 GB in all, docs/results.md). On a
-# GPU: the CUDA context and a step's activations, the libraries being in host memory.
+# for the next step (`benchmarks/process_memory.py` compares the processes' peaks with this estimate). On a GPU:
+# the CUDA context and a step's activations, the libraries being in host memory.
 PROCESS_BYTES = 2 * 2**30
 GPU_PROCESS_BYTES = 2**30
 
