@@ -129,7 +129,7 @@ def actor_cpus(clients_per_round: int, ray_address: str | None = None, *, each: 
     an actor as many threads as CPUs (OMP_NUM_THREADS). A client's batch-1 step is small GEMMs and
     single-threaded work (Python, dynamo, autograd), so two clients on one thread each finish
     sooner than the same two one after the other on two threads. Every actor holds a base of its
-    own, and so does the ServerApp: with `each` such process holding an estimated `each` bytes
+    own, and so does the ServerApp: with each such process holding an estimated `each` bytes
     (`footprint`) and `memory` free, no more actors than fit in four fifths of it beside the
     ServerApp. On a Ray cluster this machine's cores and memory say nothing of the cluster's:
     Flower's default, 2."""
@@ -217,7 +217,7 @@ def actor_gpus(clients_per_round: int, gpus: Sequence[Gpu], *, each: int | None 
     per_gpu = -(-max(clients_per_round, 1) // len(gpus))
     if each:
         fits = [int(0.8 * gpu.memory) // each for gpu in gpus]
-        fits[0] -= 1  # Ray may place an actor on any GPU: every one's share must leave room there
+        fits[0] -= 1  # the ServerApp's base; Ray may place actors on any GPU, so the one share leaves room for it
         per_gpu = min(per_gpu, max(1, min(fits)))
     return math.floor(10_000 / per_gpu) / 10_000
 
