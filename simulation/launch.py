@@ -325,8 +325,11 @@ def launch(
     parameters = None if ray_address else base_parameters(settings.model.model)
     on_gpu = bool(gpus) and client_gpus != 0
     base = base_bytes(parameters, actors_dtype(settings.model.dtype, gpus if on_gpu else [])) if parameters else None
+    each = base and footprint(base, settings, on_gpu=on_gpu)
+    memory_bound = False  # whether the memory, not the cores or the GPUs' number, set the actors' count
     if client_gpus is None:
-        client_gpus = actor_gpus(clients, gpus, each=base and footprint(base, settings, on_gpu=True))
+        client_gpus = actor_gpus(clients, gpus, each=each)
+        memory_bound = client_gpus > actor_gpus(clients, gpus)
     elif client_gpus and not gpus and not ray_address:
         print(f"warning: --client-gpus {client_gpus} asks for GPUs, but none that torch could use is visible here (nvidia-smi "
               "lists none, CUDA_VISIBLE_DEVICES hides them, torch is a CPU build, or device='cpu'): where Ray sees none "
@@ -335,8 +338,8 @@ def launch(
         actors = min(clients, gpu_actors(gpus, client_gpus)) if gpus else clients
         client_cpus = actor_cpus(actors, ray_address)
     elif client_cpus is None:
-        client_cpus = actor_cpus(clients, ray_address, each=base and footprint(base, settings, on_gpu=False),
-                                 memory=available_memory())
+        client_cpus = actor_cpus(clients, ray_address, each=each, memory=available_memory())
+        memory_bound = client_cpus > actor_cpus(clients, ray_address)
     flwr_home = Path(flwr_home or os.environ.get("FLWR_HOME") or PROJECT / ".flwr").resolve()
     write_connection(flwr_home)
     bin_dir = Path(sys.executable).parent
@@ -361,6 +364,10 @@ def launch(
     for extra in extra_run_config:
         command += ["--run-config", extra]
     print(actor_layout(clients, client_cpus, client_gpus, gpus, ray_address))
+    if memory_bound:
+        where = "a GPU's memory holds, the ServerApp's on the first" if on_gpu else "the memory holds beside the ServerApp's"
+        print(f"  as many as {where}: about {each / 1e9:.1f} GB a process (the base, an activation cache of up to "
+              f"activation-cache-mb, the rest)")
     print("$ " + shlex.join(command), flush=True)
     try:
         return subprocess.run(command, env=full_env, cwd=PROJECT, timeout=timeout).returncode

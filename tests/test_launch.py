@@ -241,7 +241,7 @@ def test_a_rounds_clients_share_the_gpus_as_their_memory_allows(monkeypatch, tmp
     ]
 
 
-def test_the_bases_are_sized_in_the_dtype_that_auto_gives_the_actors(monkeypatch, tmp_path):
+def test_the_bases_are_sized_in_the_dtype_that_auto_gives_the_actors(monkeypatch, tmp_path, capsys):
     """dtype 'auto' runs the base in bfloat16 on a GPU or a CPU with bfloat16 units: half the float32
     bytes, so about twice the actors fit; where the units are missing, float32's size decides."""
     import mops_core.loading
@@ -280,6 +280,24 @@ def test_the_bases_are_sized_in_the_dtype_that_auto_gives_the_actors(monkeypatch
     assert run(True, []) == (3, 0.0)
     assert run(False, []) == (6, 0.0)  # in float32: three of 29.1 GiB, two actors of 6 CPUs
     assert run(True, [none], client_gpus=0) == (3, 0.0)  # kept off the GPUs: the CPU's bfloat16 units decide
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  as many as")]
+    assert said == [  # each run above that memory bounded says so, with the size it went by
+        "  as many as a GPU's memory holds, the ServerApp's on the first: about 16.7 GB a process (the base, an activation "
+        "cache of up to activation-cache-mb, the rest)",
+        *["  as many as a GPU's memory holds, the ServerApp's on the first: about 30.2 GB a process (the base, an "
+          "activation cache of up to activation-cache-mb, the rest)"] * 3,
+        "  as many as a GPU's memory holds, the ServerApp's on the first: about 16.7 GB a process (the base, an activation "
+        "cache of up to activation-cache-mb, the rest)",
+        "  as many as the memory holds beside the ServerApp's: about 17.8 GB a process (the base, an activation cache of "
+        "up to activation-cache-mb, the rest)",
+        "  as many as the memory holds beside the ServerApp's: about 31.2 GB a process (the base, an activation cache of "
+        "up to activation-cache-mb, the rest)",
+        "  as many as the memory holds beside the ServerApp's: about 17.8 GB a process (the base, an activation cache of "
+        "up to activation-cache-mb, the rest)",
+    ]
+    monkeypatch.setattr(launch_module, "visible_gpus", lambda env=None: [])
+    launch_module.launch({"model": str(llama_7b)}, supernodes=20, flwr_home=tmp_path / "home")  # two clients a round
+    assert runs[-1] == (8, 0.0) and "as many as" not in capsys.readouterr().out  # the cores, not the memory, set them
     monkeypatch.setattr(mops_core.loading, "cpu_has_fast_bf16", lambda: pytest.fail("a dtype for no size"))
     monkeypatch.setattr(launch_module, "visible_gpus", lambda env=None: [])
     launch_module.launch({}, supernodes=100, flwr_home=tmp_path / "home")  # the embedded base: its size unknown here
