@@ -27,7 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from simulation.launch import PROJECT, actors_dtype, base_bytes, base_parameters, footprint, run_settings, with_shared_data  # noqa: E402
+from simulation.launch import (  # noqa: E402
+    PROCESS_BYTES, PROJECT, actors_dtype, base_bytes, base_parameters, footprint, run_settings, with_shared_data,
+)
 
 KINDS = {"ClientAppActor": "ClientApp actor", "flwr-simulation": "ServerApp (flwr-simulation)"}
 
@@ -103,8 +105,8 @@ def main() -> int:
     estimate = footprint(base, settings, on_gpu=False)
     gb = 1e9
     print(f"\nthe launcher's estimate per process: {estimate / gb:.2f} GB (base {base / gb:.2f} GB in "
-          f"{actors_dtype(settings.model.dtype, [])}, activation cache up to {settings.train.activation_cache_mb:g} MB, "
-          f"the rest {(estimate - base - settings.train.activation_cache_mb * 2**20) / gb:.2f} GB)")
+          f"{actors_dtype(settings.model.dtype, [])}, activation cache up to {(estimate - base - PROCESS_BYTES) / gb:.2f} GB, "
+          f"the rest {PROCESS_BYTES / gb:.2f} GB)")
     print(f"{'process':30s} {'pid':>8s} {'peak resident':>14s} {'peak anonymous':>15s} {'peak / estimate':>16s}")
     for pid, (kind, resident, anonymous) in sorted(peaks.items(), key=lambda item: item[1][0]):
         print(f"{kind:30s} {pid:8d} {resident / gb:11.2f} GB {anonymous / gb:12.2f} GB {resident / estimate:15.2f}x")
