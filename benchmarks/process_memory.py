@@ -15,7 +15,6 @@ actors' bases are in the GPU's memory, which this does not read.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -28,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from simulation.launch import (  # noqa: E402
-    PROCESS_BYTES, PROJECT, actors_dtype, base_bytes, base_parameters, footprint, run_settings, with_shared_data,
+    PROCESS_BYTES, PROJECT, actors_dtype, base_bytes, base_parameters, command_lines, config_parameters, footprint,
+    run_settings, with_shared_data,
 )
 
 KINDS = {"ClientAppActor": "ClientApp actor", "flwr-simulation": "ServerApp (flwr-simulation)"}
@@ -36,17 +36,7 @@ KINDS = {"ClientAppActor": "ClientApp actor", "flwr-simulation": "ServerApp (flw
 
 def processes() -> dict[int, str]:
     """The run's processes by pid: the ServerApp's and each ClientApp actor's."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            for marker, kind in KINDS.items():
-                if marker in cmdline:
-                    found[int(proc.name)] = kind
-    return found
+    return {pid: kind for pid, cmdline in command_lines() for marker, kind in KINDS.items() if marker in cmdline}
 
 
 def memory(pid: int) -> tuple[int, int]:
@@ -64,9 +54,7 @@ def base_size(settings) -> int:
         from mops_core.loading import embedded_gguf
 
         folder, name = embedded_gguf()
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "config.json").write_text(json.dumps(AutoConfig.from_pretrained(folder, gguf_file=name).to_dict()))
-            parameters = base_parameters(tmp)
+        parameters = config_parameters(AutoConfig.from_pretrained(folder, gguf_file=name).to_dict())
     return base_bytes(parameters, actors_dtype(settings.model.dtype, []))
 
 

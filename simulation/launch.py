@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -80,15 +80,18 @@ def base_parameters(model: str) -> int | None:
 
             found = try_to_load_from_cache(model, "config.json")  # a ValueError for what cannot be a hub id
             config = Path(found) if isinstance(found, str) else None
-        c = json.loads(config.read_text()) if config else None
-        d, heads = c["hidden_size"], c["num_attention_heads"]
-        head_dim, kv = c.get("head_dim") or d // heads, c.get("num_key_value_heads") or heads
-        layer = 2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * c["intermediate_size"]
-        embeddings = c["vocab_size"] * d * (1 if c.get("tie_word_embeddings") else 2)
-        parameters = embeddings + c["num_hidden_layers"] * (layer + 2 * d) + d  # the norms' weights too
+        return config_parameters(json.loads(config.read_text())) if config else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return parameters
+
+
+def config_parameters(c: Mapping[str, Any]) -> int:
+    """The parameters of a LLaMA-family model of config `c` (config.json's keys); KeyError or TypeError where it lacks one."""
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    head_dim, kv = c.get("head_dim") or d // heads, c.get("num_key_value_heads") or heads
+    layer = 2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * c["intermediate_size"]
+    embeddings = c["vocab_size"] * d * (1 if c.get("tie_word_embeddings") else 2)
+    return embeddings + c["num_hidden_layers"] * (layer + 2 * d) + d  # the norms' weights too
 
 
 def base_bytes(parameters: int, dtype: str) -> int:
@@ -272,19 +275,25 @@ def federation_config(supernodes: int, client_cpus: int, client_gpus: float) -> 
     )
 
 
-def stop_local_superlink(flwr_home: Path) -> None:
-    """`flwr run` leaves its local SuperLink running; find it by its database path and stop it."""
-    marker = f"--database {flwr_home}/local-superlink/state.db"
-    for proc in Path("/proc").iterdir():
+def command_lines() -> Iterator[tuple[int, str]]:
+    """(pid, command line with spaces between its arguments) of every process /proc lists (none elsewhere)."""
+    proc_dir = Path("/proc")
+    for proc in proc_dir.iterdir() if proc_dir.is_dir() else ():
         if not proc.name.isdigit():
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            yield int(proc.name), (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
+
+
+def stop_local_superlink(flwr_home: Path) -> None:
+    """`flwr run` leaves its local SuperLink running; find it by its database path and stop it."""
+    marker = f"--database {flwr_home}/local-superlink/state.db"
+    for pid, cmdline in command_lines():
         if "flower-superlink" in cmdline and marker in cmdline:
             try:
-                os.kill(int(proc.name), signal.SIGTERM)
+                os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
 
