@@ -125,8 +125,7 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float, commit:
             "bytes_communicated": sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in rounds),
             "gate_matrix": last.get("gate_matrix"), "gate_entropy": last.get("gate_entropy"),
             "routing_accuracy": last.get("routing_accuracy"),
-            "rounds": [{**{k: r.get(k) for k in ("round", "perplexity", "gate_entropy", "task_entropy", "expert_share", "agreement")},
-                        "client_perplexity": (r.get("client_eval") or {}).get("perplexity")} for r in rounds],
+            "rounds": [round_record(r) for r in rounds],
             "client_perplexity": (last.get("client_eval") or {}).get("perplexity"),
             "agreement": mean_agreement(rounds),
             "curve": {"x": [r["round"] for r in rounds], "y": [r["perplexity"] for r in rounds], "label": "test perplexity"},
@@ -135,6 +134,24 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float, commit:
     row.update(rouge_l=generation["rouge_l"] if generation else None, exact_match=generation["exact_match"] if generation else None,
                task_rouge_l={t: s["rouge_l"] for t, s in generation["per_task"].items()} if generation else None)
     return {**common, **row, **(gate_collapse(row["gate_matrix"]) or {})}
+
+
+# What a cell's record keeps of each round of its results.json: enough to redraw its curves, per task
+# and per client, anywhere (the gate matrix and the rest stay in the cell's folder).
+ROUND_FIELDS = ("round", "perplexity", "per_task", "train_loss", "gate_entropy", "routing_accuracy", "task_routing",
+                "task_entropy", "expert_share", "agreement", "seconds", "eval_seconds", "wall_seconds", "accepted", "sampled")
+
+
+def round_record(row: dict) -> dict:
+    client = row.get("client_eval") or {}
+    generation = row.get("generation")
+    return {
+        **{k: row.get(k) for k in ROUND_FIELDS},
+        "client_perplexity": client.get("perplexity"),
+        "client_spread": {k: client.get(k) for k in ("p10", "p50", "p90", "clients")} if client else None,
+        "rouge_l": generation["rouge_l"] if generation else None,
+        "exact_match": generation["exact_match"] if generation else None,
+    }
 
 
 def mean_agreement(rounds: Sequence[dict]) -> dict[str, float | None]:
@@ -357,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         if "mops" not in keep:
             profile = replace(profile, inject_layers=(), prompts_per_expert=())
     profile = replace(profile, **chosen)
+    if "compressions" in chosen:
+        profile = replace(profile, dataset_compressions={})  # every dataset: these
     if args.no_sweeps:
         profile = replace(profile, inject_layers=(), prompts_per_expert=())
     out = args.out or PROJECT / "runs" / f"benchmark-{profile.name}"

@@ -434,6 +434,41 @@ def test_the_heterogeneity_cells_differ_only_in_alpha_local_steps_method_and_see
         (str(seed), f"alpha {alpha} / {steps} steps") for seed in (0, 1, 2) for alpha in ("10", "0.5", "0.1") for steps in (20, 100)}
 
 
+def test_the_regime_cells_run_the_papers_federated_scale_each_dataset_on_its_own_base(capsys):
+    grid = cells(PROFILES["regime"])
+    assert all(c.kind == "federated" and c.study == "main" for c in grid)
+    assert {(c.dataset, c.compression) for c in grid} == {("sni", "sparsegpt:0.75"), ("dolly", "sparsegpt:0.5")}
+    assert {(c.dataset, c.settings["seed"], c.method) for c in grid} == {
+        (d, seed, m) for d in ("sni", "dolly") for seed in (0, 1) for m in ("fedprompt", "mops")}
+    for c in grid:  # the paper's Table 3: 20 rounds of 10 of 100 clients x 250 local steps, at the grid's most skewed split
+        assert (c.settings["num-server-rounds"], c.settings["local-steps"], c.settings["fraction-train"]) == (20, 250, 0.1)
+        assert (c.settings["partitioner"], c.settings["alpha"]) == ("inner-dirichlet", 0.1)
+        assert c.settings["round-timeout"] >= 3 * 3600  # a float32 round on 2 cores is not cut off
+    differing = {k for c in grid for k, v in c.settings.items() if v != grid[0].settings[k]}
+    assert differing == {"dataset", "compression", "method", "seed"}
+    # --compressions names the bases of every dataset
+    assert main(["--profile", "regime", "--compressions", "sparsegpt:2:4", "--dry-run"]) == 0
+    assert "compression sparsegpt:2:4;" in capsys.readouterr().out
+    assert main(["--profile", "regime", "--dry-run"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fede-")]
+    assert len(listed) == len(grid) == 8 and all("to run" in line for line in listed)
+
+
+def test_a_cells_record_keeps_each_rounds_test_clients_and_text_scores():
+    from simulation.benchmark import round_record
+
+    row = {"round": 5, "perplexity": 9.5, "per_task": {"a": 9.0}, "task_routing": {"a": 0.5}, "seconds": 600.0,
+           "agreement": {"cosine": 0.2, "norm_ratio": 0.5}, "gate_matrix": [[1.0]],
+           "client_eval": {"perplexity": 11.0, "p10": 8.0, "p50": 10.0, "p90": 14.0, "clients": 100, "per_task": {}},
+           "generation": {"rouge_l": 21.5, "exact_match": 3.0, "per_task": {}}}
+    kept = round_record(row)
+    assert (kept["round"], kept["perplexity"], kept["per_task"], kept["task_routing"], kept["seconds"]) == (5, 9.5, {"a": 9.0}, {"a": 0.5}, 600.0)
+    assert kept["client_perplexity"] == 11.0 and kept["client_spread"] == {"p10": 8.0, "p50": 10.0, "p90": 14.0, "clients": 100}
+    assert (kept["rouge_l"], kept["exact_match"]) == (21.5, 3.0) and "gate_matrix" not in kept
+    bare = round_record({"round": 0, "perplexity": 12.0})  # the start: no clients, no answers scored
+    assert bare["client_spread"] is None and bare["rouge_l"] is None and bare["train_loss"] is None
+
+
 def hetero_record(method, dataset, alpha, steps, seed, ppl, client_ppl, rouge, cosine, ratio, compression="sparsegpt:0.75"):
     return {"kind": "federated", "study": "main", "method": method, "dataset": dataset, "compression": compression,
             "settings": {"alpha": alpha, "local-steps": steps, "seed": seed}, "perplexity": ppl, "client_perplexity": client_ppl,
