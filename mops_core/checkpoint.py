@@ -128,8 +128,12 @@ def read(path: str | Path) -> Checkpoint:
     return Checkpoint(path, config, tensors)
 
 
-def check_compatible(ckpt: Checkpoint, model: MoPsModel) -> None:
-    """Refuse a checkpoint tuned on another base or built with another MoPs shape."""
+def check_compatible(ckpt: Checkpoint, model: MoPsModel, *, fingerprint: bool = True) -> None:
+    """Refuse a checkpoint tuned on another base or built with another MoPs shape.
+
+    `fingerprint=False` accepts a base of the same shape whose weights differ: the same recipe
+    compressed again elsewhere, where the caller has checked the settings and says so.
+    """
     config = ckpt.config
     base = model.base.config
     dims = {"hidden_size": base.hidden_size, "num_hidden_layers": base.num_hidden_layers, "vocab_size": base.vocab_size}
@@ -138,11 +142,11 @@ def check_compatible(ckpt: Checkpoint, model: MoPsModel) -> None:
             f"checkpoint {ckpt.path} was tuned on a base with {config.get('base_dims')}, "
             f"but the loaded base has {dims}"
         )
-    fingerprint = base_fingerprint(model.base)
-    if config.get("base_fingerprint") != fingerprint:
+    loaded = base_fingerprint(model.base) if fingerprint else config.get("base_fingerprint")
+    if config.get("base_fingerprint") != loaded:
         raise CheckpointError(
             f"checkpoint {ckpt.path} was tuned on another base ({config.get('base_model_name_or_path')!r}, "
-            f"fingerprint {config.get('base_fingerprint')}); the loaded base has fingerprint {fingerprint}. "
+            f"fingerprint {config.get('base_fingerprint')}); the loaded base has fingerprint {loaded}. "
             "Load the same model with the same compression."
         )
     if config.get("inject_layer") != model.inject_layer:
@@ -151,10 +155,10 @@ def check_compatible(ckpt: Checkpoint, model: MoPsModel) -> None:
         )
 
 
-def load_into(ckpt: Checkpoint, model: MoPsModel, *, check_base: bool = True) -> None:
-    """Copy a checkpoint's tensors into `model` after checking that they fit."""
+def load_into(ckpt: Checkpoint, model: MoPsModel, *, check_base: bool = True, fingerprint: bool = True) -> None:
+    """Copy a checkpoint's tensors into `model` after checking that they fit (see `check_compatible`)."""
     if check_base:
-        check_compatible(ckpt, model)
+        check_compatible(ckpt, model, fingerprint=fingerprint)
     load_adapter_tensors(model, ckpt.tensors, source=str(ckpt.path))
 
 

@@ -166,6 +166,40 @@ def plot_curve(
     return _save(fig, path)
 
 
+def plot_seed_panels(
+    panels: Mapping[str, Mapping[str, Mapping[int, tuple[Sequence[float], Sequence[float]]]]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    reference: float | None = None,
+) -> Path:
+    """One panel per name ({panel: {line: {seed: (x, y)}}}): every seed a thin line, their mean bold, one colour a line.
+
+    The mean is taken where all of a line's seeds have a point, so a seed still running does not bend it.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, sharex=True)
+    for ax, (panel, lines) in zip(axes[0], panels.items()):
+        for colour, (line, seeds) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], lines.items()):
+            for xs, ys in seeds.values():
+                ax.plot(xs, ys, color=colour, linewidth=0.8, alpha=0.45)
+            shared = sorted(set.intersection(*(set(xs) for xs, _ in seeds.values())))
+            by_seed = [dict(zip(xs, ys)) for xs, ys in seeds.values()]
+            mean = [sum(points[x] for points in by_seed) / len(by_seed) for x in shared]
+            ax.plot(shared, mean, color=colour, linewidth=2.2, label=f"{line} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+        if reference is not None:
+            ax.axhline(reference, color="black", linewidth=0.8)
+        ax.set_title(panel)
+        ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def plot_points(
     series: Mapping[str, Sequence[tuple[float, float, float | None]]],
     path: str | Path,

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from mops_core import checkpoint, log_through, report
 from mops_core.config import FederatedConfig, Settings
 from mops_core.cache import stale_note
-from mops_core.loading import base_fingerprint, cache_root
+from mops_core.loading import base_fingerprint, cache_root, machine
 from mops_core.session import Session
 from mops_core.start_state import prepare_or_load, store_input_prompts, tensor_sha
 
@@ -86,10 +86,21 @@ def run(grid: Grid, settings: Settings) -> History:
     model = session.model
     if note := stale_note(cache_root(settings.model)):
         log(INFO, "%s", note)
+    fingerprint = base_fingerprint(model.base)
+    history.note_machine(max(done, 0) + 1, machine(settings.model))
     if done > 0:
         # The checkpoint holds the whole adapter, P1 included: the run goes on from it, not from the
         # start-state cache, whose entry other code (an upgrade) would compute anew and differently.
-        checkpoint.load_into(checkpoint.read(out / "checkpoint"), model)
+        saved = checkpoint.read(out / "checkpoint")
+        if saved.config.get("base_fingerprint") != fingerprint:
+            # The settings are the run's own (History.open checked them): the same recipe compressed
+            # again, on another machine or by other library versions. Refusing would strand a run
+            # that took hours; going on is honest only if the record says so.
+            log(WARNING, "resuming %s on a base with fingerprint %s; rounds 1-%d ran on %s. The same settings compressed "
+                "it again (another machine or library version): results.json records the change", out, fingerprint, done,
+                saved.config.get("base_fingerprint"))
+            history.note_base_change(done + 1, saved.config.get("base_fingerprint"), fingerprint)
+        checkpoint.load_into(saved, model, fingerprint=False)
         log(INFO, "resuming %s after round %d", out, done)
     else:
         key, start_report = prepare_or_load(session)
@@ -98,7 +109,6 @@ def run(grid: Grid, settings: Settings) -> History:
     sha = tensor_sha(model.input_prompts)
 
     tasks = session.tasks
-    fingerprint = base_fingerprint(model.base)
     store_input_prompts(settings, model.input_prompts, sha)  # a node sharing this cache needs no message
     admission = Admission(settings, tasks, fingerprint, model.input_prompts, sha, fed.round_timeout)
     discover(grid, admission, fed.min_available_nodes, fed.round_timeout)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -128,6 +129,8 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float, commit:
             "rounds": [round_record(r) for r in rounds],
             "client_perplexity": (last.get("client_eval") or {}).get("perplexity"),
             "agreement": mean_agreement(rounds),
+            # A cell resumed on another machine: each machine from the round it took over, and any base compressed again.
+            "machines": results.get("info", {}).get("machines"), "base_changes": results.get("info", {}).get("base_changes"),
             "curve": {"x": [r["round"] for r in rounds], "y": [r["perplexity"] for r in rounds], "label": "test perplexity"},
         }
     generation = results.get("generation") if cell.kind == "centralized" else results["rounds"][-1].get("generation")
@@ -216,6 +219,50 @@ def time_on_disk(folder: Path) -> float:
         return float(rounds[-1].get("wall_seconds", 0.0)) if rounds else 0.0
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         return 0.0  # nothing started, or a record the runner will refuse or rewrite
+
+
+def export_records(grid: Sequence[Cell], out_dir: Path, dest: Path) -> list[tuple[str, str]]:
+    """Copy each cell's small record under `dest/cells/<id>/`, to commit beside the code.
+
+    A finished cell leaves its `cell.json`; one under way, its checkpoint and `results.json`: what
+    resuming it needs, on this machine or another (copied back under a benchmark's `cells/`).
+    Returns (cell id, what was copied) for every cell that had something.
+    """
+    out_dir, dest = Path(out_dir), Path(dest)
+    finished = finished_cells(out_dir)
+    exported = []
+    for cell in grid:
+        done = finished_record(cell, finished)
+        if done is not None:
+            source = Path(done["dir"])
+            target = dest / "cells" / source.name
+            atomic.write_bytes(target / CELL_FILE, (source / CELL_FILE).read_bytes())
+            shutil.rmtree(target / "checkpoint", ignore_errors=True)  # what resuming it needed is no longer needed
+            (target / "results.json").unlink(missing_ok=True)
+            exported.append((source.name, "finished"))
+            continue
+        source, target = out_dir / "cells" / cell.id, dest / "cells" / cell.id
+        if not (source / "checkpoint" / checkpoint.CONFIG_FILE).exists() or not (source / "results.json").exists():
+            continue  # not started, or no round saved yet: nothing to resume from
+        # The checkpoint first: results.json may then be a round ahead of it, which resuming rewinds; never behind.
+        saved = _copy_checkpoint(source / "checkpoint", target / "checkpoint")
+        atomic.write_bytes(target / "results.json", (source / "results.json").read_bytes())
+        exported.append((cell.id, f"under way: checkpoint of round {saved.get('round', 0)}"))
+    return exported
+
+
+def _copy_checkpoint(source: Path, target: Path, tries: int = 5) -> dict:
+    """A consistent copy of a checkpoint that a running cell may replace meanwhile (its config names the round);
+    returns the config."""
+    for _ in range(tries):
+        config = (source / checkpoint.CONFIG_FILE).read_bytes()
+        weights = (source / checkpoint.WEIGHTS_FILE).read_bytes()
+        if (source / checkpoint.CONFIG_FILE).read_bytes() == config:
+            with atomic.directory(target) as tmp:
+                (tmp / checkpoint.CONFIG_FILE).write_bytes(config)
+                (tmp / checkpoint.WEIGHTS_FILE).write_bytes(weights)
+            return json.loads(config)
+    raise OSError(f"{source} kept changing while it was copied; try again")
 
 
 def run_grid(
@@ -330,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "machine's GPUs shared among a round's clients, as `simulation.launch`)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and what is finished, run nothing")
     parser.add_argument("--tables", action="store_true", help="redraw tables and figures from finished cells only")
+    parser.add_argument("--export", type=Path, metavar="DIR", help="copy every cell's small record to DIR/cells/ (cell.json; "
+                        "for a cell under way its checkpoint and results.json, to resume it elsewhere), run nothing")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -386,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         return 2
+    if args.export:
+        exported = export_records(grid, out, args.export)
+        for name, what in exported:
+            console.print(f"{name:48s} {what}", soft_wrap=True)
+        console.print(f"{len(exported)} of {len(grid)} cells copied to {args.export / 'cells'}")
+        return 0
     if args.dry_run or args.tables:
         saved = finished_cells(out)
         matches = {cell.id: finished_record(cell, saved) for cell in grid}

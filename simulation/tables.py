@@ -458,6 +458,113 @@ def heterogeneity_figures(records: Sequence[dict], folder: Path) -> list[Path]:
     return written
 
 
+# ---------------------------------------------------------------------- federated runs round by round
+
+REGIME_SETTINGS = ("alpha", "partitioner", "local-steps", "num-server-rounds", "fraction-train")
+
+
+def round_series(records: Sequence[dict]) -> dict[str, dict[str, dict[int, dict[int, dict]]]]:
+    """(panel "dataset, compression") -> method -> seed -> round -> that round of the record, for federated main
+    cells where each panel's cells share one training regime of at least three rounds; {} otherwise (a sweep
+    over alpha or local steps is the heterogeneity figures' to draw)."""
+    panels: dict[str, dict[str, dict[int, dict[int, dict]]]] = {}
+    regimes: dict[str, set] = {}
+    for r in records:
+        if r["kind"] != "federated" or r["study"] != "main" or not r.get("rounds"):
+            continue
+        panel = f"{r['dataset']}, {r['compression']}"
+        regimes.setdefault(panel, set()).add(tuple(r["settings"].get(k) for k in REGIME_SETTINGS))
+        panels.setdefault(panel, {}).setdefault(r["method"], {})[r["settings"]["seed"]] = {row["round"]: row for row in r["rounds"]}
+    if any(len(regime) > 1 for regime in regimes.values()) or max((len(rows) for methods in panels.values()
+                                                                    for seeds in methods.values() for rows in seeds.values()), default=0) < 3:
+        return {}
+    return panels
+
+
+def round_gains(methods: dict[str, dict[int, dict[int, dict]]], field: str) -> dict[int, tuple[list[int], list[float]]]:
+    """Seed -> (rounds, MoPs' gain over FedPrompt in % of FedPrompt's `field`) where both methods of the seed have it."""
+    gains = {}
+    for seed, fed in (methods.get("fedprompt") or {}).items():
+        mops = (methods.get("mops") or {}).get(seed)
+        if mops is None:
+            continue
+        rounds = [n for n in sorted(fed) if n in mops and fed[n].get(field) and mops[n].get(field) is not None]
+        if rounds:
+            gains[seed] = (rounds, [100 * (fed[n][field] - mops[n][field]) / fed[n][field] for n in rounds])
+    return gains
+
+
+def round_table(records: Sequence[dict], at: Sequence[int] = (5, 10, 20)) -> Grid | None:
+    """Each seed's FedPrompt and MoPs test perplexity after rounds `at` (those the runs reached, else their last),
+    MoPs' gain there on the test split, and at the last on the clients' own data and in ROUGE-L; then each
+    panel's mean ± sd over the paired seeds. Cells still running show the rounds they have."""
+    panels = round_series(records)
+    if not panels:
+        return None
+    last = max(n for methods in panels.values() for seeds in methods.values() for rows in seeds.values() for n in rows)
+    marks = [n for n in at if n <= last] or [last]
+    end = marks[-1]
+    headers = ["data, compression", "seed", *[f"{METHOD_NAMES[m]} r{n}" for m in ("fedprompt", "mops") for n in marks],
+               *[f"gain r{n}" for n in marks], f"clients' gain r{end}", f"ROUGE-L r{end} (F / M)", "hours (F / M)"]
+    rows = []
+
+    def ppl(rows_: dict[int, dict] | None, n: int) -> float | None:
+        return (rows_ or {}).get(n, {}).get("perplexity")
+
+    def gain(fed: dict | None, mops: dict | None, n: int, field: str = "perplexity") -> float | None:
+        f, m = (fed or {}).get(n, {}).get(field), (mops or {}).get(n, {}).get(field)
+        return None if f is None or m is None else 100 * (f - m) / f
+
+    def rouge(rows_: dict[int, dict] | None) -> str:
+        value = (rows_ or {}).get(end, {}).get("rouge_l")
+        return "-" if value is None else f"{value:.1f}"
+
+    hours = {(r["dataset"], r["compression"], r["method"], r["settings"]["seed"]): r.get("wall_seconds") for r in records}
+    for panel, methods in panels.items():
+        fed_runs, mops_runs = methods.get("fedprompt") or {}, methods.get("mops") or {}
+        paired: dict[str, list[float]] = {}
+        for seed in sorted(set(fed_runs) | set(mops_runs)):
+            fed, mops = fed_runs.get(seed), mops_runs.get(seed)
+            gains = [gain(fed, mops, n) for n in marks] + [gain(fed, mops, end, "client_perplexity")]
+            for name, value in zip([*marks, "clients"], gains):
+                if value is not None:
+                    paired.setdefault(str(name), []).append(value)
+            dataset, compression = panel.split(", ", 1)
+            wall = [hours.get((dataset, compression, m, seed)) for m in ("fedprompt", "mops")]
+            rows.append([panel, str(seed), *[_num(ppl(runs, n)) for runs in (fed, mops) for n in marks],
+                         *[_pct(g, None) for g in gains], f"{rouge(fed)} / {rouge(mops)}",
+                         " / ".join("-" if w is None else f"{w / 3600:.1f}" for w in wall)])
+        if any(len(v) > 1 for v in paired.values()):
+            rows.append([panel, "mean ± sd", *["" for _ in marks for _m in ("fedprompt", "mops")],
+                         *[_pct(*_mean_sd(paired[str(n)])) if str(n) in paired else "-" for n in marks],
+                         _pct(*_mean_sd(paired["clients"])) if "clients" in paired else "-", "", ""])
+    return Grid("Federated round by round: FedPrompt vs MoPs", headers, rows,
+                "test perplexity after each round named (whole test split); gain = 100 x (FedPrompt - MoPs) / FedPrompt, "
+                "paired by seed, positive = MoPs lower; clients' gain on every client's own held-out data")
+
+
+def round_figures(records: Sequence[dict], folder: Path) -> list[Path]:
+    """Test perplexity per round of FedPrompt and MoPs, one panel per dataset and base (seeds thin, their mean
+    bold); then MoPs' gain per round, on the test split and on the clients' own held-out data."""
+    panels = round_series(records)
+    if not panels:
+        return []
+    curves = {panel: {METHOD_NAMES[m]: {seed: (sorted(rows), [rows[n]["perplexity"] for n in sorted(rows)])
+                                        for seed, rows in seeds.items()} for m, seeds in methods.items()}
+              for panel, methods in panels.items()}
+    written = [report.plot_seed_panels(curves, folder / "rounds-perplexity.png", xlabel="round", ylabel="test perplexity",
+                                       title="Federated: test perplexity after each round")]
+    gains = {panel: {label: seeds for label, field in (("test split", "perplexity"), ("clients' own data", "client_perplexity"))
+                     if (seeds := round_gains(methods, field))} for panel, methods in panels.items()}
+    gains = {panel: lines for panel, lines in gains.items() if lines}
+    if gains:
+        written.append(report.plot_seed_panels(
+            gains, folder / "rounds-gain.png", xlabel="round", reference=0.0,
+            ylabel="MoPs' gain over FedPrompt\n(% of FedPrompt's perplexity; above 0 = MoPs better)",
+            title="Federated: MoPs' gain after each round, paired by seed"))
+    return written
+
+
 def _study_value(record: dict):
     return record["settings"].get(record["study"]) if record["study"] in record["settings"] else None
 
@@ -467,6 +574,7 @@ def all_tables(records: Sequence[dict]) -> list[Grid]:
         comparison(records, "centralized", "prompt", "Table 2: centralized, prompt-tuning baseline vs MoPs"),
         comparison(records, "federated", "fedprompt", "Table 3: federated, FedPrompt vs MoPs"),
         peft_comparison(records, "Table 4: centralized, prompt tuning, MoPs, LoRA and IA3 at equal steps"),
+        round_table(records),
         gate_diagnostics(records),
         per_task_comparison(records, "centralized", "prompt", "Per task, centralized: prompt tuning vs MoPs"),
         per_task_comparison(records, "federated", "fedprompt", "Per task, federated: FedPrompt vs MoPs"),
@@ -503,10 +611,16 @@ def mixed_bases(records: Sequence[dict]) -> list[str]:
 
 
 def machine_label(record: dict) -> str:
-    """Where a cell ran, as a table says it: CPU, cores, bfloat16 units or GPU, dtype, torch."""
+    """Where a cell ran, as a table says it: CPU, cores, bfloat16 units or GPU, dtype, torch; for a federated
+    cell resumed on other machines, each with the round it took over at."""
+    spans = record.get("machines") or []
+    if len(spans) > 1:
+        return " then ".join(f"from round {m['from_round']}: {_machine_text(m)}" for m in spans)
     m = record.get("machine")
-    if not m:
-        return "machine not recorded"
+    return _machine_text(m) if m else "machine not recorded"
+
+
+def _machine_text(m: dict) -> str:
     units = {"amx": "AMX", "avx512_bf16": "AVX-512 bf16", None: "no bf16 units"}.get(m.get("bf16_units"), m.get("bf16_units"))
     where = f"{m['gpu']}" if m.get("gpu") else f"{m.get('cpu')}, {m.get('cores')} cores, {units}"
     return f"{where}; {m.get('dtype')}; torch {m.get('torch')}"
@@ -537,9 +651,16 @@ def mixed_machines(records: Sequence[dict]) -> list[str]:
             "across them measures the machines as well as the methods (each cell's machine is in `results.json`)"]
 
 
+def rebased(records: Sequence[dict]) -> list[str]:
+    """Cells resumed on a base compressed again (another machine or library version) partway through."""
+    return [f"cell {r['id']} went on from round {c['from_round']} on a base compressed again elsewhere (fingerprint "
+            f"{str(c['before'])[:8]} -> {str(c['after'])[:8]}): its later rounds trained on slightly other weights"
+            for r in records for c in r.get("base_changes") or []]
+
+
 def grid_warnings(records: Sequence[dict]) -> list[str]:
     """What makes a grid's paired numbers doubtful: cells on different compressed bases, or on different machines."""
-    return mixed_bases(records) + mixed_machines(records)
+    return mixed_bases(records) + rebased(records) + mixed_machines(records)
 
 
 def write_csv(records: Sequence[dict], path: Path) -> Path:
@@ -598,6 +719,7 @@ def write_figures(records: Sequence[dict], folder: Path) -> list[Path]:
         if path:
             written.append(path)
     written += heterogeneity_figures(records, folder)
+    written += round_figures(records, folder)
     return written
 
 

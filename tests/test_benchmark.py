@@ -3,6 +3,7 @@
 import copy
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from mops_core.data import TASKS, Formatter, collate
 from mops_core.loading import machine
 from mops_core.peft_baselines import PeftBaseline
 from simulation import tables
-from simulation.benchmark import CELL_FILE, federated_runner, main, parse_sets, run_grid, source_commit, write_outputs
+from simulation.benchmark import (
+    CELL_FILE, federated_runner, finished_cells, main, parse_sets, run_grid, source_commit, time_on_disk, write_outputs,
+)
 from simulation.profiles import PROFILES, QUICK, Cell, Profile, cells, same_settings
 
 TINY = {
@@ -219,6 +222,16 @@ def test_tables_name_the_machines_and_warn_when_cells_ran_on_several():
     warnings = tables.mixed_machines([{"machine": xeon}, {"machine": old}, {"machine": xeon}])
     assert len(warnings) == 1 and "2 different machines or dtypes" in warnings[0]
     assert tables.machine_label({"machine": xeon}) in warnings[0] and tables.machine_label({"machine": old}) in warnings[0]
+    # a federated cell resumed on another machine says which ran which rounds, and counts as mixed
+    resumed = {"machine": xeon, "machines": [{"from_round": 1, **old}, {"from_round": 8, **xeon}]}
+    assert tables.machine_label(resumed) == ("from round 1: Xeon, 2 cores, no bf16 units; float32; torch 2.13.0 then "
+                                             "from round 8: Xeon, 2 cores, AMX; bfloat16; torch 2.13.0")
+    assert tables.machine_label({"machine": xeon, "machines": [{"from_round": 1, **xeon}]}) == tables.machine_label({"machine": xeon})
+    assert len(tables.mixed_machines([{"machine": xeon}, resumed])) == 1
+    rebased = {"id": "fede-x", "base_changes": [{"from_round": 8, "before": "a" * 32, "after": "b" * 32}]}
+    assert tables.grid_warnings([rebased]) == [
+        "cell fede-x went on from round 8 on a base compressed again elsewhere (fingerprint aaaaaaaa -> bbbbbbbb): "
+        "its later rounds trained on slightly other weights"]
 
 
 def test_a_stopped_federated_cell_resumes_from_its_last_round(tmp_path):
@@ -253,6 +266,38 @@ def test_a_stopped_federated_cell_resumes_from_its_last_round(tmp_path):
     assert started[grid[1].id] == [], "another learning rate is another experiment"
     assert [r["round"] for r in records[0]["rounds"]] == list(range(6))
     assert records[0]["wall_seconds"] >= 200.0, "the two rounds run before it stopped count"
+
+
+def test_export_copies_finished_records_and_what_a_cell_under_way_needs_to_resume_elsewhere(tmp_path, capsys):
+    from mops_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+    from simulation.benchmark import export_records
+
+    grid = [Cell("federated", m, {**Settings().to_flat(), "method": m}) for m in ("fedprompt", "mops")]
+    grid.append(Cell("federated", "mops", {**Settings().to_flat(), "seed": 3}))  # never started
+    out, dest = tmp_path / "runs", tmp_path / "records"
+    done, running = (out / "cells" / c.id for c in grid[:2])
+    done.mkdir(parents=True)
+    (done / "results.json").write_text("{}")  # the run's own files stay behind: a finished cell is its record
+    (done / CELL_FILE).write_text(json.dumps({"kind": "federated", "method": "fedprompt", "settings": grid[0].settings}))
+    (running / "checkpoint").mkdir(parents=True)
+    (running / "checkpoint" / CONFIG_FILE).write_text(json.dumps({"round": 7}))
+    (running / "checkpoint" / WEIGHTS_FILE).write_bytes(b"tensors")
+    (running / "results.json").write_text(json.dumps({"rounds": [{"round": r, "wall_seconds": 60.0 * r} for r in range(9)]}))  # a round ahead
+    (running / "gate_heatmap.png").write_bytes(b"png")  # figures are redrawn: not copied
+    # the record of an earlier export, now finished: what resuming needed goes
+    (dest / "cells" / done.name / "checkpoint").mkdir(parents=True)
+    (dest / "cells" / done.name / "results.json").write_text("{}")
+
+    exported = export_records(grid, out, dest)
+    assert exported == [(done.name, "finished"), (running.name, "under way: checkpoint of round 7")]
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == sorted([
+        f"cells/{done.name}/{CELL_FILE}", f"cells/{running.name}/checkpoint/{CONFIG_FILE}",
+        f"cells/{running.name}/checkpoint/{WEIGHTS_FILE}", f"cells/{running.name}/results.json"])
+    assert (dest / "cells" / running.name / "checkpoint" / WEIGHTS_FILE).read_bytes() == b"tensors"
+    # copied back into place, the cell under way is found to resume and the finished one finished
+    assert finished_cells(dest)[0]["method"] == "fedprompt" and time_on_disk(dest / "cells" / running.name) == 480.0
+    assert main(["--profile", "regime", "--out", str(out), "--export", str(dest)]) == 0
+    assert "0 of 8 cells copied" in capsys.readouterr().out  # the regime's cells are not these
 
 
 def test_cells_are_held_to_one_base_only_where_their_settings_call_for_one():
@@ -383,21 +428,47 @@ def test_peft_baselines_answer_in_batches_as_the_model_answers_one_question_at_a
 
 
 @pytest.mark.slow
-def test_a_federated_cell_runs_through_the_flower_app(tiny_profile, tmp_path):
+def test_a_federated_cell_runs_through_the_flower_app_and_a_stopped_one_resumes_elsewhere_to_the_same_numbers(
+        tiny_profile, tmp_path):
+    from safetensors.torch import load_file
+
+    from simulation.benchmark import export_records
+    from simulation.launch import launch
 
     profile = Profile(
         **{**tiny_profile.__dict__, "centralized_methods": (), "federated_methods": ("mops",), "inject_layers": (),
-           "federated": {"num-server-rounds": 1, "local-steps": 3, "fraction-train": 1.0, "min-available-nodes": 3,
-                         "min-partition-size": 2}},
+           "federated": {"num-server-rounds": 2, "local-steps": 3, "fraction-train": 1.0, "min-available-nodes": 3,
+                         "min-partition-size": 2, "fraction-evaluate": 1.0}},
     )
     grid = cells(profile)
     runner = federated_runner(3, 1, 0.0, flwr_home=tmp_path / "home")  # its own SuperLink ports: launch picks them
     records, failures = run_grid(grid, tmp_path / "bench", federated_runner=runner, progress=False)
     assert not failures
     (row,) = records
-    assert [r["round"] for r in row["rounds"]] == [0, 1] and row["bytes_communicated"] > 0
-    assert row["steps"] == 3 * 3 and len(row["tasks"]) == 7 and len(row["rounds"][1]["expert_share"]) == 3
+    assert [r["round"] for r in row["rounds"]] == [0, 1, 2] and row["bytes_communicated"] > 0
+    assert row["steps"] == 2 * 3 * 3 and len(row["tasks"]) == 7 and len(row["rounds"][1]["expert_share"]) == 3
+    assert row["rounds"][1]["client_spread"]["clients"] == 3 and row["rounds"][2]["rouge_l"] is not None
+    assert [m["from_round"] for m in row["machines"]] == [1] and row["base_changes"] is None
     assert "Table 3" in (tmp_path / "bench" / "tables.md").read_text()
+
+    # The same cell stopped after round 1 (a session ends): its folder holds one round, as the run leaves it...
+    (cell,) = grid
+    stopped = tmp_path / "stopped"
+    code = launch({**cell.settings, "num-server-rounds": 1, "out-dir": str(stopped / "cells" / cell.id), "resume": True},
+                  supernodes=3, client_cpus=1, flwr_home=tmp_path / "home")
+    assert code == 0
+    # ...its small record committed, then copied into place on another machine, where the grid goes on from round 1
+    assert export_records(grid, stopped, tmp_path / "records") == [(cell.id, "under way: checkpoint of round 1")]
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "records", elsewhere)
+    records, failures = run_grid(grid, elsewhere, federated_runner=runner, progress=False)
+    assert not failures
+    (resumed,) = records
+    assert [r["perplexity"] for r in resumed["rounds"]] == [r["perplexity"] for r in row["rounds"]]
+    assert [r["client_perplexity"] for r in resumed["rounds"]] == [r["client_perplexity"] for r in row["rounds"]]
+    assert resumed["wall_seconds"] >= json.loads((stopped / "cells" / cell.id / "results.json").read_text())["rounds"][-1]["wall_seconds"]
+    a, b = (load_file(str(folder / "cells" / cell.id / "checkpoint" / "adapter_model.safetensors")) for folder in (tmp_path / "bench", elsewhere))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the resumed cell ends where the uninterrupted one did"
 
 
 def test_every_benchmark_script_imports_what_it_uses():
@@ -506,6 +577,37 @@ def test_the_heterogeneity_table_pairs_seeds_and_the_figures_draw(tmp_path):
     assert [p.name for p in written] == ["heterogeneity-gain.png", "heterogeneity-rouge.png", "heterogeneity-agreement.png"]
     assert all(p.stat().st_size > 0 for p in written)
     assert tables.heterogeneity_table([r for r in records if r["settings"]["alpha"] == 0.1]) is None  # one alpha: no sweep
+
+
+def test_the_round_figures_pair_each_seed_round_by_round_and_skip_sweeps(tmp_path):
+    def run(method, dataset, seed, ppl, client, **settings):
+        rounds = [{"round": n, "perplexity": p, "client_perplexity": c} for n, (p, c) in enumerate(zip(ppl, client))]
+        return {"kind": "federated", "study": "main", "method": method, "dataset": dataset, "compression": "sparsegpt:0.75",
+                "settings": {"seed": seed, "alpha": 0.1, "local-steps": 250, **settings}, "rounds": rounds}
+
+    records = [
+        run("fedprompt", "sni", 0, [20.0, 10.0, 8.0], [None, 12.0, 10.0]), run("mops", "sni", 0, [20.0, 9.0, 6.0], [None, 12.0, 11.0]),
+        run("fedprompt", "sni", 1, [20.0, 10.0, 8.0, 7.0], [None, 12.0, 10.0, 9.0]),  # its MoPs still running: no pair
+        run("mops", "dolly", 0, [30.0, 25.0, 24.0, 23.0], [None, 26.0, 25.0, 24.0]),
+    ]
+    panels = tables.round_series(records)
+    assert set(panels) == {"sni, sparsegpt:0.75", "dolly, sparsegpt:0.75"}
+    assert panels["sni, sparsegpt:0.75"]["fedprompt"][1][3]["perplexity"] == 7.0
+    gains = tables.round_gains(panels["sni, sparsegpt:0.75"], "perplexity")
+    assert gains == {0: ([0, 1, 2], [0.0, 10.0, 25.0])}  # 100 x (FedPrompt - MoPs) / FedPrompt, seed by seed
+    assert tables.round_gains(panels["sni, sparsegpt:0.75"], "client_perplexity") == {0: ([1, 2], [0.0, -10.0])}
+    grid = tables.round_table([*records, run("mops", "sni", 1, [20.0, 8.0, 6.0, 6.3], [None, 11.0, 9.0, 9.0])])
+    assert grid.headers[:6] == ["data, compression", "seed", "FedPrompt r3", "MoPs r3", "gain r3", "clients' gain r3"]
+    rows = {(r[0], r[1]): r for r in grid.rows}
+    assert rows[("sni, sparsegpt:0.75", "1")][2:6] == ["7.000", "6.300", "+10.0%", "+0.0%"]
+    assert rows[("sni, sparsegpt:0.75", "0")][2:6] == ["-", "-", "-", "-"]  # seed 0 ran two rounds: nothing at round 3
+    assert rows[("dolly, sparsegpt:0.75", "0")][2:5] == ["-", "23.000", "-"]  # MoPs alone: no gain
+    assert ("sni, sparsegpt:0.75", "mean ± sd") not in rows  # one paired seed: no spread to give
+    written = tables.round_figures(records, tmp_path)
+    assert [p.name for p in written] == ["rounds-perplexity.png", "rounds-gain.png"] and all(p.stat().st_size for p in written)
+    # a sweep over alpha in one panel is the heterogeneity figures' to draw; two rounds show no course
+    assert tables.round_series([*records, run("mops", "sni", 2, [20.0, 9.0, 6.0], [None] * 3, alpha=10.0)]) == {}
+    assert tables.round_series([run("mops", "sni", 0, [20.0, 9.0], [None, 1.0])]) == {}
 
 
 def test_the_heterogeneity_trend_differences_each_seed_between_the_ends_of_the_sweep():

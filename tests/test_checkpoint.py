@@ -75,9 +75,12 @@ def test_another_base_or_shape_is_refused(tmp_path, tokenizer):
     _, other_base = trained_model(tokenizer, seed=5)
     with pytest.raises(CheckpointError, match="tuned on another base"):
         checkpoint.load_into(ckpt, other_base)
+    checkpoint.load_into(ckpt, other_base, fingerprint=False)  # said to be the same recipe: weights may differ
+    torch.testing.assert_close(other_base.adapter_state_dict()["prompts"], ckpt.tensors["prompts"], atol=0, rtol=0)
     _, other_shape = trained_model(tokenizer, experts=4)
-    with pytest.raises(CheckpointError, match="'prompts' has shape \\(3, 2, 32\\), the model expects \\(4, 2, 32\\)"):
-        checkpoint.load_into(ckpt, other_shape)
+    for fingerprint in (True, False):  # another shape is refused either way
+        with pytest.raises(CheckpointError, match="'prompts' has shape \\(3, 2, 32\\), the model expects \\(4, 2, 32\\)"):
+            checkpoint.load_into(ckpt, other_shape, fingerprint=fingerprint)
     _, baseline = trained_model(tokenizer, method="prompt")
     with pytest.raises(CheckpointError, match="unexpected gate.fc1.bias"):
         checkpoint.load_into(ckpt, baseline)
