@@ -34,7 +34,8 @@ from mops_core.compression.pipeline import prepare_base  # noqa: E402
 from mops_core.config import Settings  # noqa: E402
 from mops_core.data import pad_token_id, prepare, run_tasks  # noqa: E402
 from mops_core.model import MoPsModel  # noqa: E402
-from mops_core.train import expert_targets, fit_gate, pretrain_input_prompts, question_batches  # noqa: E402
+from mops_core.labels import expert_targets  # noqa: E402
+from mops_core.train import fit_gate, pretrain_input_prompts, question_batches  # noqa: E402
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.task import dirichlet_split, train_records  # noqa: E402
+from client.node import dirichlet_split, train_records  # noqa: E402
 from mops_core.config import Settings  # noqa: E402
 from mops_core.data import run_tasks  # noqa: E402
 from simulation.launch import with_shared_data  # noqa: E402

@@ -1,7 +1,7 @@
-"""ClientApp: one node's share of federated MoPs training.
+"""ClientApp: one node's share of federated MoPs training (the messages: server/protocol.py).
 
 query  reports which data this node holds: its partition of the run's dataset, or the node's own
-       file (`--node-config "data-file=PATH"`), read and checked here so that a node with bad
+       file (`--node-config 'data-file="PATH"'`), read and checked here so that a node with bad
        data is left out before round 1; its count per task of the run, and of tasks the run does
        not know. It also reports the fingerprint of the base it loaded (the server leaves out a
        node whose base differs) and whether it holds the run's frozen input prompts. The server
@@ -22,13 +22,13 @@ from __future__ import annotations
 import time
 
 import torch  # first: Ray workers must import torch before ArrayRecord.to_torch_state_dict()
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client import task
+from client import node
 from mops_core import log_through
 from mops_core.checkpoint import load_adapter_tensors
 from mops_core.config import Settings
@@ -36,6 +36,7 @@ from mops_core.model import INPUT_PROMPTS
 from mops_core.session import Session
 from mops_core.start_state import StartStateError, has_input_prompts, store_input_prompts
 from mops_core.train import round_seed
+from server import protocol
 
 log_through(FLOWER_LOGGER)  # start-up costs (compiling, dequantising) and fallbacks, in the run's log
 
@@ -44,7 +45,7 @@ app = ClientApp()
 
 def clip_when_asked(msg: Message, context: Context, call_next):
     """Flower's client-side DP clipping, for the runs whose server asks for it (dp-clipping=client)."""
-    if KEY_CLIPPING_NORM in msg.content["config"]:
+    if KEY_CLIPPING_NORM in msg.content[protocol.CONFIG]:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 
@@ -59,57 +60,42 @@ def _settings(context: Context) -> Settings:
     return Settings.from_flat({**context.run_config, **own}, context="run-config and node-config")
 
 
-def _tasks(msg: Message) -> tuple[str, ...]:
-    """The run's tasks in expert order, as the server names them (a node may not hold the run's dataset)."""
-    return tuple(str(t) for t in msg.content["config"]["tasks"])
-
-
-def _partition(context: Context, settings: Settings, tasks: tuple[str, ...]) -> task.Partition:
-    node = context.node_config
-    if "data-file" in node:
-        return task.local_partition(settings, tasks, str(node["data-file"]), int(node.get("partition-id", -1)))
-    if "partition-id" not in node or "num-partitions" not in node:
-        raise ValueError("this node's node-config must set data-file, or partition-id and num-partitions")
-    return task.partition(settings, tasks, int(node["partition-id"]), int(node["num-partitions"]))
+def _partition(context: Context, settings: Settings, tasks: tuple[str, ...]) -> node.Partition:
+    config = context.node_config
+    if protocol.DATA_FILE in config:
+        return node.local_partition(settings, tasks, str(config[protocol.DATA_FILE]), int(config.get(protocol.PARTITION_ID, -1)))
+    if protocol.PARTITION_ID not in config or protocol.NUM_PARTITIONS not in config:
+        raise ValueError(f"this node's node-config must set {protocol.DATA_FILE}, or {protocol.PARTITION_ID} and {protocol.NUM_PARTITIONS}")
+    return node.partition(settings, tasks, int(config[protocol.PARTITION_ID]), int(config[protocol.NUM_PARTITIONS]))
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    settings, tasks = _settings(context), _tasks(msg)
+    settings, tasks = _settings(context), protocol.run_tasks_of(msg)
     part = _partition(context, settings, tasks)
-    metrics = MetricRecord(
-        {
-            "partition-id": part.partition_id,
-            "num-partitions": part.num_partitions,
-            "num-examples": len(part.records),
-            "num-heldout": len(part.heldout),
-            "task-counts": list(part.task_counts),
-            "has-input-prompts": int(has_input_prompts(settings, str(msg.content["config"]["input-prompts-sha"]))),
-        }
-    )
-    node = ConfigRecord({"base-fingerprint": task.fingerprint(settings, tasks)})
-    unknown = ConfigRecord({"names": [t for t, _ in part.unknown_tasks], "counts": [n for _, n in part.unknown_tasks]})
-    return Message(RecordDict({"metrics": metrics, "node": node, "unknown-tasks": unknown}), reply_to=msg)
+    return protocol.report_reply(msg, protocol.NodeReport(
+        partition_id=part.partition_id, num_partitions=part.num_partitions, num_examples=len(part.records),
+        num_heldout=len(part.heldout), task_counts=part.task_counts,
+        has_input_prompts=has_input_prompts(settings, protocol.input_prompts_sha_of(msg)),
+        base_fingerprint=node.fingerprint(settings, tasks), unknown_tasks=dict(part.unknown_tasks),
+    ))
 
 
 @app.query("start_state")
 def receive_input_prompts(msg: Message, context: Context) -> Message:
-    sha = str(msg.content["config"]["input-prompts-sha"])
-    arrays = msg.content["arrays"]
+    arrays = msg.content[protocol.ARRAYS]
     if list(arrays.keys()) != [INPUT_PROMPTS]:
         raise StartStateError(f"a start-state message must carry '{INPUT_PROMPTS}' alone, got {sorted(arrays.keys())}; nothing was stored")
-    store_input_prompts(_settings(context), torch.from_numpy(arrays[INPUT_PROMPTS].numpy()), sha)
-    return Message(RecordDict({"metrics": MetricRecord({"stored": 1})}), reply_to=msg)
+    store_input_prompts(_settings(context), torch.from_numpy(arrays[INPUT_PROMPTS].numpy()), protocol.input_prompts_sha_of(msg))
+    return protocol.stored_reply(msg)
 
 
-def _with_global_state(msg: Message, context: Context) -> tuple[Settings, Session, task.Partition]:
+def _with_global_state(msg: Message, context: Context) -> tuple[Settings, Session, node.Partition]:
     """The node's session with the server's start state and this round's experts and gate, and its data."""
-    settings = _settings(context)
-    config = msg.content["config"]
-    tasks = _tasks(msg)
-    session = task.ready_session(settings, tasks, str(config["input-prompts-sha"]))
+    settings, tasks = _settings(context), protocol.run_tasks_of(msg)
+    session = node.ready_session(settings, tasks, protocol.input_prompts_sha_of(msg))
     model = session.model
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    global_state = msg.content[protocol.ARRAYS].to_torch_state_dict()
     load_adapter_tensors(model, global_state, source="the server's message", keys=model.federated_state_dict())
     return settings, session, _partition(context, settings, tasks)
 
@@ -118,22 +104,16 @@ def _with_global_state(msg: Message, context: Context) -> tuple[Settings, Sessio
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     settings, session, part = _with_global_state(msg, context)
-    config, model = msg.content["config"], session.model
-    examples = task.tokenised(part, session.formatter)
+    examples = node.tokenised(part, session.formatter)
 
-    seed = round_seed(settings.train.seed, int(config["server-round"]), part.partition_id)
+    seed = round_seed(settings.train.seed, protocol.server_round_of(msg), part.partition_id)
     train_started = time.perf_counter()
     stats = session.train(examples, settings.federated.local_steps, seed=seed)
-    metrics = {
-        "num-examples": len(examples),
-        "train-loss": stats.mean_loss,
-        "train-seconds": time.perf_counter() - train_started,
-        "client-seconds": time.perf_counter() - started,
-    }
-    if stats.mean_gate is not None:
-        metrics["gate"] = stats.mean_gate
-    update = {k: v.cpu() for k, v in model.federated_state_dict().items()}
-    return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    update = ArrayRecord({k: v.cpu() for k, v in session.model.federated_state_dict().items()})
+    return protocol.train_reply(
+        msg, update, examples=len(examples), loss=stats.mean_loss, train_seconds=time.perf_counter() - train_started,
+        client_seconds=time.perf_counter() - started, gate=stats.mean_gate,
+    )
 
 
 @app.evaluate()
@@ -143,11 +123,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     result = session.evaluate(examples) if examples else None
     tokens = result.tokens if result else 0
     per_task = [result.per_task[t] if result and t in result.per_task else None for t in session.tasks]
-    metrics = {
-        "num-examples": len(examples),
-        "eval-tokens": tokens,
-        "eval-nll": result.loss * tokens if tokens else 0.0,  # summed over tokens: the server weighs by tokens
-        "task-tokens": [s.tokens if s else 0 for s in per_task],
-        "task-nll": [s.nll if s else 0.0 for s in per_task],
-    }
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return protocol.evaluate_reply(
+        msg, examples=len(examples), tokens=tokens,
+        nll=result.loss * tokens if tokens else 0.0,  # summed over tokens: the server weighs by tokens
+        task_tokens=[s.tokens if s else 0 for s in per_task], task_nll=[s.nll if s else 0.0 for s in per_task],
+    )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .certs import make_certificates, make_supernode_keys
 from .local import Deployment
-from .wheelhouse import TORCH_INDEXES, fill_wheelhouse
+from .wheelhouse import TORCH_BUILDS, fill_wheelhouse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--run-config", action="append", default=[], help="app settings, as for `flwr run --run-config`")
     wheels = sub.add_parser("wheelhouse", help="every wheel the images install, for a build without a package index")
     wheels.add_argument("--out", type=Path, default=Path("docker/wheelhouse"))
-    wheels.add_argument("--torch", choices=sorted(TORCH_INDEXES), default="cpu", help="the torch build (default cpu)")
-    wheels.add_argument("--torch-index", help="the index torch comes from (default: PyTorch's index for that build)")
+    wheels.add_argument("--torch", choices=TORCH_BUILDS, default="cpu", help="the torch build (default cpu)")
+    wheels.add_argument("--torch-index", help="the package index torch comes from: PyTorch's index of that build (default: pip's configuration, which must then give that build)")
     args = parser.parse_args(argv)
 
     if args.command == "certs":

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server import protocol
 from simulation.launch import PROJECT, run_config
 
 from .certs import make_certificates, make_supernode_keys
@@ -169,7 +170,7 @@ class Deployment:
         command += ["--insecure"] if insecure else (["--root-certificates", str(self.certs / "ca.crt")] if ca else [])
         if key:
             command += ["--auth-supernode-private-key", str(self.keys / node)]
-        node_config = node_config or f"partition-id={partition_id} num-partitions={num_partitions}"
+        node_config = node_config or protocol.node_config_text(partition_id, num_partitions)
         command += ["--node-config", node_config] + ([] if max_retries is None else ["--max-retries", str(max_retries)])
         return self._spawn(node, command)
 

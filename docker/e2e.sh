@@ -83,11 +83,17 @@ engine() {
     say "engine $(docker version --format '{{.Server.Version}}'), compose: ${COMPOSE[*]}"
 }
 
-debian_mirror() {  # the mirror apt uses here, for debootstrap
+debian_mirror() {  # the mirror apt uses here (or DEBIAN_MIRROR), for debootstrap
     local uri
     uri=$(grep -hoE '^(URIs:|deb) +[a-z]+://[^ ]+' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
           | grep -v security | head -1 | awk '{print $2}')
-    echo "${DEBIAN_MIRROR:-${uri:-http://deb.debian.org/debian}}"
+    uri=${DEBIAN_MIRROR:-$uri}
+    if [ -z "$uri" ]; then
+        echo "error: apt names no Debian mirror here (/etc/apt/sources.list*) to build a base image from: set DEBIAN_MIRROR," \
+             "or BASE_IMAGE to an image with Python 3.11 and its venv module" >&2
+        return 1
+    fi
+    echo "$uri"
 }
 
 base_image() {
@@ -95,10 +101,12 @@ base_image() {
     elif timeout 60 docker pull -q python:3.11-slim >/dev/null 2>&1; then BASE_IMAGE=python:3.11-slim
     elif docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then BASE_IMAGE=$LOCAL_BASE; say "no registry; $LOCAL_BASE is here already"
     else
-        say "no registry; building $LOCAL_BASE from Debian packages ($(debian_mirror))"
+        local mirror
+        mirror=$(debian_mirror) || exit 1
+        say "no registry; building $LOCAL_BASE from Debian packages ($mirror)"
         command -v debootstrap >/dev/null || apt_install debootstrap
         debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
-            bookworm "$WORK/rootfs" "$(debian_mirror)" > "$WORK/debootstrap.log" 2>&1
+            bookworm "$WORK/rootfs" "$mirror" > "$WORK/debootstrap.log" 2>&1
         tar -C "$WORK/rootfs" -c . | docker import - "$LOCAL_BASE" >/dev/null
         rm -rf "$WORK/rootfs"
         BASE_IMAGE=$LOCAL_BASE

@@ -27,7 +27,7 @@ from . import atomic
 from .config import Settings
 from .loading import base_fingerprint
 from .model import MoPsModel
-from .settings import SettingsError
+from .parsing import SettingsError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import checkpoint, report
 from .config import CONCERNS, FederatedConfig, ModelConfig, Settings
-from .settings import SettingsError, add_cli_flags, cli_values
+from .parsing import SettingsError, add_cli_flags, cli_values
 
 
 def _flag_values(args: argparse.Namespace) -> dict:
@@ -245,7 +245,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .config import CONCERNS, DEMO, settings_markdown
-    from .settings import describe
+    from .parsing import describe
 
     if args.markdown:
         sys.stdout.write(settings_markdown())

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from .settings import build, check_unique_fields, field, setting_error, split_by_owner, to_flat_dict
+from .parsing import build, check_unique_fields, field, setting_error, split_by_owner, to_flat_dict
 
 EMBEDDED_MODEL = "smollm2"
 
@@ -437,6 +437,6 @@ fails when this file is stale."""
 
 
 def settings_markdown() -> str:
-    from .settings import markdown
+    from .parsing import markdown
 
     return markdown(CONCERNS, DEMO, header=SETTINGS_DOC_HEADER)

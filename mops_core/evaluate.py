@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from .activations import ActivationCache, entering
 from .data import Example, collate
 from .model import MoPsModel
-from .train import expert_targets, gate_features
+from .labels import expert_targets
+from .train import gate_features
 
 
 @dataclass

@@ -31,7 +31,7 @@ from transformers import DynamicCache, PreTrainedModel
 from . import compiled
 from .attention import key_bias, layer_inputs, use_mops_attention
 from .config import MoPsConfig
-from .data import IGNORE_INDEX
+from .labels import IGNORE_INDEX
 
 # Names of MoPs' tensors, the same in the model, the checkpoint and the federated messages.
 INPUT_PROMPTS = "input_prompts"  # frozen after pretraining; never travels
@@ -269,10 +269,11 @@ class MoPsModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, input_ids, attention_mask, question_mask, labels=None, *, entering: torch.Tensor | None = None,
-                inject: bool = True, return_logits: bool = False, **_) -> MoPsOutput:
+    def forward(self, input_ids, attention_mask, question_mask, labels=None, task_ids=None, *, entering: torch.Tensor | None = None,
+                inject: bool = True, return_logits: bool = False) -> MoPsOutput:
         """A right-padded batch (`data.collate`) through MoPs. `entering`: the states entering `inject_layer`,
-        when the caller has them (the activation cache); `inject=False`: P1's prompt tuning, every layer."""
+        when the caller has them (the activation cache); `inject=False`: P1's prompt tuning, every layer.
+        `task_ids` come with the batch and are not used here: the gate routes without them."""
         length = 1 + self.num_prompts + input_ids.shape[1]
         bias = self.key_bias(attention_mask)
         if not inject:

@@ -24,7 +24,8 @@ from transformers import PreTrainedModel
 from . import atomic, report
 from .compression.pipeline import prepare_base
 from .config import Settings
-from .data import IGNORE_INDEX, Formatter, pad_token_id, prepare
+from .data import Formatter, pad_token_id, prepare
+from .labels import IGNORE_INDEX
 from .evaluate import evaluate
 from .loading import base_fingerprint
 from .metrics import first_per_task, score_answers

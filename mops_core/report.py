@@ -211,7 +211,7 @@ def plot_points(
     reference: float | None = None,
 ) -> Path:
     """One line per named series of (x, mean, sd or None) points, the sd as error bars."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9.5 if len(series) > 1 else 6, 4.5))  # room for the legend beside the axes
     for name, points in series.items():
         points = sorted(points)
         xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -226,21 +226,23 @@ def plot_points(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if len(series) > 1:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points, never over them
     return _save(fig, path)
 
 
 def plot_bars(
     groups: Mapping[str, Mapping[str, tuple[float, float | None]]], path: str | Path, *, ylabel: str, title: str,
-    signed: bool = False,
+    signed: bool = False, least_top: float | None = None,
 ) -> Path:
     """Grouped bars with error bars: {group: {series: (mean, sd or None)}}.
 
     `signed` values (gains) are drawn from a line at 0; otherwise the axis zooms onto the values.
+    `least_top`: the axis reaches at least this high, so that a difference too small to matter on
+    the metric's scale is not stretched over the whole figure.
     """
     names = list(dict.fromkeys(name for bars in groups.values() for name in bars))
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(groups) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(groups) + 2) + 2.5, 4))  # + the legend beside the axes
     for j, name in enumerate(names):
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(groups))]
         means = [bars.get(name, (math.nan, None))[0] for bars in groups.values()]
@@ -250,6 +252,8 @@ def plot_bars(
     finite = [m for bars in groups.values() for m, _ in bars.values() if m is not None and math.isfinite(m)]
     if signed:
         ax.axhline(0.0, color="black", linewidth=0.8)
+    if least_top is not None and ax.get_ylim()[1] < least_top:
+        ax.set_ylim(top=least_top)
     elif finite:  # perplexities differ by little: show the differences, not the distance from 0
         low, high = min(finite), max(finite)
         pad = max(0.05 * (high - low), 0.01 * abs(high), 1e-3)  # all equal (ROUGE-L 0 everywhere): still a range
@@ -259,7 +263,7 @@ def plot_bars(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     return _save(fig, path)
 
 
@@ -268,7 +272,7 @@ def plot_partitions(counts: dict[int | str, Sequence[int]], tasks: Sequence[str]
 
     Clients are partition ids, then named nodes (nodes with their own data and no partition id)."""
     clients = sorted(counts, key=lambda c: (isinstance(c, str), c if isinstance(c, int) else 0, str(c)))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.09 * len(clients) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.09 * len(clients) + 2) + 2.5, 4))  # + the legend beside the bars
     bottom = [0] * len(clients)
     colours = plt.get_cmap("tab10")
     for t, task in enumerate(tasks):
@@ -280,5 +284,6 @@ def plot_partitions(counts: dict[int | str, Sequence[int]], tasks: Sequence[str]
     ax.set_title("Task mix per client")
     step = max(1, len(clients) // 20)
     ax.set_xticks(range(0, len(clients), step), [str(clients[i]) for i in range(0, len(clients), step)])
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_xlim(-0.6, len(clients) - 0.4)  # every bar whole, the last one too
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     return _save(fig, path)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .activations import ActivationCache, entering
 from .config import TrainConfig
 from .data import Example, collate
+from .labels import expert_targets
 from .model import MoPsModel
 
 
@@ -231,12 +232,6 @@ def gate_features(
         batch = {k: v.to(model.device) for k, v in batch.items()}
         out[rows] = model.gate_input(entering(model, batch, cache), batch["question_mask"]).cpu()
     return out
-
-
-def expert_targets(task_ids: torch.Tensor | int, experts: int) -> torch.Tensor | int:
-    """Expert i <-> task i (the paper's one-to-one assignment), wrapping if tasks outnumber experts.
-    Takes a tensor of task ids or one id."""
-    return task_ids % experts
 
 
 def pretrain_gate(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -28,7 +28,9 @@ from mops_core.config import Settings
 from mops_core.model import INPUT_PROMPTS
 from mops_core.start_state import LACKS_INPUT_PROMPTS
 
-START_STATE = f"{MessageType.QUERY}.start_state"
+from . import protocol
+from .protocol import NodeReport
+
 # Errors about the node's reachability, not about the node: it is asked again later.
 UNREACHABLE = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
 
@@ -57,7 +59,7 @@ class Admission:
     input_prompts: torch.Tensor  # P1, frozen: part of the model every node must hold
     sha: str  # its content hash
     timeout: float
-    reports: dict[int, dict] = field(default_factory=dict)  # node -> what it reported, for admitted nodes
+    reports: dict[int, NodeReport] = field(default_factory=dict)  # node -> what it reported, for admitted nodes
     left_out: set[int] = field(default_factory=set)
     reasons: dict[int, str] = field(default_factory=dict)  # node -> why it was left out
     partitions: dict[int, int] = field(default_factory=dict)  # node -> partition id (admitted, with a partition)
@@ -70,7 +72,11 @@ class Admission:
 
     def config(self) -> ConfigRecord:
         """What a node needs to rebuild the model: the run's tasks (expert order) and P1's hash."""
-        return ConfigRecord({"tasks": list(self.tasks), "input-prompts-sha": self.sha})
+        return protocol.run_config(self.tasks, self.sha)
+
+    def examples(self) -> int:
+        """Training samples the admitted nodes hold in all."""
+        return sum(r.num_examples for r in self.reports.values())
 
     def _leave_out(self, node: int, why: str) -> None:
         self.left_out.add(node)
@@ -84,8 +90,8 @@ class Admission:
 
     def admit(self, grid: Grid, nodes: list[int]) -> list[int]:
         """Query `nodes`, send P1 to those that lack it; the nodes admitted now."""
-        asks = [Message(RecordDict({"config": self.config()}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-        found: dict[int, dict] = {}
+        asks = protocol.queries(nodes, self.config())
+        found: dict[int, NodeReport] = {}
         for reply in list(grid.send_and_receive(asks, timeout=self.timeout)):
             node = answering_node(reply, asks)
             if reply.has_error() and reply.error.code in UNREACHABLE:
@@ -94,26 +100,20 @@ class Admission:
             if reply.has_error():
                 self._leave_out(node, f"it could not load its data or base: {reply.error.reason}")
                 continue
-            metrics = reply.content.metric_records["metrics"]
-            about = reply.content.config_records["node"]
-            if about["base-fingerprint"] != self.fingerprint:
-                self._leave_out(node, f"its base has fingerprint {about['base-fingerprint']}, the server's {self.fingerprint}; "
+            report = protocol.parse_report(reply.content)
+            if report.base_fingerprint != self.fingerprint:
+                self._leave_out(node, f"its base has fingerprint {report.base_fingerprint}, the server's {self.fingerprint}; "
                                       + provisioning_hint(self.settings))
                 continue
-            report = {k: metrics[k] for k in ("partition-id", "num-partitions", "num-examples", "num-heldout", "task-counts")}
-            extra = reply.content.config_records.get("unknown-tasks")
-            if extra is not None and len(extra["names"]):
-                report["unknown-tasks"] = dict(zip(extra["names"], extra["counts"]))
-            report["has-input-prompts"] = bool(metrics["has-input-prompts"])
             found[node] = report
         for node in set(nodes) - set(found) - self.left_out - set(self.unanswered):
             self._not_now(node, f"no reply within {self.timeout:.0f} s (round-timeout)")
-        self._send_input_prompts(grid, [n for n, r in found.items() if not r["has-input-prompts"]], found)
+        self._send_input_prompts(grid, [n for n, r in found.items() if not r.has_input_prompts], found)
         for node, report in found.items():
             self.unanswered.pop(node, None)
             self.reports[node] = report
-            if report["partition-id"] >= 0:
-                self.partitions[node] = report["partition-id"]
+            if report.partition_id >= 0:
+                self.partitions[node] = report.partition_id
         return sorted(found)
 
     def readmit_if_lacking_prompts(self, node: int, reason: str) -> None:
@@ -122,12 +122,11 @@ class Admission:
         if LACKS_INPUT_PROMPTS in reason and self.reports.pop(node, None) is not None:
             log(WARNING, "node %d lacks the input prompts it was sent; it is admitted again before it is next sampled", node)
 
-    def _send_input_prompts(self, grid: Grid, nodes: list[int], found: dict[int, dict]) -> None:
+    def _send_input_prompts(self, grid: Grid, nodes: list[int], found: dict[int, NodeReport]) -> None:
         if not nodes:
             return
         arrays = ArrayRecord({INPUT_PROMPTS: self.input_prompts.detach().float().cpu().contiguous()})
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"input-prompts-sha": self.sha})})
-        messages = [Message(content, message_type=START_STATE, dst_node_id=n) for n in nodes]
+        messages = protocol.start_state_messages(nodes, arrays, self.sha)
         log(INFO, "sending the frozen input prompts (%d bytes) to %d nodes that lack them", arrays.count_bytes(), len(nodes))
         stored = set()
         for reply in list(grid.send_and_receive(messages, timeout=self.timeout)):
@@ -147,19 +146,19 @@ class Admission:
 
     def names(self) -> dict[int, str]:
         """How results name a node: its partition, or `node-ID` for a node with its own file and no partition-id."""
-        return {n: str(r["partition-id"]) if r["partition-id"] >= 0 else f"node-{n}" for n, r in self.reports.items()}
+        return {n: str(r.partition_id) if r.partition_id >= 0 else f"node-{n}" for n, r in self.reports.items()}
 
     def info(self) -> dict:
         """For results.json: what each admitted node trains on, holds out, and brought unknown; who was left out."""
         names = self.names()
         info = {
-            "clients": {names[n]: r["task-counts"] for n, r in self.reports.items()},
-            "clients_heldout": {names[n]: r["num-heldout"] for n, r in self.reports.items()},
+            "clients": {names[n]: list(r.task_counts) for n, r in self.reports.items()},
+            "clients_heldout": {names[n]: r.num_heldout for n, r in self.reports.items()},
             "left_out": {str(n): why for n, why in sorted(self.reasons.items())},
             "unanswered": {str(n): why for n, why in sorted(self.unanswered.items())},
             "input_prompts_sent": self.prompts_sent,
         }
-        unknown = {names[n]: r["unknown-tasks"] for n, r in self.reports.items() if r.get("unknown-tasks")}
+        unknown = {names[n]: r.unknown_tasks for n, r in self.reports.items() if r.unknown_tasks}
         if unknown:
             info["unknown_tasks"] = unknown
         return info
@@ -167,5 +166,5 @@ class Admission:
     def unknown_task_counts(self) -> Counter:
         counts: Counter = Counter()
         for report in self.reports.values():
-            counts.update(report.get("unknown-tasks", {}))
+            counts.update(report.unknown_tasks)
         return counts

@@ -1,8 +1,9 @@
 """ServerApp: federated MoPs (or FedPrompt) over many non-i.i.d. clients.
 
-    settings -> base, data, model -> start state (P1 pretrained, prompts, gate pretrained)
-             -> admit every node (its partition, its base; P1 sent where lacking) -> rounds of MoPsFedAvg
-             -> after each round: evaluate on the test split, checkpoint, results.json, figures
+    settings -> where the run stands (fresh, started, or after round N)
+             -> the model at that point (start state: P1 pretrained, prompts, gate pretrained; or the checkpoint)
+             -> admit every node (its partition, its base; P1 sent where lacking)
+             -> rounds of MoPsFedAvg, each ended by RoundEnd: evaluate, checkpoint, results.json, figures
 
 Everything heavy lives in `mops_core`; this file only wires it to Flower's Message API.
 """
@@ -10,6 +11,7 @@ Everything heavy lives in `mops_core`; this file only wires it to Flower's Messa
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -19,14 +21,14 @@ from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 
 from mops_core import checkpoint, log_through, report
-from mops_core.config import FederatedConfig, Settings
 from mops_core.cache import stale_note
+from mops_core.config import FederatedConfig, Settings
 from mops_core.loading import base_fingerprint, cache_root, machine
 from mops_core.session import Session
 from mops_core.start_state import prepare_or_load, store_input_prompts, tensor_sha
 
 from .admission import Admission
-from .history import History, progress_line
+from .history import History, ResumePoint, progress_line
 from .privacy import with_privacy
 from .strategy import MoPsFedAvg, wait_for_nodes
 
@@ -35,8 +37,91 @@ log_through(FLOWER_LOGGER)  # start-up costs (compiling, dequantising) and fallb
 app = ServerApp()
 
 
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = Settings.from_flat(context.run_config, context="run-config")
+    run(grid, settings)
+
+
+def run(grid: Grid, settings: Settings) -> History:
+    fed = settings.federated
+    history = History.open(Path(fed.out_dir).resolve(), settings)
+    start = history.resume_point()
+    if start.round >= fed.num_server_rounds:
+        log(INFO, "%s already holds %d rounds; nothing to do", history.out_dir, start.round)
+        return history
+
+    session = open_session(settings, history, start)
+    admission = admit_nodes(grid, session, history)
+    payload = session.model.federated_state_dict()  # what travels: the experts and the gate
+    strategy = MoPsFedAvg(
+        {k: tuple(v.shape) for k, v in payload.items()}, admission, fed,
+        seed=settings.train.seed, gated=session.model.gate is not None, round_offset=start.round,
+    )
+    sampled = max(int(len(admission.reports) * fed.fraction_train), 1)
+    runner = with_privacy(strategy, fed, sampled)
+    history.note_privacy(fed, sampled)
+    runner.start(
+        grid,
+        ArrayRecord({k: v.cpu() for k, v in payload.items()}),
+        num_rounds=fed.num_server_rounds - start.round,
+        timeout=fed.round_timeout,
+        train_config=admission.config(),
+        evaluate_config=admission.config(),
+        evaluate_fn=RoundEnd(session, history, strategy, admission, start),
+    )
+    first, last = history.rounds[0], history.rounds[-1]
+    log(INFO, "perplexity %.3f (round %d) -> %.3f (round %d); results in %s",
+        first["perplexity"], first["round"], last["perplexity"], last["round"], history.out_dir)
+    return history
+
+
+def open_session(settings: Settings, history: History, start: ResumePoint) -> Session:
+    """The base, data and model, brought to where the run stands: its checkpoint after round N, else the start state."""
+    session = Session.open(settings)
+    if note := stale_note(cache_root(settings.model)):
+        log(INFO, "%s", note)
+    fingerprint = base_fingerprint(session.model.base)
+    history.note_machine(start.round + 1, machine(settings.model))
+    if start.round > 0:
+        # The checkpoint holds the whole adapter, P1 included: the run goes on from it, not from the
+        # start-state cache, whose entry other code (an upgrade) would compute anew and differently.
+        saved = checkpoint.read(history.out_dir / "checkpoint")
+        if saved.config.get("base_fingerprint") != fingerprint:
+            # The settings are the run's own (History.open checked them): the same recipe compressed
+            # again, on another machine or by other library versions. Refusing would strand a run
+            # that took hours; going on is honest only if the record says so.
+            log(WARNING, "resuming %s on a base with fingerprint %s; rounds 1-%d ran on %s. The same settings compressed "
+                "it again (another machine or library version): results.json records the change", history.out_dir,
+                fingerprint, start.round, saved.config.get("base_fingerprint"))
+            history.note_base_change(start.round + 1, saved.config.get("base_fingerprint"), fingerprint)
+        checkpoint.load_into(saved, session.model, fingerprint=False)
+        log(INFO, "resuming %s after round %d", history.out_dir, start.round)
+    else:
+        key, start_report = prepare_or_load(session)
+        if start_report is not None:
+            history.note_start_state(key, start_report.gate_train_accuracy)
+    history.note_model(session.model, session.tasks, fingerprint)
+    return session
+
+
+def admit_nodes(grid: Grid, session: Session, history: History) -> Admission:
+    """Every connected node admitted (its data, its base, the input prompts) once min-available-nodes are."""
+    settings, model = session.settings, session.model
+    sha = tensor_sha(model.input_prompts)
+    store_input_prompts(settings, model.input_prompts, sha)  # a node sharing this cache needs no message
+    fed = settings.federated
+    admission = Admission(settings, session.tasks, base_fingerprint(model.base), model.input_prompts, sha, fed.round_timeout)
+    discover(grid, admission, fed.min_available_nodes, fed.round_timeout)
+    history.note_nodes(admission)
+    names = admission.names()
+    report.plot_partitions({r.partition_id if r.partition_id >= 0 else names[n]: r.task_counts for n, r in admission.reports.items()},
+                           session.tasks, history.out_dir / "client_tasks.png")
+    return admission
+
+
 def discover(grid: Grid, admission: Admission, minimum: int, timeout: float) -> None:
-    """Admit every connected node (its data, its base, the input prompts) once `minimum` are connected.
+    """Admit every connected node once `minimum` are connected.
 
     Stops with the reasons when fewer than `minimum` (min-available-nodes) can train: every round
     would wait for nodes that never come.
@@ -54,8 +139,7 @@ def discover(grid: Grid, admission: Admission, minimum: int, timeout: float) -> 
     if unknown:
         named = ", ".join(f"{t} ({n} records)" for t, n in sorted(unknown.items()))
         log(WARNING, "nodes hold tasks the run does not know; they train on them and the gate routes them: %s", named)
-    reports = admission.reports.values()
-    log(INFO, "%d nodes hold %d training samples in all", len(reports), sum(r["num-examples"] for r in reports))
+    log(INFO, "%d nodes hold %d training samples in all", len(admission.reports), admission.examples())
 
 
 def scores_text(number: int, fed: FederatedConfig) -> bool:
@@ -63,115 +147,34 @@ def scores_text(number: int, fed: FederatedConfig) -> bool:
     return number == fed.num_server_rounds or (fed.metrics_every > 0 and number % fed.metrics_every == 0)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    settings = Settings.from_flat(context.run_config, context="run-config")
-    run(grid, settings)
+@dataclass
+class RoundEnd:
+    """What the server does with each round's average (Flower's evaluate_fn): install it, evaluate it on the
+    test split, score greedy answers where due, checkpoint it, record the round and redraw the figures."""
 
+    session: Session
+    history: History
+    strategy: MoPsFedAvg
+    admission: Admission
+    start: ResumePoint
 
-def run(grid: Grid, settings: Settings) -> History:
-    fed = settings.federated
-    out = Path(fed.out_dir).resolve()
-    history = History.open(out, settings)
-    # Rounds finished: the checkpoint says (it is written first); -1 = none, 0 = only the start evaluated.
-    done = min(history.last_round, 0)
-    if history.last_round > 0 and (out / "checkpoint" / checkpoint.CONFIG_FILE).exists():
-        done = int(checkpoint.read(out / "checkpoint").config.get("round", 0))
-    history.rewind(done)
-    if done >= fed.num_server_rounds:
-        log(INFO, "%s already holds %d rounds; nothing to do", out, done)
-        return history
-
-    session = Session.open(settings)
-    model = session.model
-    if note := stale_note(cache_root(settings.model)):
-        log(INFO, "%s", note)
-    fingerprint = base_fingerprint(model.base)
-    history.note_machine(max(done, 0) + 1, machine(settings.model))
-    if done > 0:
-        # The checkpoint holds the whole adapter, P1 included: the run goes on from it, not from the
-        # start-state cache, whose entry other code (an upgrade) would compute anew and differently.
-        saved = checkpoint.read(out / "checkpoint")
-        if saved.config.get("base_fingerprint") != fingerprint:
-            # The settings are the run's own (History.open checked them): the same recipe compressed
-            # again, on another machine or by other library versions. Refusing would strand a run
-            # that took hours; going on is honest only if the record says so.
-            log(WARNING, "resuming %s on a base with fingerprint %s; rounds 1-%d ran on %s. The same settings compressed "
-                "it again (another machine or library version): results.json records the change", out, fingerprint, done,
-                saved.config.get("base_fingerprint"))
-            history.note_base_change(done + 1, saved.config.get("base_fingerprint"), fingerprint)
-        checkpoint.load_into(saved, model, fingerprint=False)
-        log(INFO, "resuming %s after round %d", out, done)
-    else:
-        key, start_report = prepare_or_load(session)
-        if start_report is not None:
-            history.info["start_state"] = {"key": key, "gate_train_accuracy": start_report.gate_train_accuracy}
-    sha = tensor_sha(model.input_prompts)
-
-    tasks = session.tasks
-    store_input_prompts(settings, model.input_prompts, sha)  # a node sharing this cache needs no message
-    admission = Admission(settings, tasks, fingerprint, model.input_prompts, sha, fed.round_timeout)
-    discover(grid, admission, fed.min_available_nodes, fed.round_timeout)
-    history.info.update(admission.info())
-    names = admission.names()
-    report.plot_partitions({r["partition-id"] if r["partition-id"] >= 0 else names[n]: r["task-counts"] for n, r in admission.reports.items()},
-                           tasks, out / "client_tasks.png")
-    payload = model.federated_state_dict()
-    history.info.update(
-        trainable_parameters=sum(p.numel() for p in model.trainable_parameters()),
-        message_parameters=sum(t.numel() for t in payload.values()),
-        tasks=list(tasks),
-        base_fingerprint=fingerprint,
-        base_parameters=sum(p.numel() for p in model.base.parameters()),
-    )
-    strategy = MoPsFedAvg(
-        {k: tuple(v.shape) for k, v in payload.items()},
-        seed=settings.train.seed,
-        admission=admission,
-        round_offset=max(done, 0),
-        fraction_train=fed.fraction_train,
-        min_available_nodes=fed.min_available_nodes,
-        expert_weighting=fed.expert_aggregation if model.gate is not None else "examples",
-        wait_timeout=fed.round_timeout,
-        fraction_evaluate=fed.fraction_evaluate,
-        tasks=list(tasks),
-        norm_bound=fed.norm_bound,
-    )
-    sampled = max(int(len(admission.reports) * fed.fraction_train), 1)
-    runner = with_privacy(strategy, fed, sampled)
-    if runner is not strategy:
-        history.info["privacy"] = {"clipping": fed.dp_clipping, "clip": fed.dp_clip, "noise_multiplier": fed.dp_noise,
-                                   "clients_per_round": sampled, "noise_std": fed.dp_noise * fed.dp_clip / sampled}
-
-    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        number = strategy.round_number(server_round)
-        if number <= done:  # a resumed run's starting point was evaluated before
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        number = self.strategy.round_number(server_round)
+        if number == self.start.round and self.start.evaluated:  # a resumed run's starting point is on record
             return None
-        checkpoint.load_adapter_tensors(model, arrays.to_torch_state_dict(), source=f"round {number}", keys=payload)
+        session, history, model = self.session, self.history, self.session.model
+        checkpoint.load_adapter_tensors(model, arrays.to_torch_state_dict(), source=f"round {number}", keys=model.federated_state_dict())
         started = time.perf_counter()
         result = session.evaluate(desc=f"eval round {number}")
         generated = time.perf_counter()
-        generation = session.generation() if scores_text(number, fed) else None
-        history.info.update(admission.info())  # nodes admitted since
-        row = history.add_round(number, result, strategy.rounds.get(number), time.perf_counter() - started, generation)
+        generation = session.generation() if scores_text(number, session.settings.federated) else None
+        history.note_nodes(self.admission)  # nodes admitted since
+        row = history.add_round(number, result, self.strategy.rounds.get(number), time.perf_counter() - started, generation)
         row["generation_seconds"] = time.perf_counter() - generated if generation else 0.0
-        checkpoint.save(out / "checkpoint", model, session.settings, list(tasks), extra={"round": number, "metrics": {"perplexity": result.perplexity}})
+        checkpoint.save(history.out_dir / "checkpoint", model, session.settings, list(session.tasks),
+                        extra={"round": number, "metrics": {"perplexity": result.perplexity}})
         history.save()
         history.plot()
-        report.plot_gate_heatmap(result, out / "gate_heatmap.png", title=f"Mean gate score per task, round {number}")
+        report.plot_gate_heatmap(result, history.out_dir / "gate_heatmap.png", title=f"Mean gate score per task, round {number}")
         log(INFO, "%s", progress_line(row))
         return MetricRecord({"perplexity": result.perplexity, "loss": result.loss})
-
-    runner.start(
-        grid,
-        ArrayRecord({k: v.cpu() for k, v in payload.items()}),
-        num_rounds=fed.num_server_rounds - max(done, 0),
-        timeout=fed.round_timeout,
-        train_config=admission.config(),
-        evaluate_config=admission.config(),
-        evaluate_fn=after_round,
-    )
-    first, last = history.rounds[0], history.rounds[-1]
-    log(INFO, "perplexity %.3f (round %d) -> %.3f (round %d); results in %s", first["perplexity"], first["round"], last["perplexity"], last["round"], out)
-    return history
-

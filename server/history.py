@@ -9,20 +9,39 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mops_core import atomic, report
-from mops_core.config import RESUMABLE, Settings
+from mops_core import atomic, checkpoint, report
+from mops_core.config import RESUMABLE, FederatedConfig, Settings
 from mops_core.evaluate import EvalResult, gate_collapse
 from mops_core.metrics import GenerationResult
 
+from . import protocol
 from .strategy import RoundLog
+
+if TYPE_CHECKING:
+    from mops_core.model import MoPsModel
+
+    from .admission import Admission
 
 
 class ResumeError(RuntimeError):
     """The run directory cannot be resumed with these settings."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run (re)starts: the rounds it has trained and saved, and whether the evaluation of that point
+    is already on record (so that Flower's evaluation of its starting state is not recorded twice)."""
+
+    round: int
+    evaluated: bool
+
+
+FRESH = ResumePoint(0, evaluated=False)  # nothing on record: round 0 is evaluated, training starts from the start state
 
 
 @dataclass
@@ -58,6 +77,18 @@ class History:
         history.info = saved.get("info", {})
         return history
 
+    def resume_point(self) -> ResumePoint:
+        """Fresh (nothing recorded), started (the start evaluated, no round saved), or after round N (its
+        checkpoint, written before results.json, says N); rows recorded after that point are forgotten."""
+        if not self.rounds:
+            return FRESH
+        saved = self.out_dir / "checkpoint"
+        done = 0
+        if self.last_round > 0 and (saved / checkpoint.CONFIG_FILE).exists():
+            done = int(checkpoint.read(saved).config.get("round", 0))
+        self.rewind(done)
+        return ResumePoint(done, evaluated=True)
+
     def rewind(self, last_round: int) -> None:
         """Forget rows after `last_round` (results.json may be a round ahead of a checkpoint or behind it).
 
@@ -67,6 +98,30 @@ class History:
         self.rounds = [r for r in self.rounds if r["round"] <= last_round]
         if self.rounds:
             self.started = time.perf_counter() - self.rounds[-1].get("wall_seconds", 0.0)
+
+    def note_start_state(self, key: str, gate_train_accuracy: float | None) -> None:
+        """The start state computed for this run (not found in the cache): its key and the gate's pretraining accuracy."""
+        self.info["start_state"] = {"key": key, "gate_train_accuracy": gate_train_accuracy}
+
+    def note_model(self, model: MoPsModel, tasks: Sequence[str], fingerprint: str) -> None:
+        """What the run tunes: its parameters, what travels, the tasks, the base."""
+        self.info.update(
+            trainable_parameters=sum(p.numel() for p in model.trainable_parameters()),
+            message_parameters=sum(t.numel() for t in model.federated_state_dict().values()),
+            tasks=list(tasks),
+            base_fingerprint=fingerprint,
+            base_parameters=sum(p.numel() for p in model.base.parameters()),
+        )
+
+    def note_nodes(self, admission: Admission) -> None:
+        """What each admitted node trains on and holds out, and who was left out (again as nodes join)."""
+        self.info.update(admission.info())
+
+    def note_privacy(self, fed: FederatedConfig, sampled: int) -> None:
+        """The DP parameters, where the run clips (dp-clip > 0)."""
+        if fed.dp_clip > 0:
+            self.info["privacy"] = {"clipping": fed.dp_clipping, "clip": fed.dp_clip, "noise_multiplier": fed.dp_noise,
+                                    "clients_per_round": sampled, "noise_std": fed.dp_noise * fed.dp_clip / sampled}
 
     def note_machine(self, first_round: int, about: dict) -> None:
         """What the rounds from `first_round` on compute on (CPU, bfloat16 units, GPU, dtype, torch), when it
@@ -99,9 +154,9 @@ class History:
             "wall_seconds": time.perf_counter() - self.started,
         }
         if wire is not None:
-            row.update({k: v for k, v in asdict(wire).items() if k not in ("round", "started", "client_metrics", "screened")})
-            row["train_loss"] = wire.client_metrics.get("train-loss")
-            row["client_gate_share"] = wire.client_metrics.get("gate")
+            row.update({k: v for k, v in asdict(wire).items() if k not in ("round", "started", "client_metrics")})
+            row["train_loss"] = wire.client_metrics.get(protocol.TRAIN_LOSS)
+            row["client_gate_share"] = wire.client_metrics.get(protocol.GATE)
         self.rounds = [r for r in self.rounds if r["round"] < number] + [row]
         return row
 

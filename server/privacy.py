@@ -27,13 +27,41 @@ from mops_core.config import FederatedConfig
 from .strategy import MoPsFedAvg
 
 
-class _ScreenFirst:
-    strategy: MoPsFedAvg
+class _Averaging:
+    """MoPsFedAvg as a DP wrapper holds it: the wrapper clips replies that `MoPsFedAvg.screen` accepted and
+    hands them back to be averaged (`MoPsFedAvg.average`), not screened again."""
+
+    def __init__(self, strategy: MoPsFedAvg) -> None:
+        self.strategy = strategy
+        self.weighted_by_key = strategy.weighted_by_key
+
+    def configure_train(self, *args):
+        return self.strategy.configure_train(*args)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = self.strategy.screen(server_round, replies)
+        return self.strategy.average(server_round, list(replies))
+
+    def configure_evaluate(self, *args):
+        return self.strategy.configure_evaluate(*args)
+
+    def aggregate_evaluate(self, *args):
+        return self.strategy.aggregate_evaluate(*args)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
+class _ScreenFirst:
+    screening: MoPsFedAvg
+
+    def __init__(self, strategy: MoPsFedAvg, **kwargs) -> None:
+        super().__init__(_Averaging(strategy), **kwargs)  # type: ignore[call-arg]
+        self.screening = strategy
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self.screening.screen(server_round, replies)
         if not accepted:
-            return self.strategy.aggregate_train(server_round, accepted)  # logs it and keeps the state
+            return self.screening.average(server_round, accepted)  # logs it and keeps the state
         return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
 
 

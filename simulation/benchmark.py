@@ -33,7 +33,7 @@ from mops_core import atomic, centralized, checkpoint, peft_baselines
 from mops_core.config import Settings
 from mops_core.evaluate import gate_collapse
 from mops_core.loading import machine
-from mops_core.settings import SettingsError
+from mops_core.parsing import SettingsError
 
 from . import tables
 from .launch import PROJECT, cpus_arg, gpus_arg, launch
@@ -311,7 +311,7 @@ def run_grid(
     return records, failures
 
 
-def write_outputs(records: Sequence[dict], out_dir: Path, *, meta: dict | None = None, show: bool = False) -> list[tables.Grid]:
+def write_outputs(records: Sequence[dict], out_dir: Path, *, meta: dict | None = None, show: bool = False) -> list[tables.ResultTable]:
     grids = tables.all_tables(records)
     warnings = tables.grid_warnings(records)
     atomic.write_json(out_dir / "results.json", {**(meta or {}), "warnings": warnings, "cells": list(records)})

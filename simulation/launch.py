@@ -32,10 +32,11 @@ import sys
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from mops_core.config import Settings
-from mops_core.settings import SettingsError
+from mops_core.parsing import SettingsError
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -126,7 +127,7 @@ def local_cores() -> int:
 
 
 def actor_cpus(clients_per_round: int, ray_address: str | None = None, *, each: int | None = None,
-               memory: int | None = None) -> int:
+               memory: int | None = None, cores: int | None = None) -> int:
     """CPUs per ClientApp actor when none are asked: this machine's cores shared among the clients
     of one round, at least one each, so that they train side by side rather than in turn. Ray gives
     an actor as many threads as CPUs (OMP_NUM_THREADS). A client's batch-1 step is small GEMMs and
@@ -138,7 +139,7 @@ def actor_cpus(clients_per_round: int, ray_address: str | None = None, *, each: 
     Flower's default, 2."""
     if ray_address:
         return 2
-    cores = local_cores()
+    cores = cores or local_cores()
     cpus = max(1, cores // max(clients_per_round, 1))
     if each and memory:
         fit = max(1, int(0.8 * memory) // each - 1)  # the ServerApp's process is one of them
@@ -231,19 +232,58 @@ def gpu_actors(gpus: Sequence[Gpu], share: float) -> int:
     return math.floor(len(gpus) / share + 1e-6)
 
 
-def actor_layout(clients_per_round: int, cpus: int, share: float, gpus: Sequence[Gpu], ray_address: str | None) -> str:
+def actor_layout(clients_per_round: int, cpus: int, share: float, gpus: Sequence[Gpu], ray_address: str | None,
+                 cores: int | None = None) -> str:
     """One line on the ClientApp actors Ray will start, as Flower's pool counts them: the defaults
     depend on the machine, so the run says what they chose."""
     each = f"{cpus} CPU{'s' if cpus > 1 else ''}" + (f" and {share:g} GPU" if share else "")
     if ray_address:
         return f"ClientApp actors: as many as the Ray cluster at {ray_address} holds, {each} each"
-    actors = local_cores() // cpus
+    actors = (cores or local_cores()) // cpus
     if share and gpus:
         actors = min(actors, gpu_actors(gpus, share))
     elif share:
         return f"ClientApp actors: as many as Ray's GPUs hold, {each} each"
     return (f"ClientApp actors: {actors} of {each}, for {clients_per_round} client{'s' if clients_per_round > 1 else ''} "
             f"a round (--client-cpus, --client-gpus to choose)")
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """The ClientApp actors of a run: CPUs and GPU share each, and what the run says of them."""
+
+    cpus: int
+    gpus: float
+    lines: tuple[str, ...]  # printed before the run: how many actors, and why where memory decided
+    warnings: tuple[str, ...] = ()
+
+
+def plan_actors(clients: int, *, cores: int, memory: int | None, gpus: Sequence[Gpu], each: int | None, on_gpu: bool,
+                client_cpus: int | None = None, client_gpus: float | None = None, ray_address: str | None = None) -> ActorPlan:
+    """How the ClientApp actors of a round of `clients` get this machine (`cores`, `memory` free, `gpus`), each
+    process holding about `each` bytes (`footprint`; None: unknown) on a GPU (`on_gpu`) or in host memory.
+    `client_cpus` / `client_gpus`: what the user asked, else chosen here. Touches nothing of the machine."""
+    warnings = []
+    memory_bound = False  # whether the memory, not the cores or the GPUs' number, set the actors' count
+    if client_gpus is None:
+        client_gpus = actor_gpus(clients, gpus, each=each)
+        memory_bound = client_gpus > actor_gpus(clients, gpus)
+    elif client_gpus and not gpus and not ray_address:
+        warnings.append(f"--client-gpus {client_gpus} asks for GPUs, but none that torch could use is visible here (nvidia-smi "
+                        "lists none, CUDA_VISIBLE_DEVICES hides them, torch is a CPU build, or device='cpu'): where Ray sees "
+                        "none either, the simulation stops with an empty actor pool")
+    if client_cpus is None and client_gpus:  # the GPU shares bound the actors, and the GPUs' memory their bases
+        actors = min(clients, gpu_actors(gpus, client_gpus)) if gpus else clients
+        client_cpus = actor_cpus(actors, ray_address, cores=cores)
+    elif client_cpus is None:
+        client_cpus = actor_cpus(clients, ray_address, each=each, memory=memory, cores=cores)
+        memory_bound = client_cpus > actor_cpus(clients, ray_address, cores=cores)
+    lines = [actor_layout(clients, client_cpus, client_gpus, gpus, ray_address, cores=cores)]
+    if memory_bound:
+        where = "a GPU's memory holds, the ServerApp's on the first" if on_gpu else "the memory holds beside the ServerApp's"
+        lines.append(f"  as many as {where}: about {each / 1e9:.1f} GB a process (the base, an activation cache of up to "
+                     "activation-cache-mb, the rest)")
+    return ActorPlan(client_cpus, client_gpus, tuple(lines), tuple(warnings))
 
 
 def cpus_arg(text: str) -> int:
@@ -335,20 +375,10 @@ def launch(
     on_gpu = bool(gpus) and client_gpus != 0
     base = base_bytes(parameters, actors_dtype(settings.model.dtype, gpus if on_gpu else [])) if parameters else None
     each = base and footprint(base, settings, on_gpu=on_gpu)
-    memory_bound = False  # whether the memory, not the cores or the GPUs' number, set the actors' count
-    if client_gpus is None:
-        client_gpus = actor_gpus(clients, gpus, each=each)
-        memory_bound = client_gpus > actor_gpus(clients, gpus)
-    elif client_gpus and not gpus and not ray_address:
-        print(f"warning: --client-gpus {client_gpus} asks for GPUs, but none that torch could use is visible here (nvidia-smi "
-              "lists none, CUDA_VISIBLE_DEVICES hides them, torch is a CPU build, or device='cpu'): where Ray sees none "
-              "either, the simulation stops with an empty actor pool", file=sys.stderr)
-    if client_cpus is None and client_gpus:  # the GPU shares bound the actors, and the GPUs' memory their bases
-        actors = min(clients, gpu_actors(gpus, client_gpus)) if gpus else clients
-        client_cpus = actor_cpus(actors, ray_address)
-    elif client_cpus is None:
-        client_cpus = actor_cpus(clients, ray_address, each=each, memory=available_memory())
-        memory_bound = client_cpus > actor_cpus(clients, ray_address)
+    plan = plan_actors(clients, cores=local_cores(), memory=available_memory(), gpus=gpus, each=each, on_gpu=on_gpu,
+                       client_cpus=client_cpus, client_gpus=client_gpus, ray_address=ray_address)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     flwr_home = Path(flwr_home or os.environ.get("FLWR_HOME") or PROJECT / ".flwr").resolve()
     write_connection(flwr_home)
     bin_dir = Path(sys.executable).parent
@@ -358,7 +388,7 @@ def launch(
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         # An actor without a GPU share sees no GPU, where there are any: else each would put its base on
         # one that Ray does not count. Elsewhere Ray's advice, which silences its warning.
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1" if gpus and not client_gpus else "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1" if gpus and not plan.gpus else "0",
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         **({"RAY_ADDRESS": ray_address} if ray_address else {}),
         **(env or {}),
@@ -366,17 +396,13 @@ def launch(
     full_env = with_shared_data({**full_env, **own_superlink_ports(full_env)})
     command = [
         str(bin_dir / "flwr"), "run", str(PROJECT), "--stream",
-        "--federation-config", federation_config(supernodes, client_cpus, client_gpus),
+        "--federation-config", federation_config(supernodes, plan.cpus, plan.gpus),
     ]
     if overrides:
         command += ["--run-config", run_config(overrides)]
     for extra in extra_run_config:
         command += ["--run-config", extra]
-    print(actor_layout(clients, client_cpus, client_gpus, gpus, ray_address))
-    if memory_bound:
-        where = "a GPU's memory holds, the ServerApp's on the first" if on_gpu else "the memory holds beside the ServerApp's"
-        print(f"  as many as {where}: about {each / 1e9:.1f} GB a process (the base, an activation cache of up to "
-              f"activation-cache-mb, the rest)")
+    print("\n".join(plan.lines))
     print("$ " + shlex.join(command), flush=True)
     try:
         return subprocess.run(command, env=full_env, cwd=PROJECT, timeout=timeout).returncode
@@ -394,11 +420,14 @@ def run_settings(given: Mapping[str, Any]) -> Settings:
     return Settings.from_flat({**app_config(), **given}, context="--run-config")
 
 
-def check_run(run_config: Sequence[str], out_dir: str | None, supernodes: int) -> tuple[dict[str, Any], Path]:
-    """The settings this run will have and its results folder, checked before anything starts.
+def check_run(run_config: Sequence[str], out_dir: str | None, supernodes: int) -> tuple[dict[str, Any], Settings]:
+    """The settings this run will have (and the values the launcher adds: its results folder, the nodes
+    to wait for), checked before anything starts.
 
-    A wrong key or value raises SettingsError naming it. `--out-dir` and a run-config `out-dir`
-    must agree: the launcher reads the results from the folder the ServerApp writes to.
+    A wrong key or value raises SettingsError naming it, and a mistake that shows only in the data
+    (a task it does not hold, a field the column mapping names, a malformed file) DataError, both in
+    a fraction of a second. `--out-dir` and a run-config `out-dir` must agree: the launcher reads the
+    results from the folder the ServerApp writes to.
     """
     from flwr.common.config import parse_config_args
 
@@ -411,11 +440,23 @@ def check_run(run_config: Sequence[str], out_dir: str | None, supernodes: int) -
     out = Path(str(given.get("out-dir", out_dir or PROJECT / "runs" / "federated"))).resolve()
     values = {"out-dir": str(out), "min-available-nodes": supernodes}
     settings = run_settings({**values, **given})
-    from mops_core.data import missing_local_copy  # after the settings: a wrong key is refused before torch loads
+    check_data(settings)
+    return values, settings
 
-    if note := missing_local_copy(settings.data):
+
+def check_data(settings: Settings) -> None:
+    """Read the run's data here, as its apps will find it (the project's ../shared/data among the places
+    looked in): the records of the run's tasks and their list, without torch. Data that only the hub
+    holds is left to the apps, with a warning."""
+    from mops_core.data import PRESETS, load_records, missing_local_copy, names_a_path, run_tasks  # after the settings: no torch
+
+    data = settings.data
+    if note := missing_local_copy(data):
         print(f"warning: {note}", file=sys.stderr)
-    return values, out
+        return
+    if data.dataset in PRESETS or names_a_path(data.dataset):  # a hub id: the apps read it
+        load_records(data)
+        run_tasks(data)
 
 
 def free_port() -> int:
@@ -450,11 +491,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-address", help="run on this existing Ray cluster (HOST:PORT of its head, as `ray start --head` "
                         "prints) instead of a local Ray started for the run")
     args = parser.parse_args(argv)
+    from mops_core.data import DataError
+
     try:
-        values, out = check_run(args.run_config, args.out_dir, args.supernodes)
-    except SettingsError as exc:
+        values, settings = check_run(args.run_config, args.out_dir, args.supernodes)
+    except (SettingsError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    out = Path(settings.federated.out_dir)
     before = finished_rounds(out)
     code = launch(
         values,
@@ -466,8 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         ray_address=args.ray_address,
     )
     after = finished_rounds(out)
-    resuming = any("resume" in text and "true" in text for text in args.run_config)
-    if code == 0 and (after is None or (after == before and not resuming)):
+    if code == 0 and (after is None or (after == before and not settings.federated.resume)):
         # `flwr run` exits 0 even when the ServerApp raised (it prints "Exit Code: 700"): say so.
         print(f"error: the run wrote no new round to {out}/results.json; see the ServerApp's error above", file=sys.stderr)
         return 1

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from mops_core import atomic, report
 from mops_core.config import BASE_SETTINGS
-from mops_core.train import expert_targets
+from mops_core.labels import expert_targets
 
 
 CSV_COLUMNS = (
@@ -33,7 +33,7 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-class Grid:
+class ResultTable:
     """A titled table, rendered for the terminal (rich) and for Markdown alike."""
 
     def __init__(self, title: str, headers: Sequence[str], rows: Iterable[Sequence[str]], caption: str = ""):
@@ -99,7 +99,7 @@ def _labels(table: dict[Key, dict]) -> tuple[list[str], Callable[[Key], list[str
     return headers, (lambda key: list(key) if variants else list(key[:2]))
 
 
-def comparison(records: Sequence[dict], kind: str, baseline: str, title: str) -> Grid | None:
+def comparison(records: Sequence[dict], kind: str, baseline: str, title: str) -> ResultTable | None:
     """Tables 2 and 3: baseline -> MoPs, with the gain and the gain in % (positive = MoPs better).
 
     With several seeds each perplexity is a mean ± standard deviation, and MoPs counts as
@@ -130,11 +130,11 @@ def comparison(records: Sequence[dict], kind: str, baseline: str, title: str) ->
         return None
     headers = [*label_headers, "seeds", "start", METHOD_NAMES[baseline], "MoPs", "gain", "gain %", "better",
                f"ROUGE-L {METHOD_NAMES[baseline]}", "ROUGE-L MoPs"]
-    return Grid(title, headers, rows, "test perplexity (lower is better); gain = baseline - MoPs; "
+    return ResultTable(title, headers, rows, "test perplexity (lower is better); gain = baseline - MoPs; "
                 "ROUGE-L (%, higher is better) of greedy answers to the first test samples of every task")
 
 
-def peft_comparison(records: Sequence[dict], title: str) -> Grid | None:
+def peft_comparison(records: Sequence[dict], title: str) -> ResultTable | None:
     """Table 4: every centralized method at equal steps, with trainable-parameter counts."""
     table = _main(records, "centralized")
     methods = [m for m in ("prompt", "mops", "lora", "ia3") if any(m in row for row in table.values())]
@@ -154,11 +154,11 @@ def peft_comparison(records: Sequence[dict], title: str) -> Grid | None:
         rows.append([*label(key), *cells, *(_rouge(row.get(m)) for m in methods)])
     headers += [f"ROUGE-L {METHOD_NAMES[m]}" for m in methods]
     steps = sorted({r["steps"] for row in table.values() for runs in row.values() for r in runs})
-    return Grid(title, headers, rows, f"test perplexity after {', '.join(map(str, steps))} steps; * best in the row; "
+    return ResultTable(title, headers, rows, f"test perplexity after {', '.join(map(str, steps))} steps; * best in the row; "
                 "ROUGE-L (%) of greedy answers")
 
 
-def gate_diagnostics(records: Sequence[dict]) -> Grid | None:
+def gate_diagnostics(records: Sequence[dict]) -> ResultTable | None:
     """Gate collapse at the end of every MoPs cell: per-sample entropy, each task's mean-gate entropy, expert shares."""
     rows = []
     for r in records:
@@ -176,7 +176,7 @@ def gate_diagnostics(records: Sequence[dict]) -> Grid | None:
         return None
     experts = max(len(r.get("expert_share") or []) for r in records if r["method"] == "mops") or 1
     headers = ["kind", "cell", "entropy/sample", "entropy of task mean", "expert shares", "routing acc. (start -> end)"]
-    return Grid("Gate collapse diagnostics (MoPs, test split)", headers, rows, f"nats; uniform = {math.log(experts):.2f}")
+    return ResultTable("Gate collapse diagnostics (MoPs, test split)", headers, rows, f"nats; uniform = {math.log(experts):.2f}")
 
 
 def _task_mean(runs: Sequence[dict], field: str, task: str) -> float | None:
@@ -210,7 +210,7 @@ def per_task_gains(records: Sequence[dict], kind: str, baseline: str) -> dict[Ke
     return gains
 
 
-def per_task_comparison(records: Sequence[dict], kind: str, baseline: str, title: str) -> Grid | None:
+def per_task_comparison(records: Sequence[dict], kind: str, baseline: str, title: str) -> ResultTable | None:
     """Where the mixture wins and loses: each task's perplexity, and whether the gate sent it to its expert."""
     gains = per_task_gains(records, kind, baseline)
     if not gains:
@@ -223,7 +223,7 @@ def per_task_comparison(records: Sequence[dict], kind: str, baseline: str, title
         for key, tasks in gains.items() for task, g in tasks.items()
     ]
     headers = [*label_headers, "task", METHOD_NAMES[baseline], "MoPs", "gain %", "entropy/sample", "own expert", "routing acc."]
-    return Grid(title, headers, rows, "test perplexity, means over seeds; gain > 0 = MoPs lower; own expert = the task's mean "
+    return ResultTable(title, headers, rows, "test perplexity, means over seeds; gain > 0 = MoPs lower; own expert = the task's mean "
                                       "gate score on the expert pretrained for it; entropy in nats")
 
 
@@ -260,7 +260,7 @@ def _stretches(count: int, parts: int) -> list[range]:
     return [range(a, b) for a, b in zip(edges, edges[1:])]
 
 
-def lead_table(records: Sequence[dict], kind: str, baseline: str, title: str, parts: int = 5) -> Grid | None:
+def lead_table(records: Sequence[dict], kind: str, baseline: str, title: str, parts: int = 5) -> ResultTable | None:
     """MoPs' lead over the baseline through training: centrally the mean per-step lead in each
     fifth of the steps, federated the lead after evenly spaced rounds (each a full test)."""
     leads = leads_during_training(records, kind, baseline)
@@ -286,7 +286,7 @@ def lead_table(records: Sequence[dict], kind: str, baseline: str, title: str, pa
         headers = [*label_headers, "seeds", "parts", *[f"part {i + 1}" for i in range(width)]]
         rows = [[*labels, seeds, ", ".join(spans), *cells, *["-"] * (width - len(cells))] for labels, seeds, spans, cells in entries]
     unit = next(iter(leads.values()))["unit"]
-    return Grid(title, headers, rows, f"MoPs' lead over {METHOD_NAMES[baseline]} ({unit}), mean ± sd over seeds, "
+    return ResultTable(title, headers, rows, f"MoPs' lead over {METHOD_NAMES[baseline]} ({unit}), mean ± sd over seeds, "
                                       "paired by seed; positive = MoPs lower")
 
 
@@ -343,7 +343,7 @@ def _pct(mean: float | None, sd: float | None, unit: str = "%") -> str:
     return "-" if mean is None else f"{mean:+.1f}{unit}" + ("" if sd is None else f" ± {sd:.1f}")
 
 
-def heterogeneity_table(records: Sequence[dict]) -> Grid | None:
+def heterogeneity_table(records: Sequence[dict]) -> ResultTable | None:
     pairs = heterogeneity_pairs(records)
     if not pairs:
         return None
@@ -366,7 +366,7 @@ def heterogeneity_table(records: Sequence[dict]) -> Grid | None:
         ])
     headers = ["data", "compression", "local steps", "alpha", "seeds", "FedPrompt ppl", "MoPs ppl", "gain %", "clients' ppl gain %",
                "ROUGE-L gain", "updates' cosine F / M", "norm ratio F / M", "minutes per cell F / M"]
-    return Grid("Heterogeneity: MoPs' gain over FedPrompt against alpha", headers, rows,
+    return ResultTable("Heterogeneity: MoPs' gain over FedPrompt against alpha", headers, rows,
                 "seeds where both methods finished (a seed with one alone is counted as unpaired and left out of every column "
                 "but the minutes); gains paired seed by seed, mean ± sd over seeds (positive = MoPs better): test perplexity and the clients' "
                 "own held-out perplexity in % of FedPrompt's, ROUGE-L in points; the clients' prompt-update agreement "
@@ -374,7 +374,7 @@ def heterogeneity_table(records: Sequence[dict]) -> Grid | None:
                 "client's, FedPrompt / MoPs; each cell's wall time, mean over seeds")
 
 
-def heterogeneity_trend(records: Sequence[dict]) -> Grid | None:
+def heterogeneity_trend(records: Sequence[dict]) -> ResultTable | None:
     """Does MoPs' gain grow as the split grows more skewed? Seed by seed, the gain at the lowest alpha minus the gain at
     the highest, and the same for each method's update agreement: the seeds share their start state and test set, so
     the difference cancels what moves a whole seed up or down, which a comparison of means over seeds does not."""
@@ -408,7 +408,7 @@ def heterogeneity_trend(records: Sequence[dict]) -> Grid | None:
         return None
     headers = ["data", "compression", "local steps", "alpha", "seeds", "gain % at the highest alpha", "gain % at the lowest",
                "growth", "seeds where it grows", "cosine change F / M"]
-    return Grid("Heterogeneity: does MoPs' gain grow with skew?", headers, rows,
+    return ResultTable("Heterogeneity: does MoPs' gain grow with skew?", headers, rows,
                 "seeds where both methods finished at both ends of the alpha sweep; growth = gain at the lowest alpha minus "
                 "gain at the highest, seed by seed (percentage points; mean ± sd over seeds; positive = MoPs gains more where "
                 "clients differ more); the change of each method's mean update cosine from the highest alpha to the lowest, "
@@ -494,7 +494,7 @@ def round_gains(methods: dict[str, dict[int, dict[int, dict]]], field: str) -> d
     return gains
 
 
-def round_table(records: Sequence[dict], at: Sequence[int] = (5, 10, 20)) -> Grid | None:
+def round_table(records: Sequence[dict], at: Sequence[int] = (5, 10, 20)) -> ResultTable | None:
     """Each seed's FedPrompt and MoPs test perplexity after rounds `at` (those the runs reached, else their last),
     MoPs' gain there on the test split, and at the last on the clients' own data and in ROUGE-L; then each
     panel's mean ± sd over the paired seeds. Cells still running show the rounds they have."""
@@ -538,7 +538,7 @@ def round_table(records: Sequence[dict], at: Sequence[int] = (5, 10, 20)) -> Gri
             rows.append([panel, "mean ± sd", *["" for _ in marks for _m in ("fedprompt", "mops")],
                          *[_pct(*_mean_sd(paired[str(n)])) if str(n) in paired else "-" for n in marks],
                          _pct(*_mean_sd(paired["clients"])) if "clients" in paired else "-", "", ""])
-    return Grid("Federated round by round: FedPrompt vs MoPs", headers, rows,
+    return ResultTable("Federated round by round: FedPrompt vs MoPs", headers, rows,
                 "test perplexity after each round named (whole test split); gain = 100 x (FedPrompt - MoPs) / FedPrompt, "
                 "paired by seed, positive = MoPs lower; clients' gain on every client's own held-out data")
 
@@ -569,7 +569,7 @@ def _study_value(record: dict):
     return record["settings"].get(record["study"]) if record["study"] in record["settings"] else None
 
 
-def all_tables(records: Sequence[dict]) -> list[Grid]:
+def all_tables(records: Sequence[dict]) -> list[ResultTable]:
     grids = [
         comparison(records, "centralized", "prompt", "Table 2: centralized, prompt-tuning baseline vs MoPs"),
         comparison(records, "federated", "fedprompt", "Table 3: federated, FedPrompt vs MoPs"),
@@ -766,8 +766,9 @@ def _rouge_figure(records: Sequence[dict], dataset: str, path: Path) -> Path | N
     if not groups:
         return None
     bars = {c: {m: _mean_sd(v) for m, v in methods.items()} for c, methods in groups.items()}
+    # From 0, and up to 10 points at least: a point of ROUGE-L on a few dozen answers is noise, not a difference to show.
     return report.plot_bars(bars, path, ylabel="ROUGE-L (%)", title=f"{dataset}: ROUGE-L of greedy answers (higher is better)",
-                            signed=True)  # from 0: a few points of ROUGE-L on a few samples, not a zoom onto them
+                            signed=True, least_top=10.0)
 
 
 def _variant_namer(table: dict[Key, object]) -> Callable[[Key], str]:

@@ -48,3 +48,12 @@ def toy_data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("data")
     write_dolly(path, toy_records(TASKS["dolly"], 30))
     return path
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """What the ServerApp runtime sets in a real run, so that the server can build messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)

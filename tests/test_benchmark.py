@@ -449,6 +449,7 @@ def test_a_federated_cell_runs_through_the_flower_app_and_a_stopped_one_resumes_
     assert row["steps"] == 2 * 3 * 3 and len(row["tasks"]) == 7 and len(row["rounds"][1]["expert_share"]) == 3
     assert row["rounds"][1]["client_spread"]["clients"] == 3 and row["rounds"][2]["rouge_l"] is not None
     assert [m["from_round"] for m in row["machines"]] == [1] and row["base_changes"] is None
+    assert row["commit"] == source_commit() and {"cpu", "bf16_units", "dtype", "torch"} <= set(row["machine"])  # its provenance
     assert "Table 3" in (tmp_path / "bench" / "tables.md").read_text()
 
     # The same cell stopped after round 1 (a session ends): its folder holds one round, as the run leaves it...
@@ -505,7 +506,7 @@ def test_the_heterogeneity_cells_differ_only_in_alpha_local_steps_method_and_see
         (str(seed), f"alpha {alpha} / {steps} steps") for seed in (0, 1, 2) for alpha in ("10", "0.5", "0.1") for steps in (20, 100)}
 
 
-def test_the_regime_cells_run_the_papers_federated_scale_each_dataset_on_its_own_base(capsys):
+def test_the_regime_cells_run_the_papers_federated_scale_each_dataset_on_its_own_base(capsys, tmp_path):
     grid = cells(PROFILES["regime"])
     assert all(c.kind == "federated" and c.study == "main" for c in grid)
     assert {(c.dataset, c.compression) for c in grid} == {("sni", "sparsegpt:0.75"), ("dolly", "sparsegpt:0.5")}
@@ -518,9 +519,9 @@ def test_the_regime_cells_run_the_papers_federated_scale_each_dataset_on_its_own
     differing = {k for c in grid for k, v in c.settings.items() if v != grid[0].settings[k]}
     assert differing == {"dataset", "compression", "method", "seed"}
     # --compressions names the bases of every dataset
-    assert main(["--profile", "regime", "--compressions", "sparsegpt:2:4", "--dry-run"]) == 0
+    assert main(["--profile", "regime", "--compressions", "sparsegpt:2:4", "--out", str(tmp_path), "--dry-run"]) == 0
     assert "compression sparsegpt:2:4;" in capsys.readouterr().out
-    assert main(["--profile", "regime", "--dry-run"]) == 0
+    assert main(["--profile", "regime", "--out", str(tmp_path), "--dry-run"]) == 0
     listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fede-")]
     assert len(listed) == len(grid) == 8 and all("to run" in line for line in listed)
 

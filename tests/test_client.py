@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from client import app as client_app
-from client import task
+from client import node
 from mops_core.compression.layerwise import block_linears
 from mops_core.config import Settings
 from mops_core.session import Session
@@ -55,7 +55,7 @@ def test_a_run_config_value_of_every_concern_reaches_the_clients_model(tiny_mode
     reply = client_app.train(message, context)
 
     assert not reply.has_error() and reply.content["metrics"]["num-examples"] > 0
-    client = task.session(settings, server.tasks)
+    client = node.session(settings, server.tasks)
     assert client is not server and client.settings == settings
     assert Path(client.base.config.name_or_path) == tiny_model_dir  # model
     assert (tmp_path / "cache" / "compressed").is_dir()  # model-cache-dir
@@ -105,7 +105,7 @@ def test_a_node_with_its_own_file_trains_on_exactly_its_records_without_the_shar
     tasks = ConfigRecord({"tasks": list(server.tasks), "input-prompts-sha": sha})
 
     report = client_app.query(message({"config": tasks}, MessageType.QUERY), context).content
-    part = task.local_partition(Settings.from_flat(run_config), server.tasks, str(own))
+    part = node.local_partition(Settings.from_flat(run_config), server.tasks, str(own))
     assert len(part.heldout) == 1 and sorted(part.records + part.heldout, key=repr) == sorted(mine, key=repr)  # 10% held out
     counts = report["metrics"]["task-counts"]
     assert report["metrics"]["num-examples"] == 11 and counts[2] + counts[5] == sum(counts) == 11 - dict(part.unknown_tasks).get("poetry", 0)
@@ -178,7 +178,7 @@ def test_a_node_with_its_own_cache_reports_its_base_and_stores_the_input_prompts
     assert input_prompts_path(Settings.from_flat({**common, "model-cache-dir": str(node_cache)}), sha).is_file()
     assert client_app.query(message({"config": config}, MessageType.QUERY), context).content["metrics"]["has-input-prompts"] == 1
     assert not client_app.train(train, context).has_error()
-    assert torch.equal(task.session(Settings.from_flat({**common, "model-cache-dir": str(node_cache)}), server.tasks).model.input_prompts,
+    assert torch.equal(node.session(Settings.from_flat({**common, "model-cache-dir": str(node_cache)}), server.tasks).model.input_prompts,
                        server.model.input_prompts)
 
     other = {**context.node_config, "model": str(tmp_path / "elsewhere")}  # a node that loads another base

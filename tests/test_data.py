@@ -5,8 +5,8 @@ import pytest
 from helpers import toy_records, write_dolly
 
 from mops_core.config import DataConfig
+from mops_core.labels import IGNORE_INDEX
 from mops_core.data import (
-    IGNORE_INDEX,
     TASKS,
     DataError,
     Formatter,
@@ -75,6 +75,25 @@ def test_malformed_lines_name_the_file_and_line(tmp_path, line, problem):
     with pytest.raises(DataError) as err:
         load_records(DataConfig(data_dir=str(tmp_path)))
     assert f"{path}:8:" in str(err.value) and problem in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_file_that_starts_with_a_byte_order_mark_is_read_as_without_one(tmp_path, suffix):
+    """Windows editors and spreadsheet exports write UTF-8 with a byte-order mark first."""
+    from mops_core.data import Columns, read_records
+
+    rows = [{"instruction": f"q{i}", "context": "", "response": "a", "task": "t"} for i in range(3)]
+    text = "".join(json.dumps(r) + "\n" for r in rows) if suffix == ".jsonl" else json.dumps(rows)
+    plain, marked = tmp_path / f"plain{suffix}", tmp_path / f"marked{suffix}"
+    plain.write_text(text, encoding="utf-8")
+    marked.write_text(text, encoding="utf-8-sig")
+    assert marked.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_records(marked, Columns()) == read_records(plain, Columns()) and len(read_records(plain, Columns())) == 3
+    # a mark further down is not one: the line stays unreadable, named
+    (tmp_path / "late.jsonl").write_bytes(plain.read_bytes() + b"\xef\xbb\xbf" + json.dumps(rows[0]).encode() + b"\n")
+    if suffix == ".jsonl":
+        with pytest.raises(DataError, match="late.jsonl:4: not valid JSON"):
+            read_records(tmp_path / "late.jsonl", Columns())
 
 
 def test_every_unreadable_line_is_named_and_an_empty_file_says_so(tmp_path):
@@ -183,12 +202,12 @@ def test_prepare_tokenises_both_splits(tmp_path, tokenizer):
 
 def test_data_beside_the_working_directory_is_found_as_flwr_run_starts_the_apps(tmp_path, monkeypatch):
     """`flwr run .` runs the apps from a copy under $FLWR_HOME/apps, in the directory it was started from."""
-    import mops_core.data
+    from mops_core.data import sources
 
     project, shared = tmp_path / "project", tmp_path / "shared" / "data"
     project.mkdir()
     write_dolly(shared, toy_records(DOLLY, per_task=1))
-    monkeypatch.setattr(mops_core.data, "__file__", str(tmp_path / "flwr-home" / "apps" / "mops" / "mops_core" / "data.py"))
+    monkeypatch.setattr(sources, "__file__", str(tmp_path / "flwr-home" / "apps" / "mops" / "mops_core" / "data" / "sources.py"))
     monkeypatch.delenv("MOPS_DATA_DIR", raising=False)
     monkeypatch.chdir(project)
     assert resolve_data_dir(DataConfig()) == shared
@@ -278,7 +297,7 @@ def sni_rows(tasks, per_task):
 def test_sni_from_a_saved_hub_dataset_gives_the_records_of_the_local_layout(tmp_path, monkeypatch):
     import datasets
 
-    import mops_core.data as data_module
+    from mops_core.data import sources as data_module
 
     tasks = TASKS["sni"][:3]
     rows = sni_rows(tasks, 6)
@@ -310,6 +329,8 @@ def test_a_dataset_is_read_once_per_process_until_its_file_changes(tmp_path, mon
     import mops_core.data as data
     from helpers import toy_records
 
+    from mops_core.data import sources
+
     from mops_core.config import DataConfig
 
     path = tmp_path / "mine.jsonl"
@@ -317,8 +338,8 @@ def test_a_dataset_is_read_once_per_process_until_its_file_changes(tmp_path, mon
             for r in toy_records(("a", "b"), 3)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     reads = []
-    original = data.read_records
-    monkeypatch.setattr(data, "read_records", lambda *a, **k: reads.append(a) or original(*a, **k))
+    original = sources.read_records
+    monkeypatch.setattr(sources, "read_records", lambda *a, **k: reads.append(a) or original(*a, **k))
     cfg = DataConfig(dataset=str(path))
     first = data.load_records(cfg)
     assert data.run_tasks(cfg) == ("a", "b") and data.load_records(cfg) == first and len(reads) == 1

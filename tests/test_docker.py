@@ -92,8 +92,8 @@ def build_runs() -> list[str]:
     return [run.replace("\\\n", " ") for run in re.findall(r"^RUN ((?:.*\\\n)*.*)$", stage, re.M)]
 
 
-@pytest.mark.parametrize("wheelhouse", [True, False])
-def test_dockerfile_installs_torch_first_from_the_wheelhouse_alone_when_it_holds_wheels(tmp_path, wheelhouse):
+@pytest.mark.parametrize("wheelhouse, torch_index", [(True, ""), (False, ""), (False, "file:///srv/torch-cpu")])
+def test_dockerfile_installs_torch_first_from_the_wheelhouse_alone_when_it_holds_wheels(tmp_path, wheelhouse, torch_index):
     """The build stage's own shell, run with stand-ins for python3 and pip that record their arguments."""
     bin_dir, wheels, src = tmp_path / "bin", tmp_path / "wheels", tmp_path / "src"
     for d in (bin_dir, wheels, src):
@@ -104,6 +104,8 @@ def test_dockerfile_installs_torch_first_from_the_wheelhouse_alone_when_it_holds
         (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {tmp_path}/calls\n')
         (bin_dir / tool).chmod(0o755)
     args = build_args()
+    assert args["TORCH_INDEX"] == ""  # no index named: pip's own configuration, unless the builder names one
+    args["TORCH_INDEX"] = torch_index
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", **{k: v for k, v in args.items() if k != "BASE_IMAGE"}}
     for run in build_runs():
         command = run.replace("/wheels", str(wheels)).replace("/src", str(src)).replace("/opt/venv", str(tmp_path / "venv"))
@@ -115,7 +117,8 @@ def test_dockerfile_installs_torch_first_from_the_wheelhouse_alone_when_it_holds
     if wheelhouse:  # nothing is read from any index
         assert all(c.startswith(f"pip install --no-index --find-links {wheels} ") for c in pip_calls), pip_calls
     else:
-        assert pip_calls[0] == f"pip install --index-url {args['TORCH_INDEX']} torch=={args['TORCH_VERSION']}"
+        named = f"--index-url {torch_index} " if torch_index else ""
+        assert pip_calls[0] == f"pip install {named}torch=={args['TORCH_VERSION']}"
         assert not any("--no-index" in c for c in pip_calls)
 
 

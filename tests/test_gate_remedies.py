@@ -11,7 +11,7 @@ from test_model import QLENS, TEXTS, batch_of, make_model
 
 from mops_core.config import MoPsConfig, Settings, TrainConfig
 from mops_core.model import MoPsModel
-from mops_core.settings import SettingsError
+from mops_core.parsing import SettingsError
 from mops_core.train import GateRegulariser, fit_gate, gate_features, make_mops_optimizer, pretrain_gate, train_steps
 
 

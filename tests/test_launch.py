@@ -48,6 +48,55 @@ def test_a_wrong_setting_is_refused_at_once_with_one_line_naming_it(tmp_path):
     assert seconds < 5, f"{seconds:.1f} s: the settings must be checked before anything heavy is imported"
 
 
+@pytest.mark.slow  # a real process: the launcher as a user starts it
+def test_a_mistake_that_shows_only_in_the_data_is_refused_at_once_with_one_line(tmp_path, toy_data_dir):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "MOPS_DATA_DIR": str(toy_data_dir)}
+    for given, said in (("tasks='nope'", "error: tasks: nope not in dolly (it holds: brainstorming, classification, closed_qa, "),
+                        (f"dataset='{tmp_path / 'mine.jsonl'}'", f"error: {tmp_path / 'mine.jsonl'}: no such file or folder")):
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "simulation.launch", "--run-config", given, "--out-dir", str(tmp_path)],
+                              cwd=launch_module.PROJECT, capture_output=True, text=True, timeout=60, env=env)
+        seconds = time.perf_counter() - started
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        [line] = done.stderr.strip().splitlines()
+        assert line.startswith(said), line
+        assert seconds < 10, f"{seconds:.1f} s: the data must be read before Ray or a SuperLink starts"
+
+
+def test_data_mistakes_stop_the_launcher_before_it_launches(monkeypatch, tmp_path, capsys, toy_data_dir):
+    monkeypatch.setenv("MOPS_DATA_DIR", str(toy_data_dir))
+    monkeypatch.setattr(launch_module, "launch", lambda *a, **k: pytest.fail("launched despite a data mistake"))
+    assert launch_module.main(["--out-dir", str(tmp_path), "--run-config", "tasks='open_qa,nope'"]) == 2
+    assert capsys.readouterr().err.startswith("error: tasks: nope not in dolly")
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text('{"instruction": "q", "response": "a", "task": "t"}\n')  # no context field, as the mapping says there is
+    assert launch_module.main(["--out-dir", str(tmp_path), "--run-config", f"dataset='{bad}'"]) == 2
+    assert "context-column 'context' is not a field of" in capsys.readouterr().err
+
+
+def test_the_actor_plan_is_decided_from_what_it_is_given_alone(monkeypatch):
+    for name in ("local_cores", "available_memory", "visible_gpus"):  # it asks the machine nothing
+        monkeypatch.setattr(launch_module, name, lambda *a, **k: pytest.fail("plan_actors looked at the machine"))
+    gib = 2**30
+    plan = launch_module.plan_actors(10, cores=2, memory=24 * gib, gpus=[], each=None, on_gpu=False)
+    assert (plan.cpus, plan.gpus) == (1, 0.0) and plan.lines == (
+        "ClientApp actors: 2 of 1 CPU, for 10 clients a round (--client-cpus, --client-gpus to choose)",)
+    big = launch_module.plan_actors(10, cores=16, memory=24 * gib, gpus=[], each=9 * gib, on_gpu=False)
+    assert big.cpus == 9 and big.lines[0].startswith("ClientApp actors: 1 of 9 CPUs")  # one actor beside the ServerApp
+    assert big.lines[1] == ("  as many as the memory holds beside the ServerApp's: about 9.7 GB a process (the base, "
+                            "an activation cache of up to activation-cache-mb, the rest)")
+    h100 = launch_module.Gpu(80 * gib, True)
+    on_gpu = launch_module.plan_actors(10, cores=16, memory=128 * gib, gpus=[h100], each=20 * gib, on_gpu=True)
+    assert on_gpu.gpus == 0.5 and on_gpu.cpus == 8 and "a GPU's memory holds, the ServerApp's on the first" in on_gpu.lines[1]
+    asked = launch_module.plan_actors(10, cores=16, memory=None, gpus=[], each=None, on_gpu=False, client_gpus=0.25)
+    assert asked.warnings and "--client-gpus 0.25 asks for GPUs" in asked.warnings[0]
+
+
 def test_the_out_dir_is_given_once_or_twice_alike(tmp_path, monkeypatch, capsys):
     seen = {}
 
@@ -81,7 +130,7 @@ def test_each_run_gets_a_superlink_of_its_own(monkeypatch, tmp_path):
 
 
 def test_a_preset_without_a_local_copy_is_named_before_anything_starts(monkeypatch, tmp_path, capsys, toy_data_dir):
-    from mops_core import data
+    from mops_core.data import sources as data
 
     monkeypatch.setattr(launch_module, "launch", lambda *a, **k: 0)
     monkeypatch.delenv("MOPS_DATA_DIR", raising=False)

@@ -121,6 +121,8 @@ def test_attention_gating_matches_handwritten_reweighted_attention(tokenizer):
     torch.testing.assert_close(out.logits[:, :-1][real], expected[real], atol=1e-4, rtol=1e-4)
     # And the gate really is far from uniform, so the test has teeth.
     assert out.gate.max() > 2.0 / model.experts
+    with pytest.raises(TypeError, match="retrun_logits"):  # a misspelt option is refused, not ignored
+        model(**batch, retrun_logits=True)
 
 
 def test_gradients_match_the_handwritten_reference(tokenizer):

@@ -3,7 +3,7 @@ import argparse
 import pytest
 
 from mops_core.config import CONCERNS, MoPsConfig, Settings, TrainConfig
-from mops_core.settings import SettingsError, add_cli_flags, build, cli_values
+from mops_core.parsing import SettingsError, add_cli_flags, build, cli_values
 
 
 def test_kebab_and_snake_keys_and_string_values_are_coerced():
@@ -81,7 +81,7 @@ def test_docs_settings_md_is_generated_from_the_code():
 
 
 def test_every_setting_says_what_it_is_for():
-    from mops_core.settings import describe
+    from mops_core.parsing import describe
 
     missing = [key for _, key, _, _, help_text in describe(CONCERNS) if len(help_text) < 20]
     assert not missing, f"settings without a purpose in their help text: {missing}"

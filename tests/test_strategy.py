@@ -38,8 +38,29 @@ def metrics(n, loss=1.0):
     return {"num-examples": n, "train-loss": loss, "gate": [0.2, 0.3, 0.5]}
 
 
-def strategy(**kw):
-    return MoPsFedAvg(SHAPES, seed=0, **kw)
+def admitted(partitions=None, left_out=(), tasks=("a", "b"), admission=None):
+    """An Admission as discovery leaves it: `partitions` (node -> partition id) admitted, `left_out` refused."""
+    from mops_core.start_state import tensor_sha
+    from server.admission import Admission
+    from server.protocol import NodeReport
+
+    admission = admission or Admission(Settings(), tuple(tasks), SERVER_BASE, PROMPTS, tensor_sha(PROMPTS), 1.0)
+    for node, part in (partitions or {}).items():
+        admission.reports[node] = NodeReport(part, len(partitions), 4, 1, (4, 0), True, SERVER_BASE)
+        admission.partitions[node] = part
+    admission.left_out.update(left_out)
+    return admission
+
+
+def strategy(partitions=None, left_out=(), admission=None, tasks=("a", "b"), round_offset=0, expert_weighting="examples",
+             norm_bound=None, **fed):
+    """The strategy as the ServerApp builds it, with a test's own settings (`fed`: FederatedConfig fields)."""
+    from mops_core.config import FederatedConfig
+
+    fed = {"fraction_train": 0.1, "fraction_evaluate": 0.0, "min_available_nodes": 2, **fed}
+    bound = "" if norm_bound is None else f"{norm_bound[0]:g}" + ("x" if norm_bound[1] else "")
+    config = FederatedConfig(expert_aggregation=expert_weighting, update_norm_bound=bound, **fed)
+    return MoPsFedAvg(SHAPES, admission or admitted(partitions, left_out, tasks), config, seed=0, gated=True, round_offset=round_offset)
 
 
 def test_aggregate_is_the_example_weighted_mean_of_the_prompt_and_gate_arrays():
@@ -84,8 +105,8 @@ def test_gate_weighting_drops_a_reply_whose_gate_scores_cannot_weigh_the_experts
     good = [reply(1, arrays(1), metrics(10)), reply(2, arrays(2), metrics(20))]
     s.aggregate_train(1, [*good, reply(77, arrays(9), {**metrics(5), "gate": gate})])
     assert s.rounds[1].accepted == 2 and problem in s.rounds[1].dropped[0]
-    with pytest.raises(ValueError, match="expert_weighting must be"):
-        strategy(expert_weighting="tasks")
+    with pytest.raises(ValueError, match="setting 'expert-aggregation': must be one of 'examples', 'gate', got 'tasks'"):
+        Settings.from_flat({"expert-aggregation": "tasks"})  # what the strategy is built from
 
 
 BAD = {
@@ -145,15 +166,6 @@ def test_sampling_follows_partitions_not_node_ids_so_a_resumed_run_replays_it():
     assert all(len(p) == 5 for p in picks[0]) and picks[0][0] != picks[0][1]
     resumed = strategy(partitions=run_b, fraction_train=0.25, min_available_nodes=20, round_offset=2)
     assert sorted(run_b[n] for n in resumed.sample(FakeGrid(run_b), 1)) == picks[0][2]
-
-
-@pytest.fixture
-def server_identity(monkeypatch):
-    """What the ServerApp runtime sets in a real run, so that the server can build messages."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def test_configure_train_sends_only_the_trainable_arrays_and_the_run_round(server_identity):
@@ -228,7 +240,7 @@ def test_discovery_leaves_out_a_node_that_cannot_read_its_data_and_it_is_never_s
     a = admission()
     with caplog.at_level(logging.WARNING):
         discover(grid, a, 2, timeout=1.0)
-    assert sorted(a.reports) == [1, 3] and a.reports[3]["partition-id"] == 3 and a.reports[1]["task-counts"] == [4, 0]
+    assert sorted(a.reports) == [1, 3] and a.reports[3].partition_id == 3 and a.reports[1].task_counts == (4, 0)
     assert a.left_out == {2} and a.partitions == {1: 1, 3: 3}
     assert "node 2 is left out" in caplog.text and "/data/mine.jsonl:3: not valid JSON" in caplog.text
     s = strategy(admission=a, fraction_train=1.0, min_available_nodes=3)
@@ -257,7 +269,7 @@ def test_a_node_with_a_foreign_base_is_left_out_with_both_fingerprints_and_the_f
 def test_the_input_prompts_are_sent_once_only_to_nodes_that_lack_them_and_a_refusal_leaves_the_node_out(server_identity, caplog):
     from mops_core.model import INPUT_PROMPTS
     from server.app import discover
-    from server.admission import START_STATE
+    from server.protocol import START_STATE
 
     lacking = {2, 3}
     grid = AnsweringGrid([1, 2, 3], nodes_answer(
@@ -298,7 +310,7 @@ def test_discovery_names_the_tasks_the_run_does_not_know_once(server_identity, c
     a = admission()
     with caplog.at_level(logging.WARNING):
         discover(grid, a, 3, timeout=1.0)
-    assert not a.left_out and a.reports[1]["unknown-tasks"] == {"rewrite": 5, "poetry": 1} and "unknown-tasks" not in a.reports[2]
+    assert not a.left_out and a.reports[1].unknown_tasks == {"rewrite": 5, "poetry": 1} and not a.reports[2].unknown_tasks
     named = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
     assert named == ["nodes hold tasks the run does not know; they train on them and the gate routes them: "
                      "poetry (2 records), rewrite (10 records)"]
@@ -396,6 +408,7 @@ def test_metrics_every_chooses_the_rounds_that_score_greedy_answers():
 def started_round(s, global_arrays, nodes=(1, 2, 3, 4)):
     """`s` after configure_train of round 1 from `global_arrays` (the state updates are measured from)."""
     grid = FakeGrid(dict(zip(nodes, range(len(nodes)))))
+    admitted({n: p for n, p in grid.nodes.items() if n not in s.admission.reports}, admission=s.admission)
     list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in global_arrays.items()}), ConfigRecord({}), grid))
     return s
 
@@ -431,7 +444,7 @@ def test_an_update_beyond_the_norm_bound_is_dropped_with_its_node_and_changes_no
 
 def test_the_norm_bound_setting_parses_absolute_and_relative_bounds_and_names_itself_when_wrong():
     from mops_core.config import FederatedConfig
-    from mops_core.settings import SettingsError
+    from mops_core.parsing import SettingsError
 
     assert FederatedConfig().norm_bound is None
     assert FederatedConfig(update_norm_bound="0.5").norm_bound == (0.5, False)
@@ -543,7 +556,7 @@ def test_each_round_records_how_the_prompt_updates_agree(server_identity):
 
 def test_a_node_that_lost_its_input_prompts_mid_run_is_sent_them_again_before_it_is_next_sampled(server_identity, caplog):
     from mops_core.start_state import LACKS_INPUT_PROMPTS
-    from server.admission import START_STATE
+    from server.protocol import START_STATE
     from server.app import discover
 
     holding = {1, 2, 3, 4}

@@ -34,7 +34,7 @@ from ..cache import touch
 from ..config import CALIBRATION_DATA, ModelConfig, Settings
 from ..data import Formatter, load_records, sample_and_split
 from ..loading import base_fingerprint, cache_root, code_identity, load_base, quiet_progress
-from ..settings import SettingsError
+from ..parsing import SettingsError
 from .int8 import quantize_int8
 from .layerwise import MatrixStats, block_linears, prune_model
 

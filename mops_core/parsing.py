@@ -1,4 +1,5 @@
-"""Typed settings from flat key/value sources (TOML run-config, CLI flags, dicts).
+"""Typed settings from flat key/value sources (TOML run-config, CLI flags, dicts): the machinery.
+The settings themselves (`Settings`, one dataclass per concern) are declared in `config.py`.
 
 Every concern (model, MoPs, data, training, ...) is one frozen dataclass. Its fields are the
 settings' names in snake_case; users may write them in kebab-case, as Flower's run-config
