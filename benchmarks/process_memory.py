@@ -5,7 +5,7 @@
 Runs the main job (`python -m simulation.launch` with the given options, in a Flower home and
 results folder of its own) and reads, twice a second, the resident memory of its ServerApp process
 and of every ClientApp actor from /proc (Linux). It prints each one's peak (VmHWM, pages of mapped
-files included) and its peak of anonymous memory, beside `simulation.launch.footprint`: the bytes
+files included) and its peak of anonymous memory, beside `simulation.actors.footprint`: the bytes
 per process by which the launcher decides how many actors fit on this machine (the base in the
 dtype the actors get, the activation cache at its bound, the rest). A peak above the estimate
 means the launcher could start more actors than the memory holds. Host memory only: on a GPU the
@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from simulation.launch import (  # noqa: E402
-    PROCESS_BYTES, PROJECT, actors_dtype, base_bytes, base_parameters, command_lines, config_parameters, footprint,
-    run_settings, with_shared_data,
+from simulation.actors import (  # noqa: E402
+    PROCESS_BYTES, actors_dtype, base_bytes, base_parameters, config_parameters, footprint,
 )
+from simulation.launch import PROJECT, command_lines, run_settings, with_shared_data  # noqa: E402
 
 KINDS = {"ClientAppActor": "ClientApp actor", "flwr-simulation": "ServerApp (flwr-simulation)"}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -14,7 +15,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from .evaluate import EvalResult, TaskScore  # noqa: E402
+if TYPE_CHECKING:  # annotations only: the benchmark's tables and figures are drawn without torch
+    from .evaluate import EvalResult, TaskScore
 
 console = Console()
 

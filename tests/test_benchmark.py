@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -524,6 +525,13 @@ def test_the_regime_cells_run_the_papers_federated_scale_each_dataset_on_its_own
     assert main(["--profile", "regime", "--out", str(tmp_path), "--dry-run"]) == 0
     listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fede-")]
     assert len(listed) == len(grid) == 8 and all("to run" in line for line in listed)
+
+
+def test_the_tables_and_figures_are_drawn_without_torch():
+    """A grid's records redrawn elsewhere (`--tables`) need matplotlib, not torch."""
+    code = "import sys, simulation.tables; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_cells_record_keeps_each_rounds_test_clients_and_text_scores():

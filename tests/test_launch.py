@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 import simulation.launch as launch_module
+from simulation import actors
 
-VISIBLE_GPUS = launch_module.visible_gpus
+VISIBLE_GPUS = actors.visible_gpus
 
 
 @pytest.fixture(autouse=True)
@@ -81,19 +82,19 @@ def test_data_mistakes_stop_the_launcher_before_it_launches(monkeypatch, tmp_pat
 
 def test_the_actor_plan_is_decided_from_what_it_is_given_alone(monkeypatch):
     for name in ("local_cores", "available_memory", "visible_gpus"):  # it asks the machine nothing
-        monkeypatch.setattr(launch_module, name, lambda *a, **k: pytest.fail("plan_actors looked at the machine"))
+        monkeypatch.setattr(actors, name, lambda *a, **k: pytest.fail("plan_actors looked at the machine"))
     gib = 2**30
-    plan = launch_module.plan_actors(10, cores=2, memory=24 * gib, gpus=[], each=None, on_gpu=False)
+    plan = actors.plan_actors(10, cores=2, memory=24 * gib, gpus=[], each=None, on_gpu=False)
     assert (plan.cpus, plan.gpus) == (1, 0.0) and plan.lines == (
         "ClientApp actors: 2 of 1 CPU, for 10 clients a round (--client-cpus, --client-gpus to choose)",)
-    big = launch_module.plan_actors(10, cores=16, memory=24 * gib, gpus=[], each=9 * gib, on_gpu=False)
+    big = actors.plan_actors(10, cores=16, memory=24 * gib, gpus=[], each=9 * gib, on_gpu=False)
     assert big.cpus == 9 and big.lines[0].startswith("ClientApp actors: 1 of 9 CPUs")  # one actor beside the ServerApp
     assert big.lines[1] == ("  as many as the memory holds beside the ServerApp's: about 9.7 GB a process (the base, "
                             "an activation cache of up to activation-cache-mb, the rest)")
-    h100 = launch_module.Gpu(80 * gib, True)
-    on_gpu = launch_module.plan_actors(10, cores=16, memory=128 * gib, gpus=[h100], each=20 * gib, on_gpu=True)
+    h100 = actors.Gpu(80 * gib, True)
+    on_gpu = actors.plan_actors(10, cores=16, memory=128 * gib, gpus=[h100], each=20 * gib, on_gpu=True)
     assert on_gpu.gpus == 0.5 and on_gpu.cpus == 8 and "a GPU's memory holds, the ServerApp's on the first" in on_gpu.lines[1]
-    asked = launch_module.plan_actors(10, cores=16, memory=None, gpus=[], each=None, on_gpu=False, client_gpus=0.25)
+    asked = actors.plan_actors(10, cores=16, memory=None, gpus=[], each=None, on_gpu=False, client_gpus=0.25)
     assert asked.warnings and "--client-gpus 0.25 asks for GPUs" in asked.warnings[0]
 
 
@@ -180,41 +181,41 @@ def test_no_more_actors_than_their_bases_fit_in_memory(tmp_path):
                           vocab_size=32000)
     smol = checkpoint("135m", hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30,
                       intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
-    assert launch_module.base_parameters(smol) == 134_515_008  # SmolLM2-135M's, as the released model counts them
-    assert launch_module.base_parameters(llama_7b) == 6_738_415_616  # LLaMA-2-7B's (untied head), as released
-    assert launch_module.base_parameters(str(tmp_path / "missing")) is None
-    assert launch_module.base_parameters("not a/hub id") is None
-    assert launch_module.base_parameters(checkpoint("broken", hidden_size=64)) is None
+    assert actors.base_parameters(smol) == 134_515_008  # SmolLM2-135M's, as the released model counts them
+    assert actors.base_parameters(llama_7b) == 6_738_415_616  # LLaMA-2-7B's (untied head), as released
+    assert actors.base_parameters(str(tmp_path / "missing")) is None
+    assert actors.base_parameters("not a/hub id") is None
+    assert actors.base_parameters(checkpoint("broken", hidden_size=64)) is None
 
     gib, settings = 2**30, launch_module.run_settings({})
-    big, small = (launch_module.base_bytes(launch_module.base_parameters(m), "float32") for m in (llama_7b, smol))
+    big, small = (actors.base_bytes(actors.base_parameters(m), "float32") for m in (llama_7b, smol))
     # Each process holds its base, its activation cache at the bound (2 GiB by default) and 2 GiB more.
-    assert launch_module.footprint(small, settings, on_gpu=False) == small + 4 * gib
-    assert launch_module.footprint(small, settings, on_gpu=True) == small + 3 * gib  # the libraries stay in host memory
+    assert actors.footprint(small, settings, on_gpu=False) == small + 4 * gib
+    assert actors.footprint(small, settings, on_gpu=True) == small + 3 * gib  # the libraries stay in host memory
     bigger_cache = launch_module.run_settings({"activation-cache-mb": 8192})
-    assert launch_module.footprint(small, bigger_cache, on_gpu=False) == small + 10 * gib
-    assert launch_module.footprint(small, launch_module.run_settings({"activation-cache": False}), on_gpu=False) == small + 2 * gib
-    each = {base: launch_module.footprint(base, settings, on_gpu=False) for base in (big, small)}
+    assert actors.footprint(small, bigger_cache, on_gpu=False) == small + 10 * gib
+    assert actors.footprint(small, launch_module.run_settings({"activation-cache": False}), on_gpu=False) == small + 2 * gib
+    each = {base: actors.footprint(base, settings, on_gpu=False) for base in (big, small)}
     cores = launch_module.os.sched_getaffinity
     try:
         launch_module.os.sched_getaffinity = lambda pid: set(range(2))
-        assert launch_module.actor_cpus(10, each=each[big], memory=24 * gib) == 2  # one actor: 29 GiB each would not fit twice
-        assert launch_module.actor_cpus(10, each=each[small], memory=24 * gib) == 1
-        assert launch_module.actor_cpus(10, each=None, memory=24 * gib) == 1  # nothing known: the cores decide
+        assert actors.actor_cpus(10, each=each[big], memory=24 * gib) == 2  # one actor: 29 GiB each would not fit twice
+        assert actors.actor_cpus(10, each=each[small], memory=24 * gib) == 1
+        assert actors.actor_cpus(10, each=None, memory=24 * gib) == 1  # nothing known: the cores decide
         # A cache allowed 8 GiB: 10.5 GiB a process, the ServerApp's and one actor's in 19 GiB.
-        assert launch_module.actor_cpus(10, each=launch_module.footprint(small, bigger_cache, on_gpu=False), memory=24 * gib) == 2
+        assert actors.actor_cpus(10, each=actors.footprint(small, bigger_cache, on_gpu=False), memory=24 * gib) == 2
         launch_module.os.sched_getaffinity = lambda pid: set(range(16))
         # Three processes of 29 GiB fit in 102 GiB: the ServerApp's and two actors, so Ray starts 16 // 6 = 2.
-        assert launch_module.actor_cpus(10, each=each[big], memory=128 * gib) == 6
-        assert launch_module.actor_cpus(10, each=each[small], memory=128 * gib) == 1
+        assert actors.actor_cpus(10, each=each[big], memory=128 * gib) == 6
+        assert actors.actor_cpus(10, each=each[small], memory=128 * gib) == 1
     finally:
         launch_module.os.sched_getaffinity = cores
 
 
 def test_the_gpus_torch_would_see_are_those_cuda_visible_devices_names(monkeypatch):
     gib, listed = 2**30, "0, GPU-aaaa, 143771, 9.0\n1, GPU-bbbb, 32768, 7.0\n2, GPU-cccc, 81559, [N/A]\n"
-    h200, v100 = launch_module.Gpu(143771 * 2**20, True), launch_module.Gpu(32768 * 2**20, False)
-    unreported = launch_module.Gpu(81559 * 2**20, False)
+    h200, v100 = actors.Gpu(143771 * 2**20, True), actors.Gpu(32768 * 2**20, False)
+    unreported = actors.Gpu(81559 * 2**20, False)
     calls = []
 
     def nvidia_smi(command, **kwargs):
@@ -239,7 +240,7 @@ def test_the_gpus_torch_would_see_are_those_cuda_visible_devices_names(monkeypat
 
     monkeypatch.setattr("importlib.metadata.version", lambda name: "2.13.0")
     monkeypatch.setattr(launch_module.subprocess, "run", old_driver)
-    assert VISIBLE_GPUS({}) == [launch_module.Gpu(81559 * 2**20, False)]  # bfloat16 units unknown: none counted
+    assert VISIBLE_GPUS({}) == [actors.Gpu(81559 * 2**20, False)]  # bfloat16 units unknown: none counted
 
     def no_driver(command, **kwargs):
         raise FileNotFoundError(command[0])
@@ -250,18 +251,18 @@ def test_the_gpus_torch_would_see_are_those_cuda_visible_devices_names(monkeypat
 
 def test_a_rounds_clients_share_the_gpus_as_their_memory_allows(monkeypatch, tmp_path, capsys):
     gib = 2**30
-    h200, a100 = launch_module.Gpu(139 * gib, True), launch_module.Gpu(80 * gib, True)
+    h200, a100 = actors.Gpu(139 * gib, True), actors.Gpu(80 * gib, True)
     llama_7b = 16 * gib  # a 7B base in bfloat16 with its activation cache and the rest (`footprint`)
-    assert launch_module.actor_gpus(10, [h200]) == 0.1  # a small base: the whole round side by side
-    assert launch_module.actor_gpus(10, [h200], each=llama_7b) == 0.2  # six fit in four fifths of it, one the ServerApp's
-    assert launch_module.actor_gpus(10, [a100], each=llama_7b) == 0.3333  # four fit: three actors beside the ServerApp
-    assert launch_module.actor_gpus(10, [a100] * 2, each=llama_7b) == 0.3333  # the second GPU would hold four
-    assert launch_module.actor_gpus(10, [a100] * 8, each=llama_7b) == 0.5  # the round spread over eight
-    assert launch_module.actor_gpus(3, [h200]) == 0.3333  # Ray's four decimals, rounded down: three fit
-    assert launch_module.actor_gpus(2, [a100] * 4) == 1.0  # a base is never split over GPUs
-    assert launch_module.actor_gpus(10, [h200], each=200 * gib) == 1.0  # too large for its memory: one at a time
-    assert launch_module.actor_gpus(10, [a100], each=40 * gib) == 1.0  # only one fits, where the ServerApp's is too
-    assert launch_module.actor_gpus(10, []) == 0.0
+    assert actors.actor_gpus(10, [h200]) == 0.1  # a small base: the whole round side by side
+    assert actors.actor_gpus(10, [h200], each=llama_7b) == 0.2  # six fit in four fifths of it, one the ServerApp's
+    assert actors.actor_gpus(10, [a100], each=llama_7b) == 0.3333  # four fit: three actors beside the ServerApp
+    assert actors.actor_gpus(10, [a100] * 2, each=llama_7b) == 0.3333  # the second GPU would hold four
+    assert actors.actor_gpus(10, [a100] * 8, each=llama_7b) == 0.5  # the round spread over eight
+    assert actors.actor_gpus(3, [h200]) == 0.3333  # Ray's four decimals, rounded down: three fit
+    assert actors.actor_gpus(2, [a100] * 4) == 1.0  # a base is never split over GPUs
+    assert actors.actor_gpus(10, [h200], each=200 * gib) == 1.0  # too large for its memory: one at a time
+    assert actors.actor_gpus(10, [a100], each=40 * gib) == 1.0  # only one fits, where the ServerApp's is too
+    assert actors.actor_gpus(10, []) == 0.0
 
     runs = []
 
@@ -318,7 +319,7 @@ def test_the_bases_are_sized_in_the_dtype_that_auto_gives_the_actors(monkeypatch
                              client_gpus=client_gpus)
         return runs[-1]
 
-    bf16_units, none = launch_module.Gpu(80 * gib, True), launch_module.Gpu(80 * gib, False)
+    bf16_units, none = actors.Gpu(80 * gib, True), actors.Gpu(80 * gib, False)
     # On a GPU each process holds its base, a 2 GiB activation cache and 1 GiB more; the ServerApp's is one of them.
     assert run(False, [bf16_units]) == (5, 0.3333)  # 12.6 GiB in bfloat16: four in 64 GiB, three actors
     assert run(False, [none]) == (16, 1.0)  # 25.1 GiB in float32: two, one actor
@@ -377,7 +378,7 @@ def test_gpus_asked_where_none_is_seen_are_warned_of(monkeypatch, tmp_path, caps
     monkeypatch.setattr(launch_module.subprocess, "run", lambda command, **kwargs: type("Done", (), {"returncode": 0})())
     launch_module.launch({}, supernodes=10, flwr_home=tmp_path, client_gpus=0.25)
     assert "--client-gpus 0.25 asks for GPUs, but none that torch could use is visible here" in capsys.readouterr().err
-    monkeypatch.setattr(launch_module, "visible_gpus", lambda env=None: [launch_module.Gpu(80 * 2**30, True)])
+    monkeypatch.setattr(launch_module, "visible_gpus", lambda env=None: [actors.Gpu(80 * 2**30, True)])
     launch_module.launch({}, supernodes=10, flwr_home=tmp_path, client_gpus=0.25)
     launch_module.launch({}, supernodes=10, flwr_home=tmp_path, client_gpus=0)
     assert "warning" not in capsys.readouterr().err
