@@ -464,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     records, failures = run_grid(
         grid, out,
-        federated_runner=federated_runner(profile.supernodes, args.client_cpus, args.client_gpus),
+        # A Flower home of the grid's own: a demo or another grid started meanwhile keeps its SuperLink and state apart.
+        federated_runner=federated_runner(profile.supernodes, args.client_cpus, args.client_gpus, flwr_home=out / "flwr-home"),
         progress=not args.no_progress,
         meta={"profile": profile.name, "overrides": sets},
     )

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import socket
@@ -104,11 +105,19 @@ def command_lines() -> Iterator[tuple[int, str]]:
             continue
 
 
-def stop_local_superlink(flwr_home: Path) -> None:
-    """`flwr run` leaves its local SuperLink running; find it by its database path and stop it."""
+def local_superlinks(flwr_home: Path) -> dict[int, str]:
+    """The local SuperLinks running on `flwr_home`'s state database: pid -> command line."""
     marker = f"--database {flwr_home}/local-superlink/state.db"
-    for pid, cmdline in command_lines():
-        if "flower-superlink" in cmdline and marker in cmdline:
+    return {pid: cmdline for pid, cmdline in command_lines() if "flower-superlink" in cmdline and marker in cmdline}
+
+
+def stop_local_superlink(flwr_home: Path, control_port: str) -> None:
+    """`flwr run` leaves its local SuperLink running: stop the one this launch started, found by its state
+    database and its control port. Another launch's SuperLink on the same FLWR_HOME (a benchmark running
+    beside a demo) is left alone: stopping it would end that run."""
+    ours = re.compile(rf"--control-api-address \S*:{re.escape(str(control_port))}(\s|$)")
+    for pid, cmdline in local_superlinks(flwr_home).items():
+        if ours.search(cmdline):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -171,6 +180,9 @@ def launch(
         **(env or {}),
     }
     full_env = with_shared_data({**full_env, **own_superlink_ports(full_env)})
+    if others := local_superlinks(flwr_home):
+        print(f"warning: another local SuperLink (pid {', '.join(map(str, others))}) runs on {flwr_home}: runs sharing one "
+              "FLWR_HOME share its state database; give this one --flwr-home DIR of its own", file=sys.stderr)
     command = [
         str(bin_dir / "flwr"), "run", str(PROJECT), "--stream",
         "--federation-config", federation_config(supernodes, plan.cpus, plan.gpus),
@@ -184,7 +196,7 @@ def launch(
     try:
         return subprocess.run(command, env=full_env, cwd=PROJECT, timeout=timeout).returncode
     finally:
-        stop_local_superlink(flwr_home)
+        stop_local_superlink(flwr_home, full_env["FLWR_LOCAL_CONTROL_API_PORT"])
 
 
 def app_config() -> dict[str, Any]:

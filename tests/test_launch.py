@@ -413,3 +413,27 @@ def test_the_fab_holds_the_apps_code_alone_whatever_lies_beside_it(tmp_path):
     names = zipfile.ZipFile(fab).namelist()
     assert {"server/app.py", "client/app.py", "mops_core/model.py", "pyproject.toml"} <= set(names)
     assert not [n for n in names if n.startswith(("data/", "my-", "docs/", "tests/", "simulation/")) or n.endswith(".md")]
+
+
+def test_a_launch_stops_its_own_superlink_and_leaves_another_on_the_same_home_running(monkeypatch, tmp_path, capsys):
+    """A benchmark and a demo on one FLWR_HOME: ending one must not end the other's run."""
+    home = tmp_path / "home"
+    db = f"--database {home}/local-superlink/state.db"
+    listed = {
+        101: f"python flower-superlink --insecure --simulation --control-api-address 127.0.0.1:39617 --port 1 {db}",  # another run's
+        102: f"python flower-superlink --insecure --simulation --control-api-address 127.0.0.1:41000 --port 2 {db}",  # this one's
+        103: "python flower-superlink --control-api-address 127.0.0.1:41000 --database /elsewhere/local-superlink/state.db",
+        104: "python flwr-simulation --runtime-api-address 127.0.0.1:41000",
+    }
+    monkeypatch.setattr(launch_module, "command_lines", lambda: iter(listed.items()))
+    killed = []
+    monkeypatch.setattr(launch_module.os, "kill", lambda pid, sig: killed.append(pid))
+    launch_module.stop_local_superlink(home, "41000")
+    assert killed == [102]
+    launch_module.stop_local_superlink(home, "4100")  # a port that only begins another's is not it
+    assert killed == [102]
+    # a launch onto a home another SuperLink runs on says so, and stops only its own afterwards
+    monkeypatch.setattr(launch_module.subprocess, "run", lambda command, **kwargs: type("Done", (), {"returncode": 0})())
+    launch_module.launch({}, supernodes=3, flwr_home=home, env={"FLWR_LOCAL_CONTROL_API_PORT": "41000"})
+    assert "another local SuperLink (pid 101, 102) runs on" in capsys.readouterr().err
+    assert killed == [102, 102]
