@@ -17,6 +17,7 @@ from .evaluate import EvalResult, evaluate
 from .loading import base_fingerprint, cache_root
 from .model import MoPsModel
 from .session import Session, sink_token_id
+from .tracking import evaluation_scalars, generation_scalars, open_tracker, settings_text
 from .train import prompt_learning_rate
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,28 @@ def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> di
     if note := stale_note(cache_root(settings.model)):
         log.info("%s", note)
     start = start_state.prepare(session, progress=progress)
-    before = session.evaluate(progress=progress, desc="eval (start)")
+    tracker = open_tracker(settings.tracker, out_dir, name=out_dir.name, config=settings.to_flat())
+    try:
+        tracker.text("settings", settings_text(settings.to_flat()))
+        before = session.evaluate(progress=progress, desc="eval (start)")
+        tracker.scalars(evaluation_scalars(before), step=0)
+        rates = {"lr/prompts": prompt_learning_rate(model, settings.train),
+                 "lr/gate": settings.train.lr * settings.train.gate_lr_scale if model.gate is not None else None}
 
-    train_started = time.perf_counter()
-    stats = session.train(data.train, settings.train.steps, seed=settings.train.seed, progress=progress,
-                          desc=f"{settings.mops.method} training")
-    train_seconds = time.perf_counter() - train_started
-    after = session.evaluate(progress=progress, desc="eval (end)")
-    generation = session.generation(progress=progress)
+        def on_step(step: int, loss: float) -> None:  # step 1 is the first optimizer step, as in the loss curve
+            tracker.scalars({"train/loss": loss, **rates}, step=step + 1)
+
+        train_started = time.perf_counter()
+        stats = session.train(data.train, settings.train.steps, seed=settings.train.seed, progress=progress,
+                              desc=f"{settings.mops.method} training", on_step=on_step)
+        train_seconds = time.perf_counter() - train_started
+        after = session.evaluate(progress=progress, desc="eval (end)")
+        generation = session.generation(progress=progress)
+        tracker.scalars({**evaluation_scalars(after), **generation_scalars(generation)}, step=stats.steps)
+        report.plot_gate_heatmap(after, out_dir / "gate_heatmap.png")
+        tracker.image("gate/heatmap", out_dir / "gate_heatmap.png", step=stats.steps)
+    finally:
+        tracker.close()
 
     results = {
         "settings": settings.to_flat(),
@@ -73,7 +88,6 @@ def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> di
         {"training loss": stats.losses}, out_dir / "loss.png", xlabel="step", ylabel="loss (response tokens)",
         title=f"{settings.mops.method} on {settings.data.dataset}", smooth=min(20, max(1, stats.steps // 10)),
     )
-    report.plot_gate_heatmap(after, out_dir / "gate_heatmap.png")
     report.print_eval(after, title=f"{settings.mops.method}: test perplexity", before=before)
     if generation is not None:
         report.console.print(report.generation_table(generation))

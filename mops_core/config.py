@@ -26,7 +26,7 @@ DEMO = {
 # Settings a resumed federated run may change; any other difference means another experiment.
 RESUMABLE = frozenset({
     "num-server-rounds", "resume", "round-timeout", "eval-samples", "eval-batch-size", "min-available-nodes", "out-dir",
-    "fraction-evaluate", "metrics-every", "generation-samples", "max-new-tokens",
+    "fraction-evaluate", "metrics-every", "generation-samples", "max-new-tokens", "tracking", "tracking-dir",
 })
 
 
@@ -376,6 +376,18 @@ class CompressionConfig:
         return parse(self.compression)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """Where a run's metrics go while it runs, to watch it and compare it with others (no number changes)."""
+
+    tracking: Literal["tensorboard", "wandb", "none"] = field(
+        "tensorboard",
+        "where the run's metrics go as it runs: TensorBoard event files (`tensorboard --logdir runs`), Weights & Biases "
+        "(offline unless WANDB_MODE says otherwise; `pip install wandb`), or nowhere",
+    )
+    tracking_dir: str = field("", "where the tracker writes ('' = the run's output folder: <out>/tensorboard, or <out>/wandb)")
+
+
 CONCERNS: dict[str, type] = {
     "model": ModelConfig,
     "compression": CompressionConfig,
@@ -383,7 +395,10 @@ CONCERNS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "federated": FederatedConfig,
+    "tracker": TrackingConfig,
 }
+# Settings that change where a run's metrics are shown, never the run's numbers.
+NOT_RESULTS = frozenset({"tracking", "tracking-dir"})
 check_unique_fields(CONCERNS)
 
 # The data settings that choose a compressed base's calibration text (with every compression setting
@@ -404,6 +419,7 @@ class Settings:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     federated: FederatedConfig = dataclasses.field(default_factory=FederatedConfig)
+    tracker: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any], *, context: str = "") -> Settings:

@@ -11,7 +11,7 @@ The start state (P1 tuned, experts from it, gate pretrained) comes next: `start_
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,11 +121,13 @@ class Session:
         return generation_scores(generator, self.data.test_records, self.tasks, per_task=train.generation_samples,
                                  max_new_tokens=train.max_new_tokens, batch_size=train.eval_batch_size, progress=progress)
 
-    def train(self, examples: list[Example], steps: int, *, seed: int, progress: bool = False, desc: str = "train") -> StepStats:
-        """`steps` optimizer steps of the experts and the gate, with a fresh optimizer (a client's round)."""
+    def train(self, examples: list[Example], steps: int, *, seed: int, progress: bool = False, desc: str = "train",
+              on_step: Callable[[int, float], None] | None = None) -> StepStats:
+        """`steps` optimizer steps of the experts and the gate, with a fresh optimizer (a client's round);
+        `on_step(step, loss)` after each (0-based step)."""
         train = self.settings.train
         return train_steps(
             self.model, examples, steps, make_mops_optimizer(self.model, train), pad_id=self.pad_id,
             batch_size=train.batch_size, seed=seed, cache=self.cache, desc=desc, progress=progress,
-            regulariser=GateRegulariser.from_config(train),
+            regulariser=GateRegulariser.from_config(train), on_step=on_step,
         )

@@ -3,7 +3,8 @@
     settings -> where the run stands (fresh, started, or after round N)
              -> the model at that point (start state: P1 pretrained, prompts, gate pretrained; or the checkpoint)
              -> admit every node (its partition, its base; P1 sent where lacking)
-             -> rounds of MoPsFedAvg, each ended by RoundEnd: evaluate, checkpoint, results.json, figures
+             -> rounds of MoPsFedAvg, each ended by RoundEnd: evaluate, checkpoint, results.json, figures,
+                the tracker (TensorBoard by default, under out-dir/tensorboard)
 
 Everything heavy lives in `mops_core`; this file only wires it to Flower's Message API.
 """
@@ -26,9 +27,10 @@ from mops_core.config import FederatedConfig, Settings
 from mops_core.loading import base_fingerprint, cache_root, machine
 from mops_core.session import Session
 from mops_core.start_state import prepare_or_load, store_input_prompts, tensor_sha
+from mops_core.tracking import Tracker, open_tracker, settings_text
 
 from .admission import Admission
-from .history import History, ResumePoint, progress_line
+from .history import History, ResumePoint, progress_line, round_scalars
 from .privacy import with_privacy
 from .strategy import MoPsFedAvg, wait_for_nodes
 
@@ -61,15 +63,22 @@ def run(grid: Grid, settings: Settings) -> History:
     sampled = max(int(len(admission.reports) * fed.fraction_train), 1)
     runner = with_privacy(strategy, fed, sampled)
     history.note_privacy(fed, sampled)
-    runner.start(
-        grid,
-        ArrayRecord({k: v.cpu() for k, v in payload.items()}),
-        num_rounds=fed.num_server_rounds - start.round,
-        timeout=fed.round_timeout,
-        train_config=admission.config(),
-        evaluate_config=admission.config(),
-        evaluate_fn=RoundEnd(session, history, strategy, admission, start),
-    )
+    # A resumed run's tracker goes on after the last round on record (and hides anything written past it).
+    tracker = open_tracker(settings.tracker, history.out_dir, name=history.out_dir.name, config=settings.to_flat(),
+                           first_step=start.round + 1 if start.evaluated else 0)
+    try:
+        tracker.text("settings", settings_text(settings.to_flat()))
+        runner.start(
+            grid,
+            ArrayRecord({k: v.cpu() for k, v in payload.items()}),
+            num_rounds=fed.num_server_rounds - start.round,
+            timeout=fed.round_timeout,
+            train_config=admission.config(),
+            evaluate_config=admission.config(),
+            evaluate_fn=RoundEnd(session, history, strategy, admission, start, tracker),
+        )
+    finally:
+        tracker.close()
     first, last = history.rounds[0], history.rounds[-1]
     log(INFO, "perplexity %.3f (round %d) -> %.3f (round %d); results in %s",
         first["perplexity"], first["round"], last["perplexity"], last["round"], history.out_dir)
@@ -157,6 +166,7 @@ class RoundEnd:
     strategy: MoPsFedAvg
     admission: Admission
     start: ResumePoint
+    tracker: Tracker
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         number = self.strategy.round_number(server_round)
@@ -176,5 +186,7 @@ class RoundEnd:
         history.save()
         history.plot()
         report.plot_gate_heatmap(result, history.out_dir / "gate_heatmap.png", title=f"Mean gate score per task, round {number}")
+        self.tracker.scalars(round_scalars(row), step=number)
+        self.tracker.image("gate/heatmap", history.out_dir / "gate_heatmap.png", step=number)
         log(INFO, "%s", progress_line(row))
         return MetricRecord({"perplexity": result.perplexity, "loss": result.loss})

@@ -172,6 +172,33 @@ class History:
         )
 
 
+def round_scalars(row: dict) -> dict[str, float | None]:
+    """A round's row as tracker scalars, grouped as TensorBoard shows them: the test split, the clients'
+    own data, training, the gate, the updates, the wire, time and the replies."""
+    client = row.get("client_eval") or {}
+    generation = row.get("generation") or {}
+    agreement = row.get("agreement") or {}
+    values: dict[str, float | None] = {
+        "test/perplexity": row.get("perplexity"), "test/loss": row.get("loss"),
+        **{f"test/perplexity/{task}": value for task, value in (row.get("per_task") or {}).items()},
+        "clients/perplexity": client.get("perplexity"),
+        **{f"clients/{q}": client.get(q) for q in ("p10", "p50", "p90")},
+        "train/loss": row.get("train_loss"),
+        "gate/entropy": row.get("gate_entropy"), "gate/routing_accuracy": row.get("routing_accuracy"),
+        **{f"gate/expert_share/{e}": share for e, share in enumerate(row.get("expert_share") or [])},
+        "updates/cosine": agreement.get("cosine"), "updates/norm_ratio": agreement.get("norm_ratio"),
+        "bytes/down": row.get("bytes_down"), "bytes/up": row.get("bytes_up"),
+        "seconds/round": row.get("seconds"), "seconds/clients_training": row.get("train_seconds"),
+        "seconds/evaluation": row.get("eval_seconds"), "seconds/clients_evaluation": row.get("client_eval_seconds"),
+        "seconds/generation": row.get("generation_seconds"), "seconds/wall": row.get("wall_seconds"),
+        "text/rouge_l": generation.get("rouge_l"), "text/exact_match": generation.get("exact_match"),
+    }
+    if "sampled" in row:  # a training round (round 0 only evaluates the start)
+        values.update({"replies/sampled": row["sampled"], "replies/received": row["accepted"],
+                       "replies/dropped": len(row["dropped"]), "replies/failed": row["failed"]})
+    return values
+
+
 def progress_line(row: dict) -> str:
     def num(key: str, fmt: str) -> str:
         value = row.get(key)

@@ -34,6 +34,7 @@ from mops_core.config import Settings
 from mops_core.evaluate import gate_collapse
 from mops_core.loading import machine
 from mops_core.parsing import SettingsError
+from mops_core.tracking import open_tracker
 
 from . import tables
 from .launch import PROJECT, cpus_arg, gpus_arg, launch
@@ -280,6 +281,8 @@ def run_grid(
     failures: list[tuple[Cell, str]] = []
     started, imported = time.perf_counter(), source_commit()
     finished = finished_cells(out_dir)
+    varying = sorted(k for k in (grid[0].settings if grid else {}) if len({json.dumps(c.settings.get(k)) for c in grid}) > 1
+                     and k not in ("out-dir", "resume"))
     for number, cell in enumerate(grid, 1):
         folder = out_dir / "cells" / cell.id
         done = finished_record(cell, finished)
@@ -306,9 +309,28 @@ def run_grid(
             continue
         row = record(cell, results, folder, time.perf_counter() - cell_started + earlier, commit)
         atomic.write_json(folder / CELL_FILE, row)
+        track_cell(cell, row, folder, varying)
         records.append(row)
         write_outputs(records, out_dir, meta={**(meta or {}), "wall_seconds_this_run": time.perf_counter() - started})
     return records, failures
+
+
+# A cell's numbers in TensorBoard's hparams table, one row per cell, beside its curves.
+HPARAM_METRICS = ("perplexity_start", "perplexity", "client_perplexity", "rouge_l", "exact_match")
+
+
+def track_cell(cell: Cell, row: dict, folder: Path, varying: Sequence[str]) -> None:
+    """The finished cell as a row of TensorBoard's hparams view (its tracker's folder, where its curves are):
+    its kind, method and the settings that vary over the grid, against its final numbers."""
+    settings = Settings.from_flat(cell.settings)
+    if settings.tracker.tracking != "tensorboard":
+        return  # the table is TensorBoard's; a W&B run holds its settings in its config already
+    tracker = open_tracker(settings.tracker, folder, name=cell.id, first_step=None)  # None: the curves stay
+    try:
+        tracker.hparams({"kind": cell.kind, "method": cell.method, **{k: cell.settings[k] for k in varying}},
+                        {f"hparams/{k}": row.get(k) for k in HPARAM_METRICS} | {"hparams/hours": row["wall_seconds"] / 3600})
+    finally:
+        tracker.close()
 
 
 def write_outputs(records: Sequence[dict], out_dir: Path, *, meta: dict | None = None, show: bool = False) -> list[tables.ResultTable]:

@@ -21,6 +21,7 @@ it inherits that variable; the run's actors end with the run and the cluster sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -111,17 +114,72 @@ def local_superlinks(flwr_home: Path) -> dict[int, str]:
     return {pid: cmdline for pid, cmdline in command_lines() if "flower-superlink" in cmdline and marker in cmdline}
 
 
-def stop_local_superlink(flwr_home: Path, control_port: str) -> None:
+def stop_local_superlink(flwr_home: Path, control_port: str, *, grace: float = 10.0) -> None:
     """`flwr run` leaves its local SuperLink running: stop the one this launch started, found by its state
-    database and its control port. Another launch's SuperLink on the same FLWR_HOME (a benchmark running
-    beside a demo) is left alone: stopping it would end that run."""
+    database and its control port, and what it started (SuperExec, the simulation, Ray), which a run
+    stopped midway leaves working in sessions of their own. Another launch's SuperLink on the same
+    FLWR_HOME (a benchmark running beside a demo) is left alone: stopping it would end that run."""
     ours = re.compile(rf"--control-api-address \S*:{re.escape(str(control_port))}(\s|$)")
     for pid, cmdline in local_superlinks(flwr_home).items():
         if ours.search(cmdline):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            stop_tree(pid, grace)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first found, then theirs), from /proc."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stat = proc.read_text()
+        except OSError:
+            continue
+        parent = int(stat[stat.rindex(")") + 2:].split()[1])  # after "(comm) state": the parent's pid
+        children.setdefault(parent, []).append(int(proc.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_tree(pid: int, grace: float) -> None:
+    """SIGTERM to `pid` and everything below it; SIGKILL to what is still there after `grace` seconds."""
+    family = [pid, *descendants(pid)]
+    for member in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while (alive := [m for m in family if Path(f"/proc/{m}").exists() and not zombie(m)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for member in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+    deadline = time.monotonic() + 5  # SIGKILL is delivered when the process next runs
+    while any(Path(f"/proc/{m}").exists() and not zombie(m) for m in alive) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm() -> Iterator[None]:
+    """SIGTERM (`kill`, a scheduler ending a job) unwinds the launch as Ctrl-C does, so that its
+    SuperLink and what that started are stopped too, not left computing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def with_shared_data(env: Mapping[str, str]) -> dict[str, str]:
@@ -193,10 +251,11 @@ def launch(
         command += ["--run-config", extra]
     print("\n".join(plan.lines))
     print("$ " + shlex.join(command), flush=True)
-    try:
-        return subprocess.run(command, env=full_env, cwd=PROJECT, timeout=timeout).returncode
-    finally:
-        stop_local_superlink(flwr_home, full_env["FLWR_LOCAL_CONTROL_API_PORT"])
+    with stopped_by_sigterm():
+        try:
+            return subprocess.run(command, env=full_env, cwd=PROJECT, timeout=timeout).returncode
+        finally:
+            stop_local_superlink(flwr_home, full_env["FLWR_LOCAL_CONTROL_API_PORT"])
 
 
 def app_config() -> dict[str, Any]:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from mops_core.config import Settings
+from mops_core.config import NOT_RESULTS, Settings
 
 CENTRALIZED_METHODS = ("prompt", "mops", "lora", "ia3")
 FEDERATED_METHODS = ("fedprompt", "mops")
@@ -206,7 +206,7 @@ class Cell:
 
         Finished runs are found by their content (`same_settings`), not by this name.
         """
-        digest = hashlib.sha256(json.dumps([self.kind, self.method, self.settings], sort_keys=True).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(json.dumps([self.kind, self.method, result_settings(self.settings)], sort_keys=True).encode()).hexdigest()[:8]
         compression = self.compression.replace(":", "-")
         dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.dataset.strip("/.~"))[-40:]  # a path or hub id names a folder too
         return f"{self.kind[:4]}-{self.method}-{dataset}-{compression}-{digest}"
@@ -215,11 +215,18 @@ class Cell:
 DEFAULTS = Settings().to_flat()
 
 
+def result_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide a cell's numbers: all but where its metrics are shown (`NOT_RESULTS`), so
+    that a grid watched another way, or recorded before tracking existed, is the same grid."""
+    return {k: v for k, v in settings.items() if k not in NOT_RESULTS}
+
+
 def same_settings(saved: dict[str, Any], current: dict[str, Any], *, gated: bool = True) -> bool:
     """Whether a finished run ran with these settings: exactly these keys, at these values.
 
     For an ungated method the gate's settings do not act, so they do not count either.
     """
+    saved, current = result_settings(saved), result_settings(current)
     keys = [k for k in current if gated or k not in GATE_ONLY]
     return set(saved) == set(current) and all(saved[k] == current[k] for k in keys)
 

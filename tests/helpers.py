@@ -117,3 +117,19 @@ def pretrained_tiny_base(tokenizer, *, steps: int = 300, seed: int = 0) -> Llama
         optimizer.step()
         optimizer.zero_grad()
     return base.requires_grad_(False).eval()
+
+
+def tensorboard_events(folder):
+    """What TensorBoard's own reader finds in a run's event files: {tag: [(step, value)]}, the text and
+    image tags, and the hparams plugin's tags (a run in the hparams table has them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags["scalars"]}
+    try:
+        hparams = sorted(events.PluginTagToContent("hparams"))
+    except KeyError:  # no run of this folder is in the hparams table
+        hparams = []
+    return {"scalars": scalars, "images": tags["images"], "tensors": tags["tensors"], "hparams": hparams}

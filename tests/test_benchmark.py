@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import toy_records
+from helpers import tensorboard_events, toy_records
 
 from mops_core.session import sink_token_id
 from mops_core.config import Settings
@@ -133,6 +133,16 @@ def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
     assert f"Cells ran on: {tables.machine_label(results[0])} (3 cells)" in (out / "tables.md").read_text()
     assert {r["commit"] for r in results} == {source_commit()}  # centralized cells: the commit the process started at
     assert f"Commits: {source_commit() or 'not recorded'} (3 cells)" in (out / "tables.md").read_text()
+    for r in results:  # each cell's curves, and its row of the hparams table, as TensorBoard's reader finds them
+        events = tensorboard_events(out / "cells" / r["id"] / "tensorboard")
+        saved = json.loads((out / "cells" / r["id"] / "results.json").read_text())
+        steps, losses = zip(*events["scalars"]["train/loss"])
+        assert steps == tuple(range(1, TINY["steps"] + 1)) and losses == pytest.approx(saved["train"]["losses"], rel=1e-6)
+        ppl_steps, ppl = zip(*events["scalars"]["test/perplexity"])
+        assert ppl_steps == (0, TINY["steps"]) and ppl == pytest.approx((saved["before"]["perplexity"], saved["after"]["perplexity"]), rel=1e-6)
+        assert events["scalars"]["hparams/perplexity"][0][1] == pytest.approx(r["perplexity"], rel=1e-6)
+        assert "_hparams_/session_start_info" in events["hparams"] and "settings/text_summary" in events["tensors"]
+        assert ("gate/heatmap" in events["images"]) == (r["method"] == "mops")
 
     # Table 2 in tables.md holds the results file's numbers, gain and gain in %.
     markdown = (out / "tables.md").read_text()

@@ -1,6 +1,8 @@
 """The README's main command fails loudly when Flower reports success but the ServerApp wrote nothing."""
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -427,7 +429,7 @@ def test_a_launch_stops_its_own_superlink_and_leaves_another_on_the_same_home_ru
     }
     monkeypatch.setattr(launch_module, "command_lines", lambda: iter(listed.items()))
     killed = []
-    monkeypatch.setattr(launch_module.os, "kill", lambda pid, sig: killed.append(pid))
+    monkeypatch.setattr(launch_module, "stop_tree", lambda pid, grace: killed.append(pid))
     launch_module.stop_local_superlink(home, "41000")
     assert killed == [102]
     launch_module.stop_local_superlink(home, "4100")  # a port that only begins another's is not it
@@ -437,3 +439,36 @@ def test_a_launch_stops_its_own_superlink_and_leaves_another_on_the_same_home_ru
     launch_module.launch({}, supernodes=3, flwr_home=home, env={"FLWR_LOCAL_CONTROL_API_PORT": "41000"})
     assert "another local SuperLink (pid 101, 102) runs on" in capsys.readouterr().err
     assert killed == [102, 102]
+
+
+def test_stopping_a_superlink_stops_what_it_started_even_what_ignores_sigterm():
+    """A run stopped midway leaves SuperExec, the simulation and Ray in sessions of their own below the SuperLink."""
+    import subprocess
+    import time
+
+    script = "trap '' TERM; sleep 60 & (trap '' TERM; sleep 60) & setsid sleep 60 & wait"
+    parent = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(family := launch_module.descendants(parent.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(family) >= 3
+        started = time.monotonic()
+        launch_module.stop_tree(parent.pid, grace=1.0)
+        parent.wait(5)
+        assert time.monotonic() - started < 5
+        assert all(launch_module.zombie(pid) for pid in family), "a process below the SuperLink outlived its stop"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_sigterm_unwinds_a_launch_as_ctrl_c_does_and_the_handler_is_restored_after():
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, launch_module.stopped_by_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before

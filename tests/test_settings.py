@@ -166,6 +166,10 @@ EFFECTS = {
     "dp-noise": ["test_strategy.py::test_server_side_dp_clips_each_screened_update_before_the_average_and_a_malformed_one_is_dropped_not_fatal"],
     "dp-clipping": ["test_strategy.py::test_client_side_clipping_applies_only_when_the_server_asks_for_it",
                     "test_simulation.py::test_client_side_dp_and_a_norm_bound_run_end_to_end"],
+    "tracking": ["test_tracking.py::test_tracking_none_writes_nothing_and_tracking_dir_chooses_the_place",
+                 "test_tracking.py::test_wandb_without_wandb_installed_says_so_in_one_line_and_tracks_nothing",
+                 "test_simulation.py::test_main_job_trains_mops_across_clients_and_perplexity_falls"],
+    "tracking-dir": ["test_tracking.py::test_tracking_none_writes_nothing_and_tracking_dir_chooses_the_place"],
 }
 
 

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import tensorboard_events
 from safetensors.torch import load_file, save_file
 
 from simulation.launch import PROJECT, launch, run_config
@@ -84,6 +85,14 @@ def test_main_job_trains_mops_across_clients_and_perplexity_falls(mops_run):
         assert (out / name).stat().st_size > 0
     config = json.loads((out / "checkpoint" / "adapter_config.json").read_text())
     assert config["round"] == 3 and config["gating"] == "attention"
+    # The same rounds, live, as TensorBoard's own reader finds them under out/tensorboard
+    events = tensorboard_events(out / "tensorboard")
+    assert events["scalars"]["test/perplexity"] == [(r["round"], pytest.approx(r["perplexity"], rel=1e-6)) for r in rounds]
+    assert events["scalars"]["clients/perplexity"] == [(r["round"], pytest.approx(r["client_eval"]["perplexity"], rel=1e-6)) for r in rounds[1:]]
+    assert events["scalars"]["train/loss"] == [(r["round"], pytest.approx(r["train_loss"], rel=1e-6)) for r in rounds[1:]]
+    assert [step for step, _ in events["scalars"]["replies/received"]] == [1, 2, 3]
+    assert events["scalars"]["text/rouge_l"] == [(3, pytest.approx(generation["rouge_l"], rel=1e-6))]
+    assert "gate/heatmap" in events["images"] and "settings/text_summary" in events["tensors"]
 
 
 def test_fedprompt_runs_the_same_way_without_a_gate(fed):
@@ -114,6 +123,11 @@ def test_resume_after_a_round_reaches_the_uninterrupted_state(fed, mops_run):
     originals = {path: path.read_bytes() for path in cached}
     for path in cached:
         save_file({k: v + 0.5 if k == "input_prompts" else v for k, v in load_file(str(path)).items()}, str(path))
+    # ... and as if it had shown that round 2 in TensorBoard too: the resumed run hides it and goes on from round 2.
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out / "tensorboard")) as writer:
+        writer.add_scalar("test/perplexity", -1.0, 2)
     try:
         resumed = run(fed, out, **{"num-server-rounds": 3, "resume": True})
     finally:
@@ -127,6 +141,8 @@ def test_resume_after_a_round_reaches_the_uninterrupted_state(fed, mops_run):
     b = load_file(str(out / "checkpoint" / "adapter_model.safetensors"))
     for name in a:
         assert (a[name] == b[name]).all(), f"{name} differs after resuming"
+    curve = tensorboard_events(out / "tensorboard")["scalars"]["test/perplexity"]
+    assert curve == [(r["round"], pytest.approx(r["perplexity"], rel=1e-6)) for r in resumed["rounds"]]  # each round once
 
 
 def test_your_own_three_task_jsonl_trains_federated_with_one_expert_per_task(fed):
