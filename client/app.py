@@ -19,6 +19,7 @@ evaluate  scores the global experts and gate on the node's held-out share (`clie
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch  # first: Ray workers must import torch before ArrayRecord.to_torch_state_dict()
@@ -49,6 +50,10 @@ def clip_when_asked(msg: Message, context: Context, call_next):
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 
+
+# For straggler tests only (benchmarks/churn.py): a node started with this in its environment sleeps
+# that many seconds in every train handler, as a slow machine would.
+STRAGGLE_ENV = "MOPS_TEST_STRAGGLE_SECONDS"
 
 # What a node may set for itself with --node-config: where its base is and how it runs it.
 NODE_SETTINGS = ("model", "model-cache-dir", "device", "dtype")
@@ -109,6 +114,7 @@ def train(msg: Message, context: Context) -> Message:
     seed = round_seed(settings.train.seed, protocol.server_round_of(msg), part.partition_id)
     train_started = time.perf_counter()
     stats = session.train(examples, settings.federated.local_steps, seed=seed)
+    time.sleep(float(os.environ.get(STRAGGLE_ENV, 0)))
     update = ArrayRecord({k: v.cpu() for k, v in session.model.federated_state_dict().items()})
     return protocol.train_reply(
         msg, update, examples=len(examples), loss=stats.mean_loss, train_seconds=time.perf_counter() - train_started,

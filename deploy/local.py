@@ -28,17 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from server import protocol
-from simulation.launch import PROJECT, run_config
+from simulation.launch import PROJECT, free_port, run_config
 
 from .certs import make_certificates, make_supernode_keys
 
 CONNECTION = "deploy"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
@@ -104,13 +98,14 @@ class Deployment:
             env["MOPS_DATA_DIR"] = str(data)
         return {**env, **(extra or {})}
 
-    def _spawn(self, who: str, command: list[str], *, home: str | None = None) -> subprocess.Popen:
+    def _spawn(self, who: str, command: list[str], *, home: str | None = None,
+               env: Mapping[str, str] | None = None) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.home(home or who).mkdir(parents=True, exist_ok=True)
         print("$ " + shlex.join(command), flush=True)
         with open(self.logs / f"{who}.log", "ab") as log:  # the child keeps its own handle
             # A session of its own: stopping it stops what it started (the SuperLink's ServerApp), as a machine would.
-            process = subprocess.Popen(command, env=self._env(home or who), stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT,
+            process = subprocess.Popen(command, env=self._env(home or who, env), stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT,
                                        start_new_session=True)
         self.processes[who] = process
         return process
@@ -163,16 +158,17 @@ class Deployment:
 
     def start_supernode(
         self, node: str, partition_id: int, num_partitions: int, *, key: bool = True, ca: bool = True,
-        insecure: bool = False, node_config: str = "", max_retries: int | None = 3,
+        insecure: bool = False, node_config: str = "", max_retries: int | None = 3, env: Mapping[str, str] | None = None,
     ) -> subprocess.Popen:
-        """A SuperNode holding a partition of the run's dataset, or what `node_config` says (e.g. its own data-file)."""
+        """A SuperNode holding a partition of the run's dataset, or what `node_config` says (e.g. its own data-file);
+        `env`: variables of its own (a straggler's delay, client/app.py)."""
         command = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port())]
         command += ["--insecure"] if insecure else (["--root-certificates", str(self.certs / "ca.crt")] if ca else [])
         if key:
             command += ["--auth-supernode-private-key", str(self.keys / node)]
         node_config = node_config or protocol.node_config_text(partition_id, num_partitions)
         command += ["--node-config", node_config] + ([] if max_retries is None else ["--max-retries", str(max_retries)])
-        return self._spawn(node, command)
+        return self._spawn(node, command, env=env)
 
     def restart_supernode(self, node: str, partition_id: int, num_partitions: int, *, within: float = 300.0, **options) -> None:
         """Start a SuperNode again, as a supervisor would (systemd Restart=on-failure, Docker restart: on-failure).

@@ -17,7 +17,7 @@ from .evaluate import EvalResult, evaluate
 from .loading import base_fingerprint, cache_root
 from .model import MoPsModel
 from .session import Session, sink_token_id
-from .tracking import evaluation_scalars, generation_scalars, open_tracker, settings_text
+from .tracking import evaluation_scalars, generation_scalars, open_tracker
 from .train import prompt_learning_rate
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ def run(settings: Settings, out_dir: str | Path, *, progress: bool = True) -> di
     start = start_state.prepare(session, progress=progress)
     tracker = open_tracker(settings.tracker, out_dir, name=out_dir.name, config=settings.to_flat())
     try:
-        tracker.text("settings", settings_text(settings.to_flat()))
         before = session.evaluate(progress=progress, desc="eval (start)")
         tracker.scalars(evaluation_scalars(before), step=0)
         rates = {"lr/prompts": prompt_learning_rate(model, settings.train),

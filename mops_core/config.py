@@ -25,8 +25,8 @@ DEMO = {
 
 # Settings a resumed federated run may change; any other difference means another experiment.
 RESUMABLE = frozenset({
-    "num-server-rounds", "resume", "round-timeout", "eval-samples", "eval-batch-size", "min-available-nodes", "out-dir",
-    "fraction-evaluate", "metrics-every", "generation-samples", "max-new-tokens", "tracking", "tracking-dir",
+    "num-server-rounds", "resume", "round-timeout", "round-deadline", "min-replies", "eval-samples", "eval-batch-size",
+    "min-available-nodes", "out-dir", "fraction-evaluate", "metrics-every", "generation-samples", "max-new-tokens", "tracking", "tracking-dir",
 })
 
 
@@ -240,6 +240,14 @@ class TrainConfig:
                 raise setting_error(name, f"must be 0 or more, got {getattr(self, name)}")
 
 
+def number_or_multiple(text: str) -> tuple[float, bool] | None:
+    """'0.5' -> (0.5, False); '3x' -> (3.0, True): N times a round's median; '' -> None."""
+    text = text.strip()
+    if not text:
+        return None
+    return float(text.removesuffix("x")), text.endswith("x")
+
+
 @dataclasses.dataclass(frozen=True)
 class FederatedConfig:
     """The federated run: rounds, sampled clients, the non-i.i.d. split, aggregation, resume."""
@@ -274,6 +282,13 @@ class FederatedConfig:
     out_dir: str = field("runs/federated", "where checkpoints, results.json and figures go")
     resume: bool = field(False, "continue from the checkpoint in out-dir, at the round after it")
     round_timeout: float = field(3600.0, "seconds the server waits for a round's replies, and for min-available-nodes to connect")
+    round_deadline: str = field(
+        "",
+        "once min-replies replies are in, stop waiting for a round's stragglers at this point: seconds after the "
+        "messages went out, or Nx (N times the median time of the round's replies so far, e.g. 3x); their replies are "
+        "dropped and logged. '' = wait for every reply that can still come (a node gone is never waited for)",
+    )
+    min_replies: int = field(1, "replies a round needs before round-deadline may end it")
     update_norm_bound: str = field(
         "",
         "drop a client's update whose L2 distance from the round's global experts and gate exceeds this: a number "
@@ -292,19 +307,23 @@ class FederatedConfig:
     @property
     def norm_bound(self) -> tuple[float, bool] | None:
         """(bound, relative to the round's median), or None when updates are not bounded."""
-        text = self.update_norm_bound.strip()
-        if not text:
-            return None
-        relative = text.endswith("x")
-        return float(text.removesuffix("x")), relative
+        return number_or_multiple(self.update_norm_bound)
+
+    @property
+    def deadline(self) -> tuple[float, bool] | None:
+        """(seconds, or a multiple of the round's median reply time), or None: no deadline."""
+        return number_or_multiple(self.round_deadline)
 
     def __post_init__(self) -> None:
-        try:
-            bound = self.norm_bound
-        except ValueError:
-            raise setting_error("update_norm_bound", f"must be a number or Nx (e.g. 3x), got {self.update_norm_bound!r}") from None
-        if bound is not None and not (math.isfinite(bound[0]) and bound[0] > 0 and (bound[0] >= 1 or not bound[1])):
-            raise setting_error("update_norm_bound", f"must be positive (a multiple of the median at least 1x), got {self.update_norm_bound!r}")
+        for key in ("update_norm_bound", "round_deadline"):
+            try:
+                amount = number_or_multiple(getattr(self, key))
+            except ValueError:
+                raise setting_error(key, f"must be a number or Nx (e.g. 3x), got {getattr(self, key)!r}") from None
+            if amount is not None and not (math.isfinite(amount[0]) and amount[0] > 0 and (amount[0] >= 1 or not amount[1])):
+                raise setting_error(key, f"must be positive (a multiple of the median at least 1x), got {getattr(self, key)!r}")
+        if self.min_replies < 1:
+            raise setting_error("min_replies", f"must be at least 1, got {self.min_replies}")
         if not (math.isfinite(self.dp_clip) and self.dp_clip >= 0):
             raise setting_error("dp_clip", f"must be 0 (no DP) or a positive norm, got {self.dp_clip}")
         if not (math.isfinite(self.dp_noise) and self.dp_noise >= 0):
@@ -399,6 +418,15 @@ CONCERNS: dict[str, type] = {
 }
 # Settings that change where a run's metrics are shown, never the run's numbers.
 NOT_RESULTS = frozenset({"tracking", "tracking-dir"})
+# Settings added after runs were recorded, with the value every run before them had in effect: a
+# record that lacks one ran at this value, so it still matches as the same experiment (a run under
+# way resumes with them because they are RESUMABLE too).
+ADDED_LATER = {"round-deadline": "", "min-replies": 1}
+
+
+def recorded(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as a record states them: `ADDED_LATER` keys filled in where the record predates them."""
+    return {**ADDED_LATER, **settings}
 check_unique_fields(CONCERNS)
 
 # The data settings that choose a compressed base's calibration text (with every compression setting

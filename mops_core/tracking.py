@@ -143,7 +143,18 @@ def tracker_dir(cfg: TrackingConfig, out_dir: Path) -> Path:
 
 def open_tracker(cfg: TrackingConfig, out_dir: Path, *, name: str, config: Mapping[str, Any] | None = None,
                  first_step: int | None = 0) -> Tracker:
-    """The run's tracker; `first_step`: the first step this process writes (a resumed run's next)."""
+    """The run's tracker; `first_step`: the first step this process writes (a resumed run's next).
+
+    Given the run's flat settings (`config`), it records them as the run's settings text too.
+    """
+    tracker = _new_tracker(cfg, out_dir, name=name, config=config, first_step=first_step)
+    if config:
+        tracker.text("settings", settings_text(config))
+    return tracker
+
+
+def _new_tracker(cfg: TrackingConfig, out_dir: Path, *, name: str, config: Mapping[str, Any] | None,
+                 first_step: int | None) -> Tracker:
     if cfg.tracking == "none":
         return Tracker()
     directory = tracker_dir(cfg, out_dir)

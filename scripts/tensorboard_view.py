@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,14 +23,12 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from simulation.launch import free_port  # noqa: E402
+
 # The legacy scalars page takes a tag filter in its address; the hparams page is the table of runs.
 PAGES = {"scalars": "#scalars&_smoothingWeight=0&tagFilter={tags}", "hparams": "#hparams"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str, body: dict | None = None) -> object:

@@ -3,7 +3,8 @@
     settings -> where the run stands (fresh, started, or after round N)
              -> the model at that point (start state: P1 pretrained, prompts, gate pretrained; or the checkpoint)
              -> admit every node (its partition, its base; P1 sent where lacking)
-             -> rounds of MoPsFedAvg, each ended by RoundEnd: evaluate, checkpoint, results.json, figures,
+             -> rounds of MoPsFedAvg (each waits for its replies as server/rounds.py rules), each ended by
+                RoundEnd: evaluate, checkpoint, results.json, figures,
                 the tracker (TensorBoard by default, under out-dir/tensorboard)
 
 Everything heavy lives in `mops_core`; this file only wires it to Flower's Message API.
@@ -27,11 +28,12 @@ from mops_core.config import FederatedConfig, Settings
 from mops_core.loading import base_fingerprint, cache_root, machine
 from mops_core.session import Session
 from mops_core.start_state import prepare_or_load, store_input_prompts, tensor_sha
-from mops_core.tracking import Tracker, open_tracker, settings_text
+from mops_core.tracking import Tracker, open_tracker
 
 from .admission import Admission
 from .history import History, ResumePoint, progress_line, round_scalars
 from .privacy import with_privacy
+from .rounds import ReplyRule, RoundGrid
 from .strategy import MoPsFedAvg, wait_for_nodes
 
 log_through(FLOWER_LOGGER)  # start-up costs (compiling, dequantising) and fallbacks, in the run's log
@@ -47,6 +49,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def run(grid: Grid, settings: Settings) -> History:
     fed = settings.federated
+    grid = RoundGrid(grid, ReplyRule.of(fed))  # rounds end when what is owed cannot come (server/rounds.py)
     history = History.open(Path(fed.out_dir).resolve(), settings)
     start = history.resume_point()
     if start.round >= fed.num_server_rounds:
@@ -61,13 +64,13 @@ def run(grid: Grid, settings: Settings) -> History:
         seed=settings.train.seed, gated=session.model.gate is not None, round_offset=start.round,
     )
     sampled = max(int(len(admission.reports) * fed.fraction_train), 1)
+    grid.on_end = strategy.note_replies
     runner = with_privacy(strategy, fed, sampled)
     history.note_privacy(fed, sampled)
     # A resumed run's tracker goes on after the last round on record (and hides anything written past it).
     tracker = open_tracker(settings.tracker, history.out_dir, name=history.out_dir.name, config=settings.to_flat(),
                            first_step=start.round + 1 if start.evaluated else 0)
     try:
-        tracker.text("settings", settings_text(settings.to_flat()))
         runner.start(
             grid,
             ArrayRecord({k: v.cpu() for k, v in payload.items()}),

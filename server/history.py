@@ -196,7 +196,17 @@ def round_scalars(row: dict) -> dict[str, float | None]:
     if "sampled" in row:  # a training round (round 0 only evaluates the start)
         values.update({"replies/sampled": row["sampled"], "replies/received": row["accepted"],
                        "replies/dropped": len(row["dropped"]), "replies/failed": row["failed"]})
+    if row.get("replies"):  # what the round stopped waiting for (server/rounds.py)
+        values.update({"replies/gone": len(row["replies"]["gone"]), "replies/late": len(row["replies"]["late"]),
+                       "seconds/waiting": row["replies"]["seconds"]})
     return values
+
+
+def replies_dropped(replies: dict | None) -> str:
+    """'node 3 gone, node 7 late' for a round's reply account (server/rounds.py); '' when nothing was dropped."""
+    if not replies:
+        return ""
+    return ", ".join(f"node {node} {why}" for why in ("gone", "late", "stale") for node in replies.get(why, []))
 
 
 def progress_line(row: dict) -> str:
@@ -221,6 +231,9 @@ def progress_line(row: dict) -> str:
             f"sent {row['bytes_down'] / 1e6:.2f} MB, received {row['bytes_up'] / 1e6:.2f} MB",
             f"round {num('seconds', '.1f')} s (clients' training {num('train_seconds', '.1f')} s summed)",
         ]
+    for what, key in (("training", "replies"), ("evaluation", "eval_replies")):
+        if dropped := replies_dropped(row.get(key)):  # only when a round stopped waiting for someone
+            parts.append(f"{what} ended ({row[key]['ended']}) after {row[key]['seconds']:.0f} s: {dropped}")
     agreement = row.get("agreement")
     if agreement and agreement["cosine"] is not None:  # how much the clients' prompt updates pulled together
         parts.append(f"updates' cosine {agreement['cosine']:.3f}, norm ratio {agreement['norm_ratio']:.3f}")

@@ -37,6 +37,7 @@ from mops_core.model import PROMPTS as EXPERTS_KEY  # (E, prompts per expert, wi
 
 from . import protocol
 from .admission import Admission, answering_node
+from .rounds import Replies
 
 
 @dataclass
@@ -58,6 +59,8 @@ class RoundLog:
     client_eval_seconds: float = 0.0  # configure_evaluate -> aggregate_evaluate done
     update_norm_median: float | None = None  # median L2 distance of the well-formed updates from the global state
     agreement: dict | None = None  # the accepted prompt updates' cosine and norm ratio (mops_core.agreement)
+    replies: dict | None = None  # training: awaited, received, gone, late, why the round ended (server/rounds.py)
+    eval_replies: dict | None = None  # the same for federated evaluation
 
 
 STALL_HINT_SECONDS = 30.0  # no new node for this long: say why the run may be waiting in vain
@@ -220,7 +223,7 @@ class MoPsFedAvg(FedAvg):
         round_log.bytes_down = arrays.count_bytes() * len(node_ids)
         shown = sorted(self.admission.partitions.get(n, -1) for n in node_ids)
         log(INFO, "round %d: training on %d nodes (partitions %s)", number, len(node_ids), shown)
-        self.sent = list(self._construct_messages(record, node_ids, MessageType.TRAIN))  # the grid gives them ids
+        self.sent = self._messages(record, node_ids, MessageType.TRAIN, number)  # the grid gives them ids
         return self.sent
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -231,8 +234,24 @@ class MoPsFedAvg(FedAvg):
         self.eval_started[number] = time.perf_counter()
         config[protocol.SERVER_ROUND] = number
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        self.sent_evaluate = list(self._construct_messages(record, node_ids, MessageType.EVALUATE))
+        self.sent_evaluate = self._messages(record, node_ids, MessageType.EVALUATE, number)
         return self.sent_evaluate
+
+    def _messages(self, record: RecordDict, node_ids: list[int], message_type: str, number: int) -> list[Message]:
+        """One message per node; their group is the round's number, which `note_replies` reads back."""
+        messages = list(self._construct_messages(record, node_ids, message_type))
+        for message in messages:
+            message.metadata.group_id = str(number)
+        return messages
+
+    def note_replies(self, replies: Replies) -> None:
+        """What the grid (server/rounds.py) says of a round's replies: awaited, received, dropped, why it ended."""
+        if replies.message_type in (MessageType.TRAIN, MessageType.EVALUATE) and replies.group.isdigit():
+            round_log = self.rounds.setdefault(int(replies.group), RoundLog(int(replies.group)))
+            if replies.message_type == MessageType.TRAIN:
+                round_log.replies = replies.to_row()
+            else:
+                round_log.eval_replies = replies.to_row()
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Clients' held-out scores weighed by tokens; a failed or bad reply is logged and left out."""

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from mops_core.config import NOT_RESULTS, Settings
+from mops_core.config import ADDED_LATER, NOT_RESULTS, Settings, recorded
 
 CENTRALIZED_METHODS = ("prompt", "mops", "lora", "ia3")
 FEDERATED_METHODS = ("fedprompt", "mops")
@@ -217,8 +217,10 @@ DEFAULTS = Settings().to_flat()
 
 def result_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """The settings that decide a cell's numbers: all but where its metrics are shown (`NOT_RESULTS`), so
-    that a grid watched another way, or recorded before tracking existed, is the same grid."""
-    return {k: v for k, v in settings.items() if k not in NOT_RESULTS}
+    that a grid watched another way, or recorded before tracking existed, is the same grid; a setting
+    added later (`ADDED_LATER`) counts only where it differs from what the runs before it had."""
+    return {k: v for k, v in recorded(settings).items()
+            if k not in NOT_RESULTS and not (k in ADDED_LATER and v == ADDED_LATER[k])}
 
 
 def same_settings(saved: dict[str, Any], current: dict[str, Any], *, gated: bool = True) -> bool:

@@ -64,6 +64,20 @@ def test_a_finished_run_counts_only_for_exactly_its_settings():
     assert not same_settings({**current, "gate-floor": 0.1}, current, gated=True)
 
 
+def test_a_record_from_before_a_setting_existed_is_the_same_cell_at_that_settings_old_value(tmp_path):
+    from mops_core.config import ADDED_LATER
+    from server.history import History
+    from simulation.profiles import result_settings
+
+    current = Settings().to_flat()
+    older = {k: v for k, v in current.items() if k not in ADDED_LATER}
+    assert same_settings(older, current) and result_settings(older) == result_settings(current)  # so its cell id too
+    assert not same_settings(older, {**current, "round-deadline": "3x"}), "a run with a deadline is another cell"
+    (tmp_path / "results.json").write_text(json.dumps({"settings": older, "info": {}, "rounds": [{"round": 0}]}))
+    resumed = History.open(tmp_path, Settings.from_flat({"resume": True, "round-deadline": "600"}))
+    assert resumed.rounds == [{"round": 0}]  # a run under way may take a deadline when it resumes
+
+
 def test_a_wrong_setting_fails_before_any_cell_runs(capsys):
     assert main(["--profile", "quick", "--set", "lr=fast", "--dry-run"]) == 2
     assert "lr" in capsys.readouterr().out

@@ -30,6 +30,18 @@ def test_scalars_text_and_hparams_are_read_back_and_what_is_not_a_number_is_left
     assert events["scalars"]["test/perplexity"] == [(0, 10.0), (1, 9.0), (2, 8.0)] and events["scalars"]["hparams/perplexity"] == [(0, 8.0)]
 
 
+def test_a_tracker_opened_with_the_settings_records_them_as_text_and_one_opened_without_does_not(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    open_tracker(TrackingConfig(), tmp_path / "with", name="run", config={"lr": 0.001, "tasks": ("a", "b")}).close()
+    open_tracker(TrackingConfig(), tmp_path / "without", name="run").close()
+    events = EventAccumulator(str(tmp_path / "with" / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    [written] = events.Tensors("settings/text_summary")
+    assert written.tensor_proto.string_val[0].decode() == "    lr = 0.001\n    tasks = ('a', 'b')"
+    assert tensorboard_events(tmp_path / "without" / "tensorboard")["tensors"] == []
+
+
 def test_a_resumed_tracker_goes_on_without_repeating_the_steps_written_past_its_start(tmp_path):
     first = open_tracker(TrackingConfig(), tmp_path, name="run")
     for step in range(4):  # steps 2 and 3 written, then the run resumed from the checkpoint after step 1
