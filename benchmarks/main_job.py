@@ -2,6 +2,7 @@
 
     python benchmarks/main_job.py --before 3316f70 [--rounds 3] [--repeats 1] [--order after,before]
     python benchmarks/main_job.py --before HEAD --before-args "--client-cpus 2"   # one launcher option against the default
+    python benchmarks/main_job.py --before HEAD --before-args "--run-config 'tracking=\"none\"'"   # a setting: TOML quotes inside
 
 Checks out `--before` into a temporary git worktree and runs the same main job there and here
 (`python -m simulation.launch` with the demo's settings from each checkout's pyproject.toml, the
@@ -81,12 +82,15 @@ def main() -> int:
         worktree = tmp_path / "before-checkout"
         subprocess.run(["git", "worktree", "add", "--detach", str(worktree), args.before], cwd=PROJECT, check=True)
         try:
-            for repeat in range(args.repeats):
-                for name in order if repeat % 2 == 0 else order[::-1]:
-                    checkout = PROJECT if name == "after" else worktree
-                    print(f"--- {name}, run {repeat + 1}/{args.repeats}: {checkout} ---", flush=True)
-                    extra = tuple(before_args) if name == "before" else ()
-                    results[name].append(run_main_job(checkout, tmp_path / f"{name}-{repeat}", args.rounds, extra))
+            plan = [(repeat, name) for repeat in range(args.repeats) for name in (order if repeat % 2 == 0 else order[::-1])]
+            for repeat, name in plan:
+                checkout = PROJECT if name == "after" else worktree
+                print(f"--- {name}, run {repeat + 1}/{args.repeats}: {checkout} ---", flush=True)
+                extra = tuple(before_args) if name == "before" else ()
+                results[name].append(run_main_job(checkout, tmp_path / f"{name}-{repeat}", args.rounds, extra))
+                if results[name][-1]["code"] != 0:  # no ratio can come of it: say so now, not after the other runs
+                    print(f"--- {name} run {repeat + 1} failed (exit {results[name][-1]['code']}); its output is above ---")
+                    break
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=PROJECT, check=False)
 

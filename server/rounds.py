@@ -140,11 +140,15 @@ class RoundGrid(Grid):
         if not messages:
             return []
         first = messages[0].metadata
-        nodes = [m.metadata.dst_node_id for m in messages]
         pushed_wall, started = self.wall(), self.clock()
-        owed = dict(zip(self.push_messages(messages), nodes))  # message id -> node
+        pushed = {str(i) for i in self.push_messages(messages) if i}  # the grid gives each message its id
+        owed = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id in pushed}
+        replies = Replies(first.message_type, first.group_id, awaited=len(messages))
+        for m in messages:
+            if m.metadata.message_id not in pushed:  # the SuperLink refused it: nothing will come
+                replies.gone.append(m.metadata.dst_node_id)
+                log(WARNING, "the %s message to node %d could not be pushed: dropped", first.message_type, m.metadata.dst_node_id)
         del messages
-        replies = Replies(first.message_type, first.group_id, awaited=len(owed))
         timeout = self.rule.timeout if timeout is None else min(timeout, self.rule.timeout)
         received: list[Message] = []
         took: list[float] = []  # seconds each reply took
@@ -163,7 +167,10 @@ class RoundGrid(Grid):
                     gone.discard(asked)
                     if msg.has_error() and msg.error.code == ErrorCode.NODE_UNAVAILABLE:
                         replies.gone.append(node)
-                        log(WARNING, "node %d is unavailable (the SuperLink says so): its reply is dropped", node)
+                        if replies.message_type in ROUND_TYPES:
+                            log(WARNING, "node %d is unavailable (the SuperLink says so): its reply is dropped", node)
+                        else:  # admission names the node and asks it again when it is next connected
+                            received.append(msg)
                         continue
                     received.append(msg)
                     took.append(self.clock() - started)

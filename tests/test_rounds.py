@@ -143,6 +143,17 @@ def test_the_superlinks_own_unavailable_reply_counts_as_gone_not_as_a_reply(serv
     assert accounts[0].gone == [2] and accounts[0].received == 1 and accounts[0].seconds < 5.0
 
 
+def test_admission_still_sees_the_superlinks_unavailable_reply_so_it_can_name_the_node(server_identity):
+    clock = Clock()
+    link = FakeLink(clock, [1, 2], {1: 1.0, 2: None})
+    link.unavailable_errors = True
+    link.events.append((2.0, "offline", 2))
+    grid, accounts = round_grid(link, clock)
+    got = send(grid, [1, 2], group="", message_type=MessageType.QUERY)
+    assert sorted(r.metadata.src_node_id for r in got) == [1, 1]  # the node's report, and the SuperLink's error (its id)
+    assert [r.error.code for r in got if r.has_error()] == [5] and accounts[0].gone == [2]
+
+
 def test_a_node_restarted_mid_round_is_gone_though_connected_and_is_sampled_again_later(server_identity):
     clock = Clock()
     link = FakeLink(clock, [1, 2, 3], {1: 2.0, 2: 8.0, 3: 3.0})
