@@ -12,15 +12,22 @@ query.start_state  stores the frozen input prompts the server sends a node that 
 train  installs the global experts and gate, runs `local-steps` optimizer steps on the
        node's partition, and replies with the updated experts and gate (nothing else of the
        model travels) and what happened: examples, loss, mean gate score per expert, time.
-evaluate  scores the global experts and gate on the node's held-out share (`client-test-fraction`
-       of its data, never trained on) and replies the summed loss and tokens, overall and per
-       task, so that the server can weigh every client by its tokens.
+       With gate-aggregation=local the node trains its own gate (kept in its node state,
+       `Context.state`, from its first round's global one) and replies with the experts alone.
+evaluate  scores the global experts and gate (or the node's own gate) on the node's held-out
+       share (`client-test-fraction` of its data, never trained on) and replies the summed loss
+       and tokens, overall and per task, so that the server can weigh every client by its
+       tokens; with personalize-steps, the same after adapting a copy on its training share.
+
+A node started with --node-config 'adapter-dir="PATH"' keeps there, at every message, the latest
+global experts with its own gate: a checkpoint that `mops generate` and `mops eval` load.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import torch  # first: Ray workers must import torch before ArrayRecord.to_torch_state_dict()
 from flwr.app import ArrayRecord, Context, Message
@@ -31,9 +38,10 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import node
 from mops_core import log_through
-from mops_core.checkpoint import load_adapter_tensors
+from mops_core.checkpoint import load_adapter_tensors, save
 from mops_core.config import Settings
-from mops_core.model import INPUT_PROMPTS
+from mops_core.evaluate import EvalResult
+from mops_core.model import GATE_PREFIX, INPUT_PROMPTS
 from mops_core.session import Session
 from mops_core.start_state import StartStateError, has_input_prompts, store_input_prompts
 from mops_core.train import round_seed
@@ -105,17 +113,43 @@ def _with_global_state(msg: Message, context: Context) -> tuple[Settings, Sessio
     return settings, session, _partition(context, settings, tasks)
 
 
+def _local_gate(settings: Settings, session: Session, context: Context) -> bool:
+    """Under gate-aggregation=local, this node's own gate (kept in its node state) in place of the global
+    one; a node sampled for the first time starts from the global, pretrained gate. Whether gates are local."""
+    if settings.federated.gate_aggregation != "local" or session.model.gate is None:
+        return False
+    if protocol.OWN_GATE in context.state:
+        load_adapter_tensors(session.model, context.state[protocol.OWN_GATE].to_torch_state_dict(),
+                             source="this node's own gate", keys=_gate_keys(session))
+    return True
+
+
+def _gate_keys(session: Session) -> list[str]:
+    return [k for k in session.model.federated_state_dict() if k.startswith(GATE_PREFIX)]
+
+
+def _save_personal_adapter(context: Context, settings: Settings, session: Session) -> None:
+    """With --node-config 'adapter-dir="PATH"': the global experts with this node's gate, as a checkpoint."""
+    if protocol.ADAPTER_DIR in context.node_config:
+        save(Path(str(context.node_config[protocol.ADAPTER_DIR])), session.model, settings, list(session.tasks))
+
+
 @app.train(mods=[clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     settings, session, part = _with_global_state(msg, context)
+    local = _local_gate(settings, session, context)
+    _save_personal_adapter(context, settings, session)
     examples = node.tokenised(part, session.formatter)
 
     seed = round_seed(settings.train.seed, protocol.server_round_of(msg), part.partition_id)
     train_started = time.perf_counter()
     stats = session.train(examples, settings.federated.local_steps, seed=seed)
     time.sleep(float(os.environ.get(STRAGGLE_ENV, 0)))
-    update = ArrayRecord({k: v.cpu() for k, v in session.model.federated_state_dict().items()})
+    state = session.model.federated_state_dict()
+    if local:  # the gate stays here, for this node's next round; only the experts travel
+        context.state[protocol.OWN_GATE] = ArrayRecord({k: state.pop(k).cpu() for k in _gate_keys(session)})
+    update = ArrayRecord({k: v.cpu() for k, v in state.items()})
     return protocol.train_reply(
         msg, update, examples=len(examples), loss=stats.mean_loss, train_seconds=time.perf_counter() - train_started,
         client_seconds=time.perf_counter() - started, gate=stats.mean_gate,
@@ -125,12 +159,23 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     settings, session, part = _with_global_state(msg, context)
+    _local_gate(settings, session, context)
+    _save_personal_adapter(context, settings, session)
     examples = session.formatter.examples(part.heldout)
     result = session.evaluate(examples) if examples else None
-    tokens = result.tokens if result else 0
-    per_task = [result.per_task[t] if result and t in result.per_task else None for t in session.tasks]
-    return protocol.evaluate_reply(
-        msg, examples=len(examples), tokens=tokens,
-        nll=result.loss * tokens if tokens else 0.0,  # summed over tokens: the server weighs by tokens
-        task_tokens=[s.tokens if s else 0 for s in per_task], task_nll=[s.nll if s else 0.0 for s in per_task],
-    )
+    adapted, steps = None, settings.federated.personalize_steps
+    if result is not None and steps:  # a copy adapted on the node's training share, then the same held-out tokens
+        seed = round_seed(settings.train.seed, protocol.server_round_of(msg), part.partition_id) + 1
+        with session.adapted(node.tokenised(part, session.formatter), steps, seed=seed):
+            adapted = session.evaluate(examples)
+    nll, task_tokens, task_nll = _summed(result, session.tasks)
+    after = _summed(adapted, session.tasks) if adapted is not None else (None, None, None)
+    return protocol.evaluate_reply(msg, examples=len(examples), tokens=result.tokens if result else 0, nll=nll,
+                                   task_tokens=task_tokens, task_nll=task_nll, adapted_nll=after[0], adapted_task_nll=after[2])
+
+
+def _summed(result: EvalResult | None, tasks: tuple[str, ...]) -> tuple[float, list[int], list[float]]:
+    """Loss summed over tokens (the server weighs every client by its tokens), tokens and summed loss per task."""
+    per_task = [result.per_task[t] if result and t in result.per_task else None for t in tasks]
+    nll = result.loss * result.tokens if result and result.tokens else 0.0
+    return nll, [s.tokens if s else 0 for s in per_task], [s.nll if s else 0.0 for s in per_task]

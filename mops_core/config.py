@@ -26,7 +26,7 @@ DEMO = {
 # Settings a resumed federated run may change; any other difference means another experiment.
 RESUMABLE = frozenset({
     "num-server-rounds", "resume", "round-timeout", "round-deadline", "min-replies", "eval-samples", "eval-batch-size",
-    "min-available-nodes", "out-dir", "fraction-evaluate", "metrics-every", "generation-samples", "max-new-tokens", "tracking", "tracking-dir",
+    "min-available-nodes", "out-dir", "fraction-evaluate", "personalize-steps", "metrics-every", "generation-samples", "max-new-tokens", "tracking", "tracking-dir",
 })
 
 
@@ -270,6 +270,17 @@ class FederatedConfig:
         "how the server averages each expert's prompts: by examples x the client's mean gate score on that "
         "expert, so an expert learns from the clients that used it, or by examples alone (FedAvg, the paper)",
     )
+    gate_aggregation: Literal["global", "local"] = field(
+        "global",
+        "'global': the server averages the clients' gates into one, as the experts (the paper); 'local': each node "
+        "keeps its own gate across rounds (in its Flower node state), trains it with the experts and sends only the "
+        "experts, so every client routes its own mix; the server's gate stays the pretrained one (gated methods only)",
+    )
+    personalize_steps: int = field(
+        0,
+        "steps an evaluating client first trains a copy of what personalizes the model (the gate; an ungated model's "
+        "prompts) on its own training share, scoring its held-out share before and after (0 = no adaptation)",
+    )
     alpha: float = field(0.5, "Dirichlet concentration of the non-i.i.d. task split over clients (lower = more skewed)")
     partitioner: Literal["dirichlet", "inner-dirichlet"] = field(
         "dirichlet",
@@ -330,6 +341,11 @@ class FederatedConfig:
             raise setting_error("dp_noise", f"must be 0 or more, got {self.dp_noise}")
         if self.dp_noise > 0 and self.dp_clip == 0:
             raise setting_error("dp_noise", "needs dp-clip: the noise is scaled to the clipping norm")
+        if self.gate_aggregation == "local" and self.dp_clip > 0:
+            raise setting_error("gate_aggregation", "'local' with dp-clip: Flower's DP wrappers clip the whole global state, "
+                                "of which local gates send only a part; use gate-aggregation='global' under DP")
+        if self.personalize_steps < 0:
+            raise setting_error("personalize_steps", f"must be 0 or more, got {self.personalize_steps}")
         if self.num_server_rounds < 1:
             raise setting_error("num_server_rounds", f"must be at least 1, got {self.num_server_rounds}")
         if not 0.0 < self.fraction_train <= 1.0:
@@ -421,7 +437,7 @@ NOT_RESULTS = frozenset({"tracking", "tracking-dir"})
 # Settings added after runs were recorded, with the value every run before them had in effect: a
 # record that lacks one ran at this value, so it still matches as the same experiment (a run under
 # way resumes with them because they are RESUMABLE too).
-ADDED_LATER = {"round-deadline": "", "min-replies": 1}
+ADDED_LATER = {"round-deadline": "", "min-replies": 1, "gate-aggregation": "global", "personalize-steps": 0}
 
 
 def recorded(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,8 +10,9 @@ The start state (P1 tuned, experts from it, gate pretrained) comes next: `start_
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from .generate import Generator
 from .metrics import GenerationResult, generation_scores
 from .loading import cache_root
 from .model import MoPsModel
-from .train import GateRegulariser, StepStats, init_input_prompts, make_mops_optimizer, train_steps
+from .train import (GateRegulariser, StepStats, init_input_prompts, make_mops_optimizer, make_personal_optimizer,
+                    train_steps)
 
 
 def sink_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -120,6 +122,20 @@ class Session:
         generator = Generator(self.model, self.formatter, self.tokenizer.eos_token_id, self.pad_id)
         return generation_scores(generator, self.data.test_records, self.tasks, per_task=train.generation_samples,
                                  max_new_tokens=train.max_new_tokens, batch_size=train.eval_batch_size, progress=progress)
+
+    @contextlib.contextmanager
+    def adapted(self, examples: list[Example], steps: int, *, seed: int) -> Iterator[StepStats]:
+        """The model after `steps` steps of what personalizes it (`make_personal_optimizer`) on `examples`,
+        for the block only: afterwards every adapter tensor is as it was (a client adapts a copy)."""
+        saved = {name: tensor.clone() for name, tensor in self.model.adapter_state_dict().items()}
+        train = self.settings.train
+        try:
+            yield train_steps(self.model, examples, steps, make_personal_optimizer(self.model, train), pad_id=self.pad_id,
+                              batch_size=train.batch_size, seed=seed, cache=self.cache, desc="adapt", progress=False)
+        finally:
+            for parameter in self.model.trainable_parameters():
+                parameter.grad = None  # what the optimizer did not own gathered gradients too
+            checkpoint.load_adapter_tensors(self.model, saved, source="the adapter before adapting")
 
     def train(self, examples: list[Example], steps: int, *, seed: int, progress: bool = False, desc: str = "train",
               on_step: Callable[[int, float], None] | None = None) -> StepStats:

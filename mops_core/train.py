@@ -100,6 +100,14 @@ def make_mops_optimizer(model: MoPsModel, cfg: TrainConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
 
 
+def make_personal_optimizer(model: MoPsModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over what adapts a shared model to one client's data (`personalize-steps`): the gate, at
+    lr x gate-lr-scale (lr where the gate does not train in rounds); an ungated model's prompts."""
+    if model.gate is None:
+        return torch.optim.AdamW([model.prompts], lr=prompt_learning_rate(model, cfg), weight_decay=0.0)
+    return torch.optim.AdamW(model.gate.parameters(), lr=cfg.lr * (cfg.gate_lr_scale or 1.0), weight_decay=0.0)
+
+
 class GateRegulariser:
     """The load-balancing term of MoE routers: KL(running mean gate || uniform), weighted by `balance`,
     so that an expert nobody uses costs. The mean runs over recent steps (momentum), since a batch

@@ -26,6 +26,7 @@ from mops_core import checkpoint, log_through, report
 from mops_core.cache import stale_note
 from mops_core.config import FederatedConfig, Settings
 from mops_core.loading import base_fingerprint, cache_root, machine
+from mops_core.model import GATE_PREFIX, MoPsModel
 from mops_core.session import Session
 from mops_core.start_state import prepare_or_load, store_input_prompts, tensor_sha
 from mops_core.tracking import Tracker, open_tracker
@@ -60,7 +61,7 @@ def run(grid: Grid, settings: Settings) -> History:
     admission = admit_nodes(grid, session, history)
     payload = session.model.federated_state_dict()  # what travels: the experts and the gate
     strategy = MoPsFedAvg(
-        {k: tuple(v.shape) for k, v in payload.items()}, admission, fed,
+        {k: tuple(v.shape) for k, v in payload.items() if k in averaged_keys(session.model, fed)}, admission, fed,
         seed=settings.train.seed, gated=session.model.gate is not None, round_offset=start.round,
     )
     sampled = max(int(len(admission.reports) * fed.fraction_train), 1)
@@ -86,6 +87,12 @@ def run(grid: Grid, settings: Settings) -> History:
     log(INFO, "perplexity %.3f (round %d) -> %.3f (round %d); results in %s",
         first["perplexity"], first["round"], last["perplexity"], last["round"], history.out_dir)
     return history
+
+
+def averaged_keys(model: MoPsModel, fed: FederatedConfig) -> list[str]:
+    """What clients send back to be averaged: the experts and the gate, or the experts alone where gates are local."""
+    local = fed.gate_aggregation == "local" and model.gate is not None
+    return [k for k in model.federated_state_dict() if not (local and k.startswith(GATE_PREFIX))]
 
 
 def open_session(settings: Settings, history: History, start: ResumePoint) -> Session:

@@ -183,6 +183,7 @@ def round_scalars(row: dict) -> dict[str, float | None]:
         **{f"test/perplexity/{task}": value for task, value in (row.get("per_task") or {}).items()},
         "clients/perplexity": client.get("perplexity"),
         **{f"clients/{q}": client.get(q) for q in ("p10", "p50", "p90")},
+        **{f"clients/adapted/{q}": (client.get("adapted") or {}).get(q) for q in ("perplexity", "p10", "p50", "p90")},
         "train/loss": row.get("train_loss"),
         "gate/entropy": row.get("gate_entropy"), "gate/routing_accuracy": row.get("routing_accuracy"),
         **{f"gate/expert_share/{e}": share for e, share in enumerate(row.get("expert_share") or [])},
@@ -218,6 +219,8 @@ def progress_line(row: dict) -> str:
     client = row.get("client_eval")
     if client:  # federated evaluation: token-weighted over the clients, and its spread over them
         parts.append(f"clients' ppl {client['perplexity']:.3f} (p10-p90 {client['p10']:.2f}-{client['p90']:.2f}, {client['clients']} clients)")
+        if adapted := client.get("adapted"):  # after each client adapted a copy on its own data
+            parts.append(f"adapted {adapted['perplexity']:.3f} (p10-p90 {adapted['p10']:.2f}-{adapted['p90']:.2f})")
     if row.get("generation"):
         parts.append(f"ROUGE-L {row['generation']['rouge_l']:.1f} EM {row['generation']['exact_match']:.1f}")
     if row.get("gate_entropy") is not None:

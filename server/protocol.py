@@ -2,8 +2,10 @@
 
     query              server: the run's tasks and P1's hash          node: its report (data, base, P1 held)
     query.start_state  server: the frozen input prompts P1            node: stored
-    train              server: the experts and gate, the round        node: updated experts and gate, what happened
+    train              server: the experts and gate, the round        node: updated experts and gate (the experts alone
+                                                                             when gates are local), what happened
     evaluate           server: the experts and gate, the round        node: summed loss and tokens on its held-out share
+                                                                             (and after adapting, with personalize-steps)
 
 Every record name and key travels through the names below; the builders make the messages and the
 checks say why a reply cannot count, so that both apps agree by construction. The ClientApp imports
@@ -44,9 +46,16 @@ GATE = "gate"  # the client's mean gate score per expert over its local steps
 # An evaluation reply's metrics: sums, so that the server weighs every client by its tokens.
 EVAL_TOKENS, EVAL_NLL, TASK_TOKENS, TASK_NLL = "eval-tokens", "eval-nll", "task-tokens", "task-nll"
 EVAL_KEYS = (NUM_EXAMPLES, EVAL_TOKENS, EVAL_NLL, TASK_TOKENS, TASK_NLL)
+# With personalize-steps: the same held-out tokens scored after the client's adaptation.
+ADAPTED_NLL, ADAPTED_TASK_NLL = "adapted-nll", "adapted-task-nll"
 
-# What a SuperNode's --node-config may say: where its data is (a partition, or its own file).
+# What a node keeps in its Flower node state (Context.state) across rounds: its own gate (gate-aggregation=local).
+OWN_GATE = "own-gate"
+
+# What a SuperNode's --node-config may say: where its data is (a partition, or its own file), and
+# where it keeps its personalized adapter (the latest global experts with its own gate).
 DATA_FILE = "data-file"
+ADAPTER_DIR = "adapter-dir"
 
 
 def node_config_text(partition_id: int, num_partitions: int) -> str:
@@ -168,6 +177,14 @@ def eval_reply_problem(content: RecordDict, tasks: int) -> str | None:
         return f"'{TASK_TOKENS}' and '{TASK_NLL}' must list one value per task ({tasks})"
     if metrics[EVAL_TOKENS] == 0 and metrics[EVAL_NLL] > 0:
         return "a loss without tokens"
+    if (ADAPTED_NLL in metrics) != (ADAPTED_TASK_NLL in metrics):
+        return f"'{ADAPTED_NLL}' and '{ADAPTED_TASK_NLL}' come together"
+    if ADAPTED_NLL in metrics:
+        values = [metrics[ADAPTED_NLL], *metrics[ADAPTED_TASK_NLL]]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
+            return f"'{ADAPTED_NLL}' must be finite and non-negative, got {metrics[ADAPTED_NLL]!r}"
+        if len(metrics[ADAPTED_TASK_NLL]) != tasks:
+            return f"'{ADAPTED_TASK_NLL}' must list one value per task ({tasks})"
     return None
 
 
@@ -208,6 +225,9 @@ def train_reply(msg: Message, update: ArrayRecord, *, examples: int, loss: float
     return Message(RecordDict({ARRAYS: update, METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-def evaluate_reply(msg: Message, *, examples: int, tokens: int, nll: float, task_tokens: list[int], task_nll: list[float]) -> Message:
+def evaluate_reply(msg: Message, *, examples: int, tokens: int, nll: float, task_tokens: list[int], task_nll: list[float],
+                   adapted_nll: float | None = None, adapted_task_nll: list[float] | None = None) -> Message:
     metrics = {NUM_EXAMPLES: examples, EVAL_TOKENS: tokens, EVAL_NLL: nll, TASK_TOKENS: task_tokens, TASK_NLL: task_nll}
+    if adapted_nll is not None:
+        metrics.update({ADAPTED_NLL: adapted_nll, ADAPTED_TASK_NLL: adapted_task_nll})
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -10,6 +10,9 @@ median update, which adapts as the updates shrink over training. Nodes are sampl
 data partition with a seeded RNG, so a resumed run trains the same clients in the same rounds
 as an uninterrupted one; nodes left out at admission are never sampled.
 
+With local gates (`gate-aggregation = "local"`) the replies carry the experts alone: `expected` names
+them, and the server's gate is sent on unchanged.
+
 With `expert_weighting="gate"` each expert's prompts are averaged with weights examples x the
 client's mean gate score on that expert. In plain FedAvg an expert that one client of ten
 used gets a tenth of that client's change, diluted by nine nearly unchanged copies; weighted
@@ -98,22 +101,35 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = math.inf, poll: fl
 
 def aggregate_client_eval(metrics: list[dict], tasks: list[str]) -> dict | None:
     """Token-weighted perplexity over the clients (overall and per task), and its spread over clients:
-    the 10th, 50th and 90th percentile of the clients' own perplexities. None without tokens."""
+    the 10th, 50th and 90th percentile of the clients' own perplexities. None without tokens.
+    Where every client also scored after adapting (personalize-steps), the same under "adapted"."""
     tokens = np.array([m[protocol.EVAL_TOKENS] for m in metrics], dtype=np.float64)
     if tokens.sum() <= 0:
         return None
-    nll = np.array([m[protocol.EVAL_NLL] for m in metrics], dtype=np.float64)
-    scored = tokens > 0
-    own = np.exp(nll[scored] / tokens[scored])  # each client's perplexity on its held-out data
     task_tokens = np.array([m[protocol.TASK_TOKENS] for m in metrics], dtype=np.float64).sum(0)
-    task_nll = np.array([m[protocol.TASK_NLL] for m in metrics], dtype=np.float64).sum(0)
+    result = {
+        **_token_weighted(tokens, [m[protocol.EVAL_NLL] for m in metrics], task_tokens,
+                          [m[protocol.TASK_NLL] for m in metrics], tasks),
+        "tokens": int(tokens.sum()), "clients": int((tokens > 0).sum()),
+        "samples": int(sum(m[protocol.NUM_EXAMPLES] for m in metrics)),
+    }
+    if all(protocol.ADAPTED_NLL in m for m in metrics):
+        result["adapted"] = _token_weighted(tokens, [m[protocol.ADAPTED_NLL] for m in metrics], task_tokens,
+                                            [m[protocol.ADAPTED_TASK_NLL] for m in metrics], tasks)
+    return result
+
+
+def _token_weighted(tokens: np.ndarray, nll: list[float], task_tokens: np.ndarray, task_nll: list[list[float]],
+                    tasks: list[str]) -> dict:
+    nll_sum = np.asarray(nll, dtype=np.float64)
+    task_sum = np.asarray(task_nll, dtype=np.float64).sum(0)
+    scored = tokens > 0
+    own = np.exp(nll_sum[scored] / tokens[scored])  # each client's perplexity on its held-out data
     p10, p50, p90 = np.percentile(own, [10, 50, 90])
     return {
-        "perplexity": float(np.exp(nll.sum() / tokens.sum())),
-        "loss": float(nll.sum() / tokens.sum()),
-        "tokens": int(tokens.sum()), "clients": int(scored.sum()), "samples": int(sum(m[protocol.NUM_EXAMPLES] for m in metrics)),
+        "perplexity": float(np.exp(nll_sum.sum() / tokens.sum())), "loss": float(nll_sum.sum() / tokens.sum()),
         "p10": float(p10), "p50": float(p50), "p90": float(p90),
-        "per_task": {t: float(np.exp(task_nll[i] / task_tokens[i])) for i, t in enumerate(tasks) if task_tokens[i] > 0},
+        "per_task": {t: float(np.exp(task_sum[i] / task_tokens[i])) for i, t in enumerate(tasks) if task_tokens[i] > 0},
     }
 
 
@@ -181,6 +197,8 @@ class MoPsFedAvg(FedAvg):
         self.rounds: dict[int, RoundLog] = {}
         self.eval_started: dict[int, float] = {}  # round -> when its evaluation messages went out
         self.current: dict[str, np.ndarray] | None = None  # the global state the round's updates are measured from
+        # What is sent but not sent back (local gates: the server's gate), so it is kept as it was.
+        self.kept: dict[str, Array] = {}
         self.sent: list[Message] = []  # this round's training messages, to name the node a SuperLink-made error is about
         self.sent_evaluate: list[Message] = []
 
@@ -215,7 +233,8 @@ class MoPsFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         number = self.round_number(server_round)
         round_log = self.rounds[number] = RoundLog(number)
-        self.current = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
+        self.current = {k: v.numpy().astype(np.float64) for k, v in arrays.items() if k in self.expected}
+        self.kept = {k: v for k, v in arrays.items() if k not in self.expected}
         node_ids = self.sample(grid, server_round)
         config[protocol.SERVER_ROUND] = number
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -272,7 +291,7 @@ class MoPsFedAvg(FedAvg):
         round_log.client_eval_seconds = time.perf_counter() - self.eval_started.pop(round_log.round, time.perf_counter())
         if round_log.client_eval is None:
             return None
-        return MetricRecord({k: v for k, v in round_log.client_eval.items() if k != "per_task"})
+        return MetricRecord({k: v for k, v in round_log.client_eval.items() if k not in ("per_task", "adapted")})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return self.average(server_round, self.screen(server_round, replies))
@@ -340,6 +359,8 @@ class MoPsFedAvg(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None and self.gate_experts is not None:
             arrays[EXPERTS_KEY] = Array(gate_weighted_experts(accepted))
+        if arrays is not None and self.kept:
+            arrays = ArrayRecord({**self.kept, **arrays})
         round_log.client_metrics = dict(metrics or {})
         round_log.seconds = time.perf_counter() - round_log.started
         return arrays, metrics

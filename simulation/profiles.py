@@ -181,7 +181,32 @@ REGIME = Profile(
     seeds=(0, 1),
 )
 
-PROFILES = {p.name: p for p in (QUICK, PAPER, ABLATION, FEDERATED_ABLATION, HETEROGENEITY, REGIME)}
+# Personalized gates (gate-aggregation=local) against one global gate and FedPrompt, at the grid's
+# scale, at the most and the least skewed split. Every evaluating client is scored on its own
+# held-out data before and after adapting a copy (personalize-steps, the same for every method), so
+# the adaptation costs no run of its own.
+PERSONAL = Profile(
+    name="personal",
+    description="federated: FedPrompt, MoPs with one global gate, MoPs with a gate per client (gate-aggregation=local), "
+                "each evaluating client scored before and after 20 adaptation steps; Dirichlet alpha 10 and 0.1, "
+                "5 rounds x 10 of 100 clients x 20 local steps (SNI at SparseGPT 75%, Dolly at 50%)",
+    model="smollm2",
+    datasets=("sni", "dolly"),
+    compressions=("sparsegpt:0.75",),
+    dataset_compressions={"dolly": ("sparsegpt:0.5",)},
+    centralized_methods=(),
+    common={"eval-samples": 64, "partitioner": "inner-dirichlet"},
+    federated={"num-server-rounds": 5, "local-steps": 20, "fraction-train": 0.1, "min-available-nodes": 100,
+               "fraction-evaluate": 0.2, "personalize-steps": 20},
+    supernodes=100,
+    seeds=(0, 1),
+    variants={  # FedPrompt has no gate: its cells are the same in both (GATE_ONLY), run once
+        f"alpha {alpha:g}" + (" / local gates" if local else ""): {"alpha": alpha, **({"gate-aggregation": "local"} if local else {})}
+        for alpha in (10.0, 0.1) for local in (False, True)
+    },
+)
+
+PROFILES = {p.name: p for p in (QUICK, PAPER, ABLATION, FEDERATED_ABLATION, HETEROGENEITY, REGIME, PERSONAL)}
 
 
 @dataclass(frozen=True)
@@ -238,7 +263,7 @@ def same_settings(saved: dict[str, Any], current: dict[str, Any], *, gated: bool
 GATE_ONLY = (
     "gating", "gate-hidden", "gate-input-norm", "gate-input", "gate-scale", "gate-floor",
     "gate-lr-scale", "gate-balance", "gate-pretrain-steps", "gate-pretrain-samples", "gate-pretrain-lr",
-    "expert-aggregation",
+    "expert-aggregation", "gate-aggregation",
 )
 
 

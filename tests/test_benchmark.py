@@ -551,6 +551,19 @@ def test_the_regime_cells_run_the_papers_federated_scale_each_dataset_on_its_own
     assert len(listed) == len(grid) == 8 and all("to run" in line for line in listed)
 
 
+def test_the_personal_cells_are_fedprompt_and_mops_with_a_global_or_local_gate_each_scored_after_adapting(capsys, tmp_path):
+    grid = cells(PROFILES["personal"])
+    runs = {(c.dataset, c.settings["alpha"], c.settings["seed"], c.method, c.settings["gate-aggregation"]) for c in grid}
+    assert runs == {(d, alpha, seed, m, gates) for d in ("sni", "dolly") for alpha in (10.0, 0.1) for seed in (0, 1)
+                    for m, gates in (("fedprompt", "global"), ("mops", "global"), ("mops", "local"))}
+    assert {(c.dataset, c.compression) for c in grid} == {("sni", "sparsegpt:0.75"), ("dolly", "sparsegpt:0.5")}
+    assert all(c.settings["personalize-steps"] == 20 and c.settings["fraction-evaluate"] > 0 for c in grid)
+    assert all((c.settings["num-server-rounds"], c.settings["local-steps"]) == (5, 20) for c in grid)  # as the grid
+    assert main(["--profile", "personal", "--out", str(tmp_path), "--dry-run"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fede-")]
+    assert len(listed) == 24  # FedPrompt once per split and seed: it has no gate to keep local
+
+
 def test_the_tables_and_figures_are_drawn_without_torch():
     """A grid's records redrawn elsewhere (`--tables`) need matplotlib, not torch."""
     code = "import sys, simulation.tables; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"

@@ -296,3 +296,45 @@ def test_a_short_churn_soak_completes_every_round_through_kills_a_straggler_and_
     assert summary["recorded_once"] and summary["rounds_completed"] == 4 and summary["checkpoint_loads"]
     assert summary["server_killed_and_resumed"] and summary["nodes_killed"] >= 1, summary
     assert summary["ended"]["timeout"] == 0 and not summary["rounds_over_the_deadline_rule"]
+
+
+def test_a_nodes_own_gate_persists_across_a_supernodes_rounds(tmp_path_factory, tiny_model_dir, toy_data_dir):
+    """gate-aggregation=local on real SuperNodes: the gate a node trained in round 1 is the one it holds in round 2
+    (kept in the SuperNode's node state between its ClientApp processes), and never the server's."""
+    from safetensors.torch import load_file
+
+    from server import protocol
+
+    root = tmp_path_factory.mktemp("local-gates")
+    d = Deployment(root)
+    d.prepare(["node-0", "node-1"])
+    settings = {
+        "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(root / "cache"),
+        "experts": 7, "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140, "max-length": 64,
+        "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "fraction-train": 1.0, "fraction-evaluate": 0.0,
+        "min-partition-size": 5, "local-steps": 5, "num-server-rounds": 2, "min-available-nodes": 2,
+        "gate-aggregation": "local", "out-dir": str(root / "run"),
+    }
+    try:
+        d.start_superlink()
+        for i, node in enumerate(("node-0", "node-1")):
+            assert d.register(node).returncode == 0
+            own = f' {protocol.ADAPTER_DIR}="{root / node}"'
+            d.start_supernode(node, i, 2, node_config=protocol.node_config_text(i, 2) + own)
+        d.wait_online(2)
+        done = d.run(settings)
+    finally:
+        d.stop_all()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    rounds = json.loads((root / "run" / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and all(r["accepted"] == 2 for r in rounds[1:])
+    server = load_file(str(root / "run" / "checkpoint" / "adapter_model.safetensors"))
+    gates = [k for k in server if k.startswith("gate.") and "fc" in k]
+    assert gates
+    # Each node's adapter was saved as its round-2 message arrived: the round-2 global experts with the gate
+    # it trained in round 1, which the server never saw; the server's gate stayed the pretrained one.
+    for node in ("node-0", "node-1"):
+        mine = load_file(str(root / node / "adapter_model.safetensors"))
+        assert any(not torch.equal(mine[k], server[k]) for k in gates), node
+    a, b = (load_file(str(root / n / "adapter_model.safetensors")) for n in ("node-0", "node-1"))
+    assert any(not torch.equal(a[k], b[k]) for k in gates), "the two nodes hold different gates"

@@ -53,14 +53,15 @@ def admitted(partitions=None, left_out=(), tasks=("a", "b"), admission=None):
 
 
 def strategy(partitions=None, left_out=(), admission=None, tasks=("a", "b"), round_offset=0, expert_weighting="examples",
-             norm_bound=None, **fed):
+             norm_bound=None, expected=None, **fed):
     """The strategy as the ServerApp builds it, with a test's own settings (`fed`: FederatedConfig fields)."""
     from mops_core.config import FederatedConfig
 
     fed = {"fraction_train": 0.1, "fraction_evaluate": 0.0, "min_available_nodes": 2, **fed}
     bound = "" if norm_bound is None else f"{norm_bound[0]:g}" + ("x" if norm_bound[1] else "")
     config = FederatedConfig(expert_aggregation=expert_weighting, update_norm_bound=bound, **fed)
-    return MoPsFedAvg(SHAPES, admission or admitted(partitions, left_out, tasks), config, seed=0, gated=True, round_offset=round_offset)
+    return MoPsFedAvg(expected or SHAPES, admission or admitted(partitions, left_out, tasks), config, seed=0, gated=True,
+                      round_offset=round_offset)
 
 
 def test_aggregate_is_the_example_weighted_mean_of_the_prompt_and_gate_arrays():
