@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mops_core import atomic, checkpoint, report
-from mops_core.config import RESUMABLE, FederatedConfig, Settings
+from mops_core.config import RESUMABLE, FederatedConfig, Settings, recorded
 from mops_core.evaluate import EvalResult, gate_collapse
 from mops_core.metrics import GenerationResult
 
@@ -69,7 +69,7 @@ class History:
         if not history.path.exists():
             return history  # nothing to resume yet: the same command starts the run
         saved = json.loads(history.path.read_text())
-        before = saved.get("settings", {})
+        before = recorded(saved.get("settings", {}))  # a run from before a setting existed ran at its old value
         changed = sorted(k for k, v in settings.to_flat().items() if k not in RESUMABLE and before.get(k) != v)
         if changed:
             raise ResumeError(f"cannot resume {out_dir}: settings changed since it ran: {', '.join(changed)}")

@@ -65,8 +65,8 @@ def test_a_finished_run_counts_only_for_exactly_its_settings():
 
 
 def test_a_record_from_before_a_setting_existed_is_the_same_cell_at_that_settings_old_value(tmp_path):
-    from mops_core.config import ADDED_LATER
-    from server.history import History
+    from mops_core.config import ADDED_LATER, RESUMABLE
+    from server.history import History, ResumeError
     from simulation.profiles import result_settings
 
     current = Settings().to_flat()
@@ -76,6 +76,10 @@ def test_a_record_from_before_a_setting_existed_is_the_same_cell_at_that_setting
     (tmp_path / "results.json").write_text(json.dumps({"settings": older, "info": {}, "rounds": [{"round": 0}]}))
     resumed = History.open(tmp_path, Settings.from_flat({"resume": True, "round-deadline": "600"}))
     assert resumed.rounds == [{"round": 0}]  # a run under way may take a deadline when it resumes
+    assert "gate-aggregation" not in RESUMABLE  # yet a run recorded before it existed resumes: it ran with one global gate
+    assert History.open(tmp_path, Settings.from_flat({"resume": True})).rounds == [{"round": 0}]
+    with pytest.raises(ResumeError, match="gate-aggregation"):
+        History.open(tmp_path, Settings.from_flat({"resume": True, "gate-aggregation": "local"}))
 
 
 def test_a_wrong_setting_fails_before_any_cell_runs(capsys):
