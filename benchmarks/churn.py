@@ -100,6 +100,9 @@ class Chaos(threading.Thread):
                 return
             try:
                 self.start_node(node, restart=True)
+                if self.stopping.is_set():  # the soak ended while it came back: leave nothing running
+                    self.d.stop(node)
+                    return
                 self.restarted += 1
                 self.events.append(f"{time.strftime('%H:%M:%S')} restarted {node}")
                 print(f"  chaos: restarted {node}", flush=True)
@@ -181,7 +184,7 @@ def soak(args: argparse.Namespace) -> dict:
             time.sleep(2.0)
     finally:
         chaos.stopping.set()
-        chaos.join(timeout=30)
+        chaos.join(timeout=400)  # a restart under way waits until the SuperLink takes the node (restart_supernode)
         d.stop_all()
     return summarize(args, out, settings, chaos, server_killed, time.monotonic() - started)
 

@@ -198,6 +198,8 @@ class RoundGrid(Grid):
             log(WARNING, "%s round %s ended (%s) after %.1f s with %d of %d replies: dropped %s", replies.message_type,
                 replies.group, replies.ended, elapsed, len(received), replies.awaited,
                 ", ".join(f"node {node} ({'gone' if mid in gone else why})" for mid, node in sorted(owed.items(), key=lambda i: i[1])))
+        if replies.ended == "all in" and replies.gone:  # what was still owed came back as the SuperLink's word that it is gone
+            replies.ended = "gone"
         replies.received = len(received)
         replies.seconds = elapsed
         if self.on_end is not None:

@@ -141,6 +141,7 @@ def test_the_superlinks_own_unavailable_reply_counts_as_gone_not_as_a_reply(serv
     grid, accounts = round_grid(link, clock)
     assert sources(send(grid, [1, 2])) == [1]
     assert accounts[0].gone == [2] and accounts[0].received == 1 and accounts[0].seconds < 5.0
+    assert accounts[0].ended == "gone"  # nothing that could still come was owed: not "all in"
 
 
 def test_admission_still_sees_the_superlinks_unavailable_reply_so_it_can_name_the_node(server_identity):
