@@ -61,10 +61,6 @@ class Replies:
         """For results.json: the counts, the nodes dropped and why the round ended."""
         return {k: v for k, v in asdict(self).items() if k not in ("message_type", "group")}
 
-    @property
-    def dropped(self) -> int:
-        return len(self.gone) + len(self.late)
-
 
 @dataclass(frozen=True)
 class ReplyRule:
