@@ -11,7 +11,7 @@ test:
 	bash scripts/install.sh
 	.venv/bin/python -m pytest -q
 
-# The edit-test loop: no Ray, no real processes.
+# The edit-test loop: the tests that start no process (Ray, SuperLink, compiler).
 test-fast:
 	bash scripts/install.sh
 	.venv/bin/python -m pytest -q -m "not slow"

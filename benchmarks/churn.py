@@ -55,16 +55,15 @@ def tiny_world(folder: Path) -> tuple[Path, Path]:
 
 
 def run_settings(args: argparse.Namespace, model: Path, data: Path, out: Path) -> dict:
-    return {
-        "model": str(model), "data-dir": str(data), "model-cache-dir": str(out / "cache"),
-        "experts": 7, "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140, "max-length": 64,
-        "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "min-partition-size": 5,
-        "local-steps": args.local_steps, "num-server-rounds": args.rounds, "fraction-evaluate": 0.0,
+    from helpers import tiny_run_settings
+
+    return tiny_run_settings(model, data, out / "cache", {
+        "experts": 7, "local-steps": args.local_steps, "num-server-rounds": args.rounds, "fraction-evaluate": 0.0,
         # per-round of the nodes connected; a round samples among those that are there
         "fraction-train": round(args.per_round / args.nodes, 4), "min-available-nodes": args.per_round - 1,
         "round-deadline": args.deadline, "min-replies": args.min_replies, "round-timeout": args.round_timeout,
         "out-dir": str(out / "run"),
-    }
+    })
 
 
 class Chaos(threading.Thread):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import string
@@ -76,6 +77,17 @@ def write_dolly(folder: Path, records: list[Record]) -> Path:
     return path
 
 
+def tiny_run_settings(model: Path, data: Path, cache: Path, flat: dict) -> dict:
+    """Flat settings of a federated run on the tiny LLaMA and the toy data, small enough that a loopback
+    deployment (real SuperLink and SuperNodes) trains a round in seconds; `flat` adds or overrides."""
+    return {
+        "model": str(model), "data-dir": str(data), "model-cache-dir": str(cache),
+        "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140, "max-length": 64,
+        "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "min-partition-size": 5,
+        "fraction-train": 1.0, **flat,
+    }
+
+
 def tiny_settings(**flat) -> Settings:
     defaults = {
         "experts": 3,
@@ -117,6 +129,22 @@ def pretrained_tiny_base(tokenizer, *, steps: int = 300, seed: int = 0) -> Llama
         optimizer.step()
         optimizer.zero_grad()
     return base.requires_grad_(False).eval()
+
+
+def pretrained_tiny_base_key() -> str:
+    """What `pretrained_tiny_base` learns depends on: this file (the model, the toy data, the loop), the
+    formatting and batching it trains on, and the library versions; a copy trained under another key
+    is never used."""
+    import inspect
+
+    import transformers
+
+    from mops_core.data import Formatter, collate
+
+    digest = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
+    for source in sorted({__file__, inspect.getsourcefile(Formatter), inspect.getsourcefile(collate)}):
+        digest.update(Path(source).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def tensorboard_events(folder):

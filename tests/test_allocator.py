@@ -24,6 +24,7 @@ print(glibc_default, faults_per_cycle())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_a_freed_step_sized_buffer_is_reused_without_page_faults():
     done = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, timeout=120)

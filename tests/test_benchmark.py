@@ -130,6 +130,7 @@ def test_datasets_compressions_methods_and_no_sweeps_choose_the_cells(capsys):
     assert "--methods: lorra is not one of prompt, mops, lora, ia3, fedprompt" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_grid_tables_and_figures_end_to_end_then_resume(tiny_profile, tmp_path):
     grid = cells(tiny_profile)
     assert [(c.method, c.study) for c in grid] == [("prompt", "main"), ("mops", "main"), ("mops", "inject-layer")]

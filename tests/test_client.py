@@ -191,6 +191,7 @@ def test_a_node_with_its_own_cache_reports_its_base_and_stores_the_input_prompts
     assert client_app.query(message({"config": config}, MessageType.QUERY), foreign).content["node"]["base-fingerprint"] != base_fingerprint(server.base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["client.app", "server.app"])
 def test_the_apps_print_what_mops_core_logs_from_info_up(module):
     """A Flower app's process configures no logging: without routing, mops_core's INFO lines (the compile's

@@ -54,6 +54,7 @@ def has_cpp_compiler() -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not has_cpp_compiler(), reason="inductor needs a C++ compiler on CPU (the fallback test covers its absence)")
 def test_compiled_layers_give_the_eager_numbers(tokenizer, compiling, caplog, monkeypatch):
     """Loss and every trainable gradient within 1e-5 of eager in float32, evaluation too; the compiled graph really ran,
@@ -94,6 +95,7 @@ def test_compiled_layers_give_the_eager_numbers(tokenizer, compiling, caplog, mo
     assert set(losses) == {False, True}  # eager first, then compiled
 
 
+@pytest.mark.slow
 def test_without_a_compiler_the_layers_run_eager_and_the_log_says_why(tokenizer, compiling, caplog):
     model = make_model(tokenizer, layers=3, inject=1)
     batch = batch_of(tokenizer, TEXTS, QLENS)

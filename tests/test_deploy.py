@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from deploy.local import Deployment
+from helpers import tiny_run_settings
 
 pytestmark = pytest.mark.slow
 
@@ -20,12 +21,9 @@ def deployment(tmp_path_factory, tiny_model_dir, toy_data_dir):
     root = tmp_path_factory.mktemp("deploy")
     d = Deployment(root)
     d.prepare(NODES + ["rogue"])
-    d.settings = {
-        "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(root / "cache"),
-        "experts": 7, "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140, "max-length": 64,
-        "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "fraction-train": 1.0,
-        "min-partition-size": 5, "local-steps": 3, "num-server-rounds": 2, "min-available-nodes": 2,
-    }
+    d.settings = tiny_run_settings(tiny_model_dir, toy_data_dir, root / "cache", {
+        "experts": 7, "local-steps": 3, "num-server-rounds": 2, "min-available-nodes": 2,
+    })
     d.start_superlink()
     try:
         for node in NODES[:2]:
@@ -170,13 +168,11 @@ def test_a_node_trains_on_its_own_file_and_a_node_with_an_unreadable_file_is_lef
             assert d.register(node).returncode == 0
             d.start_supernode(node, 0, 0, node_config=f'data-file="{data}" partition-id=7' if node == "own" else f'data-file="{data}"')
         d.wait_online(2)
-        settings = {  # the shared dataset is the server's only: for its evaluation and gate pretraining
-            "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(root / "cache"),
-            "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140, "max-length": 64,
-            "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "fraction-train": 1.0,
+        # The shared dataset is the server's only: for its evaluation and gate pretraining.
+        settings = tiny_run_settings(tiny_model_dir, toy_data_dir, root / "cache", {
             "local-steps": 3, "num-server-rounds": 1, "min-available-nodes": 1, "out-dir": str(root / "run"),
             "client-test-fraction": 0.0, "fraction-evaluate": 0.0,  # the node trains on every record of its file
-        }
+        })
         done = d.run(settings)
     finally:
         d.stop_all()
@@ -198,13 +194,10 @@ def test_a_node_on_another_machine_gets_the_input_prompts_by_message_and_a_node_
     from mops_core.config import Settings
 
     root = tmp_path_factory.mktemp("provisioning")
-    settings = {
-        "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(root / "server-cache"),
-        "compression": "magnitude:0.5", "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140,
-        "max-length": 64, "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "fraction-train": 1.0,
-        "min-partition-size": 5, "local-steps": 2, "num-server-rounds": 1, "min-available-nodes": 2, "fraction-evaluate": 0.0,
-        "out-dir": str(root / "run"),
-    }
+    settings = tiny_run_settings(tiny_model_dir, toy_data_dir, root / "server-cache", {
+        "compression": "magnitude:0.5", "local-steps": 2, "num-server-rounds": 1, "min-available-nodes": 2,
+        "fraction-evaluate": 0.0, "out-dir": str(root / "run"),
+    })
     # What an operator provisions: the server's compressed base (mops compress --export), and by mistake another one.
     for name, compression in (("base", "magnitude:0.5"), ("foreign", "magnitude:0.25")):
         flat = {**settings, "compression": compression, "model-cache-dir": str(root / "export-cache")}
@@ -244,12 +237,9 @@ def test_a_superlink_killed_mid_round_and_restarted_on_its_database_resumes_to_t
     root = tmp_path_factory.mktemp("superlink-crash")
     d = Deployment(root)
     d.prepare(["node-0", "node-1"])
-    settings = {
-        "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(root / "cache"),
-        "experts": 7, "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140, "max-length": 64,
-        "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "fraction-train": 1.0, "fraction-evaluate": 0.0,
-        "min-partition-size": 5, "local-steps": 20, "num-server-rounds": 3, "min-available-nodes": 2,
-    }
+    settings = tiny_run_settings(tiny_model_dir, toy_data_dir, root / "cache", {
+        "experts": 7, "fraction-evaluate": 0.0, "local-steps": 20, "num-server-rounds": 3, "min-available-nodes": 2,
+    })
     try:
         d.start_superlink()
         for i, node in enumerate(("node-0", "node-1")):
@@ -308,13 +298,10 @@ def test_a_nodes_own_gate_persists_across_a_supernodes_rounds(tmp_path_factory, 
     root = tmp_path_factory.mktemp("local-gates")
     d = Deployment(root)
     d.prepare(["node-0", "node-1"])
-    settings = {
-        "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(root / "cache"),
-        "experts": 7, "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140, "max-length": 64,
-        "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "fraction-train": 1.0, "fraction-evaluate": 0.0,
-        "min-partition-size": 5, "local-steps": 5, "num-server-rounds": 2, "min-available-nodes": 2,
+    settings = tiny_run_settings(tiny_model_dir, toy_data_dir, root / "cache", {
+        "experts": 7, "fraction-evaluate": 0.0, "local-steps": 5, "num-server-rounds": 2, "min-available-nodes": 2,
         "gate-aggregation": "local", "out-dir": str(root / "run"),
-    }
+    })
     try:
         d.start_superlink()
         for i, node in enumerate(("node-0", "node-1")):
