@@ -129,6 +129,8 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float, commit:
             "routing_accuracy": last.get("routing_accuracy"),
             "rounds": [round_record(r) for r in rounds],
             "client_perplexity": (last.get("client_eval") or {}).get("perplexity"),
+            # after each evaluating client adapted a copy on its own data (personalize-steps); None without
+            "client_adapted_perplexity": ((last.get("client_eval") or {}).get("adapted") or {}).get("perplexity"),
             "agreement": mean_agreement(rounds),
             # A cell resumed on another machine: each machine from the round it took over, and any base compressed again.
             "machines": results.get("info", {}).get("machines"), "base_changes": results.get("info", {}).get("base_changes"),
@@ -143,16 +145,19 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float, commit:
 # What a cell's record keeps of each round of its results.json: enough to redraw its curves, per task
 # and per client, anywhere (the gate matrix and the rest stay in the cell's folder).
 ROUND_FIELDS = ("round", "perplexity", "per_task", "train_loss", "gate_entropy", "routing_accuracy", "task_routing",
-                "task_entropy", "expert_share", "agreement", "seconds", "eval_seconds", "wall_seconds", "accepted", "sampled")
+                "task_entropy", "expert_share", "agreement", "seconds", "eval_seconds", "client_eval_seconds",
+                "wall_seconds", "accepted", "sampled", "bytes_down", "bytes_up")
 
 
 def round_record(row: dict) -> dict:
     client = row.get("client_eval") or {}
+    adapted = client.get("adapted") or {}
     generation = row.get("generation")
     return {
         **{k: row.get(k) for k in ROUND_FIELDS},
         "client_perplexity": client.get("perplexity"),
         "client_spread": {k: client.get(k) for k in ("p10", "p50", "p90", "clients")} if client else None,
+        "client_adapted": {k: adapted.get(k) for k in ("perplexity", "p10", "p50", "p90")} if adapted else None,
         "rouge_l": generation["rouge_l"] if generation else None,
         "exact_match": generation["exact_match"] if generation else None,
     }

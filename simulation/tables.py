@@ -23,7 +23,7 @@ from mops_core.labels import expert_targets
 CSV_COLUMNS = (
     "id", "kind", "method", "study", "dataset", "compression", "model", "seed", "inject-layer", "experts",
     "prompts-per-expert", "lr", "steps", "num-server-rounds", "local-steps", "alpha", "perplexity_start", "perplexity",
-    "client_perplexity", "rouge_l", "exact_match",
+    "client_perplexity", "client_adapted_perplexity", "rouge_l", "exact_match",
     "trainable_parameters", "bytes_communicated", "gate_entropy", "routing_accuracy", "wall_seconds", "machine", "commit", "base_fingerprint", "dir",
 )
 METHOD_NAMES = {"prompt": "prompt tuning", "mops": "MoPs", "lora": "LoRA", "ia3": "IA3", "fedprompt": "FedPrompt"}
@@ -298,7 +298,7 @@ HeteroKey = tuple[str, str, int, float]  # dataset, compression, local steps, al
 def heterogeneity_pairs(records: Sequence[dict]) -> dict[HeteroKey, dict[int, dict[str, dict]]]:
     """(dataset, compression, local steps, alpha) -> seed -> method -> record, for federated main cells, where a
     dataset's cells span more than one alpha (a heterogeneity sweep); {} otherwise."""
-    runs = [r for r in records if r["kind"] == "federated" and r["study"] == "main"]
+    runs = [r for r in records if r["kind"] == "federated" and r["study"] == "main" and _arm(r) != "mops-local"]
     swept = {d for d in {r["dataset"] for r in runs} if len({r["settings"]["alpha"] for r in runs if r["dataset"] == d}) > 1}
     pairs: dict[HeteroKey, dict[int, dict[str, dict]]] = {}
     for r in runs:
@@ -458,6 +458,98 @@ def heterogeneity_figures(records: Sequence[dict], folder: Path) -> list[Path]:
     return written
 
 
+# ---------------------------------------------------------------------- personalization: each client's own data
+
+ARM_NAMES = {"fedprompt": "FedPrompt", "mops": "MoPs, one gate", "mops-local": "MoPs, a gate per client"}
+PersonalKey = tuple[str, str, float]  # dataset, compression, alpha
+
+
+def _arm(record: dict) -> str:
+    """The method as trained: FedPrompt, MoPs averaging its gate, or MoPs whose clients keep their own."""
+    local = record["method"] == "mops" and record["settings"].get("gate-aggregation") == "local"
+    return "mops-local" if local else record["method"]
+
+
+def personal_arms(records: Sequence[dict]) -> dict[PersonalKey, dict[int, dict[str, dict]]]:
+    """(dataset, compression, alpha) -> seed -> arm -> record, for federated main cells whose evaluating clients
+    also scored after adapting a copy on their own data (personalize-steps); {} where none did."""
+    arms: dict[PersonalKey, dict[int, dict[str, dict]]] = {}
+    for r in records:
+        if r["kind"] == "federated" and r["study"] == "main" and r.get("client_adapted_perplexity") is not None:
+            key = (r["dataset"], r["compression"], float(r["settings"]["alpha"]))
+            arms.setdefault(key, {}).setdefault(int(r["settings"]["seed"]), {})[_arm(r)] = r
+    return dict(sorted(arms.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])))
+
+
+def _relative(before: float | None, after: float | None) -> float | None:
+    """How much lower `after` is than `before`, in % of `before` (positive = lower = better)."""
+    return None if before is None or after is None else 100 * (before - after) / before
+
+
+def _spread(runs: Sequence[dict], field: str) -> str:
+    """The clients' p10 / p50 / p90 of the last round, each a mean over seeds."""
+    last = [(r.get("rounds") or [{}])[-1].get(field) or {} for r in runs]
+    return " / ".join(_num(_ppl(last, q)[0], 2) for q in ("p10", "p50", "p90"))
+
+
+def _gains(values: Iterable[float | None]) -> str:
+    """Gains in %, mean ± sd over seeds; '-' where there is none."""
+    known = [v for v in values if v is not None]
+    return _pct(*_mean_sd(known)) if known else "-"
+
+
+def personal_table(records: Sequence[dict]) -> ResultTable | None:
+    """Each arm's perplexity on the clients' own held-out data as trained and after each client adapted a copy
+    (its gate; FedPrompt: its prompts) for personalize-steps steps, against the test split, alpha by alpha."""
+    rows = []
+    for (dataset, compression, alpha), seeds in personal_arms(records).items():
+        for arm in ARM_NAMES:
+            runs = {seed: methods[arm] for seed, methods in seeds.items() if arm in methods}
+            if not runs:
+                continue
+            adapting = [_relative(r["client_perplexity"], r["client_adapted_perplexity"]) for r in runs.values()]
+            over_fedprompt = [_relative(seeds[seed]["fedprompt"]["client_adapted_perplexity"], r["client_adapted_perplexity"])
+                              for seed, r in runs.items() if arm != "fedprompt" and "fedprompt" in seeds[seed]]
+            mb = [r["bytes_communicated"] / 1e6 for r in runs.values() if r.get("bytes_communicated")]
+            rows.append([
+                dataset, compression, f"{alpha:g}", ARM_NAMES[arm], str(len(runs)),
+                _with_sd(*_ppl(list(runs.values()))),
+                _with_sd(*_ppl(list(runs.values()), "client_perplexity")), _spread(list(runs.values()), "client_spread"),
+                _with_sd(*_ppl(list(runs.values()), "client_adapted_perplexity")), _spread(list(runs.values()), "client_adapted"),
+                _gains(adapting), _gains(over_fedprompt),
+                _minutes(list(runs.values())), f"{sum(mb) / len(mb):.1f}" if mb else "-",
+            ])
+    if not rows:
+        return None
+    headers = ["data", "compression", "alpha", "trained as", "seeds", "test ppl", "clients' ppl", "p10 / p50 / p90",
+               "adapted", "p10 / p50 / p90", "adapting gains", "adapted: gain over FedPrompt", "minutes per cell", "MB sent and received"]
+    return ResultTable("Personalization: the clients' own held-out data, as trained and after adapting", headers, rows,
+                "after the last round; test ppl: the test split with the global model (global gate); clients' ppl: each "
+                "evaluating client on its held-out share, token-weighted over clients, with its own gate where the gate is "
+                "local, and the clients' p10 / p50 / p90; adapted: the same after the client adapted a copy of its gate "
+                "(FedPrompt: its prompts) for personalize-steps steps on its training share; gains in % of the perplexity "
+                "they lower, paired seed by seed, mean ± sd over seeds (positive = better); each cell's wall time and "
+                "bytes over all rounds, mean over seeds")
+
+
+def personal_figures(records: Sequence[dict], folder: Path) -> list[Path]:
+    """Per dataset: the clients' held-out perplexity against alpha, each arm as trained and after adapting."""
+    by_dataset: dict[str, dict[str, list]] = {}
+    for (dataset, compression, alpha), seeds in personal_arms(records).items():
+        series = by_dataset.setdefault(f"{dataset}-{compression}", {})
+        for arm in ARM_NAMES:
+            runs = [methods[arm] for methods in seeds.values() if arm in methods]
+            for field, how in (("client_perplexity", "as trained"), ("client_adapted_perplexity", "adapted")):
+                mean, sd = _ppl(runs, field)
+                if mean is not None:
+                    series.setdefault(f"{ARM_NAMES[arm]}, {how}", []).append((alpha, mean, sd))
+    return [report.plot_points(
+        series, folder / f"personal-{re.sub(r'[^A-Za-z0-9_.-]+', '-', panel)}.png", log_x=True,
+        xlabel="Dirichlet alpha (lower = more skewed)", ylabel="clients' held-out perplexity\n(token-weighted; lower is better)",
+        title=f"{panel}: the clients' own data, as trained and adapted (mean ± sd over seeds)",
+    ) for panel, series in by_dataset.items() if series]
+
+
 # ---------------------------------------------------------------------- federated runs round by round
 
 REGIME_SETTINGS = ("alpha", "partitioner", "local-steps", "num-server-rounds", "fraction-train")
@@ -470,7 +562,7 @@ def round_series(records: Sequence[dict]) -> dict[str, dict[str, dict[int, dict[
     panels: dict[str, dict[str, dict[int, dict[int, dict]]]] = {}
     regimes: dict[str, set] = {}
     for r in records:
-        if r["kind"] != "federated" or r["study"] != "main" or not r.get("rounds"):
+        if r["kind"] != "federated" or r["study"] != "main" or not r.get("rounds") or _arm(r) == "mops-local":
             continue
         panel = f"{r['dataset']}, {r['compression']}"
         regimes.setdefault(panel, set()).add(tuple(r["settings"].get(k) for k in REGIME_SETTINGS))
@@ -582,6 +674,7 @@ def all_tables(records: Sequence[dict]) -> list[ResultTable]:
         lead_table(records, "federated", "fedprompt", "During training, federated: MoPs' lead over FedPrompt", parts=8),
         heterogeneity_table(records),
         heterogeneity_trend(records),
+        personal_table(records),
     ]
     return [g for g in grids if g is not None]
 
@@ -720,6 +813,7 @@ def write_figures(records: Sequence[dict], folder: Path) -> list[Path]:
             written.append(path)
     written += heterogeneity_figures(records, folder)
     written += round_figures(records, folder)
+    written += personal_figures(records, folder)
     return written
 
 

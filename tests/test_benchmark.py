@@ -587,8 +587,47 @@ def test_a_cells_record_keeps_each_rounds_test_clients_and_text_scores():
     assert (kept["round"], kept["perplexity"], kept["per_task"], kept["task_routing"], kept["seconds"]) == (5, 9.5, {"a": 9.0}, {"a": 0.5}, 600.0)
     assert kept["client_perplexity"] == 11.0 and kept["client_spread"] == {"p10": 8.0, "p50": 10.0, "p90": 14.0, "clients": 100}
     assert (kept["rouge_l"], kept["exact_match"]) == (21.5, 3.0) and "gate_matrix" not in kept
+    assert kept["client_adapted"] is None  # no client adapted before scoring
     bare = round_record({"round": 0, "perplexity": 12.0})  # the start: no clients, no answers scored
     assert bare["client_spread"] is None and bare["rouge_l"] is None and bare["train_loss"] is None
+    row["client_eval"]["adapted"] = {"perplexity": 9.0, "p10": 6.0, "p50": 8.5, "p90": 12.0, "per_task": {}}
+    assert round_record(row)["client_adapted"] == {"perplexity": 9.0, "p10": 6.0, "p50": 8.5, "p90": 12.0}
+
+
+def personal_record(arm, alpha, seed, test, clients, adapted, spread=(5.0, 8.0, 20.0)):
+    last = {"round": 5, "client_spread": dict(zip(("p10", "p50", "p90"), spread)),
+            "client_adapted": dict(zip(("p10", "p50", "p90"), (s / 2 for s in spread)))}
+    method, gates = {"fedprompt": ("fedprompt", "global"), "mops": ("mops", "global"), "local": ("mops", "local")}[arm]
+    return {"kind": "federated", "study": "main", "method": method, "dataset": "sni", "compression": "sparsegpt:0.75",
+            "settings": {"alpha": alpha, "seed": seed, "local-steps": 20, "gate-aggregation": gates}, "perplexity": test,
+            "client_perplexity": clients, "client_adapted_perplexity": adapted, "rounds": [last],
+            "wall_seconds": 600.0, "bytes_communicated": 2e6 if gates == "local" else 4e6}
+
+
+def test_the_personal_table_pairs_each_arm_with_fedprompt_seed_by_seed_and_keeps_local_gates_out_of_the_grids_pairs(tmp_path):
+    records = [
+        personal_record("fedprompt", 0.1, 0, 10.0, 20.0, 16.0), personal_record("fedprompt", 0.1, 1, 10.0, 30.0, 24.0),
+        personal_record("mops", 0.1, 0, 9.0, 18.0, 16.0), personal_record("mops", 0.1, 1, 9.0, 30.0, 21.0),
+        personal_record("local", 0.1, 0, 9.5, 12.0, 12.0), personal_record("local", 0.1, 1, 9.5, 20.0, 18.0),
+        personal_record("fedprompt", 10.0, 0, 10.0, 20.0, 19.0), personal_record("local", 10.0, 0, 9.0, 20.0, 19.0),
+    ]
+    rows = {(r[2], r[3]): r for r in tables.personal_table(records).rows}
+    assert list(rows) == [("10", "FedPrompt"), ("10", "MoPs, a gate per client"), ("0.1", "FedPrompt"),
+                          ("0.1", "MoPs, one gate"), ("0.1", "MoPs, a gate per client")]
+    fed, local = rows[("0.1", "FedPrompt")], rows[("0.1", "MoPs, a gate per client")]
+    assert fed[4] == "2" and fed[6] == "25.000 ± 7.071" and fed[8] == "20.000 ± 5.657"
+    assert fed[7] == "5.00 / 8.00 / 20.00" and fed[9] == "2.50 / 4.00 / 10.00"
+    assert fed[10] == "+20.0% ± 0.0" and fed[11] == "-"  # adapting: 20% on both seeds; no gain over itself
+    # local gates: adapting 0% and 10%; adapted against FedPrompt adapted: 12 vs 16 (+25%), 18 vs 24 (+25%)
+    assert local[10] == "+5.0% ± 7.1" and local[11] == "+25.0% ± 0.0" and local[13] == "2.0"
+    assert rows[("10", "MoPs, a gate per client")][11] == "+0.0%"  # one seed: no spread
+    # the heterogeneity pairs hold the paper's two methods: MoPs with its one gate, never the local-gate run
+    pairs = tables.heterogeneity_pairs(records)
+    assert pairs[("sni", "sparsegpt:0.75", 20, 0.1)][0]["mops"]["client_perplexity"] == 18.0
+    assert "mops" not in pairs[("sni", "sparsegpt:0.75", 20, 10.0)][0]
+    written = tables.personal_figures(records, tmp_path)
+    assert [p.name for p in written] == ["personal-sni-sparsegpt-0.75.png"] and written[0].stat().st_size > 0
+    assert tables.personal_table([{**r, "client_adapted_perplexity": None} for r in records]) is None  # nobody adapted
 
 
 def hetero_record(method, dataset, alpha, steps, seed, ppl, client_ppl, rouge, cosine, ratio, compression="sparsegpt:0.75"):
