@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import statistics
 import sys
 import threading
@@ -46,6 +47,11 @@ def tiny_world(folder: Path) -> tuple[Path, Path]:
 
     model, data = folder / "tiny-llama", folder / "data"
     if not (model / "config.json").exists():
+        import torch
+
+        # One thread, as in the tests: the tiny model gains nothing from a second, which stalls every op when
+        # other work holds the cores.
+        torch.set_num_threads(1)
         tokenizer = tiny_tokenizer()
         pretrained_tiny_base(tokenizer).save_pretrained(model)
         tokenizer.save_pretrained(model)
@@ -82,7 +88,7 @@ class Chaos(threading.Thread):
         env = {STRAGGLE_ENV: str(self.straggle)} if node == self.straggler else None
         index = self.nodes.index(node)
         if restart:
-            self.d.restart_supernode(node, index, len(self.nodes), env=env)
+            self.d.restart_supernode(node, index, len(self.nodes), env=env, stop=self.stopping)
         else:
             self.d.start_supernode(node, index, len(self.nodes), max_retries=None, env=env)
 
@@ -135,7 +141,7 @@ def soak(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     chaos = Chaos(d, nodes, nodes[-1], args.chaos_every, args.seed, args.straggle)
     shown: set[int] = set()
-    server_killed = False
+    server_killed = interrupted = False
 
     def show_rounds() -> list[dict]:
         try:
@@ -181,9 +187,13 @@ def soak(args: argparse.Namespace) -> dict:
                     print(f"the run ended (exit {run.returncode}) before round {args.rounds}:\n" + d.log("run")[-3000:], flush=True)
                 break
             time.sleep(2.0)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (main): stop now, leave nothing running, summarize what is there
+        interrupted = True
+        print("interrupted: stopping everything the soak started", flush=True)
     finally:
         chaos.stopping.set()
-        chaos.join(timeout=400)  # a restart under way waits until the SuperLink takes the node (restart_supernode)
+        # A restart under way waits until the SuperLink takes the node (restart_supernode), unless interrupted.
+        chaos.join(timeout=5.0 if interrupted else 400)
         d.stop_all()
     return summarize(args, out, settings, chaos, server_killed, time.monotonic() - started)
 
@@ -253,7 +263,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     return 0 if soak(parse_args(argv))["ok"] else 1
 
 

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -170,11 +171,13 @@ class Deployment:
         command += ["--node-config", node_config] + ([] if max_retries is None else ["--max-retries", str(max_retries)])
         return self._spawn(node, command, env=env)
 
-    def restart_supernode(self, node: str, partition_id: int, num_partitions: int, *, within: float = 300.0, **options) -> None:
+    def restart_supernode(self, node: str, partition_id: int, num_partitions: int, *, within: float = 300.0,
+                          stop: threading.Event | None = None, **options) -> None:
         """Start a SuperNode again, as a supervisor would (systemd Restart=on-failure, Docker restart: on-failure).
 
         The SuperLink refuses a node whose previous process it still counts as online ([code: 2004])
-        until that one misses its heartbeats; the supervisor starts it again until it stays up.
+        until that one misses its heartbeats; the supervisor starts it again until it stays up, or
+        until `stop` is set (the node then left stopped).
         """
         deadline = time.monotonic() + within
         while True:
@@ -185,7 +188,10 @@ class Deployment:
                 return  # it stays up: activated
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{node} was refused for {within:.0f} s: {self.log(node)[-500:]}")
-            time.sleep(5.0)
+            if stop is None:
+                time.sleep(5.0)
+            elif stop.wait(5.0):
+                return
 
     def run(
         self, settings: Mapping[str, Any], *, extra_run_config: Sequence[str] = (), timeout: float = 900

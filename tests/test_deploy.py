@@ -288,6 +288,41 @@ def test_a_short_churn_soak_completes_every_round_through_kills_a_straggler_and_
     assert summary["ended"]["timeout"] == 0 and not summary["rounds_over_the_deadline_rule"]
 
 
+def test_a_soak_stopped_with_sigterm_while_a_node_restarts_leaves_nothing_running(tmp_path, tiny_model_dir):
+    """What a person or a CI job does to a soak that runs too long: it stops at once, every process it started with it."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shutil.copytree(tiny_model_dir, tmp_path / "tiny-llama")  # the soak's own tiny world, made already
+    log = tmp_path / "soak.log"
+    with log.open("w") as out:
+        soak = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent.parent / "benchmarks" / "churn.py"), "--nodes", "2", "--per-round", "2",
+             "--rounds", "50", "--chaos-every", "3", "--kill-server-at", "0", "--time-limit", "900", "--out", str(tmp_path)],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        waited = time.monotonic()
+        while "chaos: killed" not in log.read_text():  # a restart is now under way (it waits on the SuperLink)
+            assert soak.poll() is None and time.monotonic() - waited < 600, log.read_text()[-3000:]
+            time.sleep(1.0)
+        soak.send_signal(signal.SIGTERM)
+        assert soak.wait(timeout=120) == 1  # a soak that did not finish is not ok
+    finally:
+        soak.kill()
+    assert "interrupted: stopping everything the soak started" in log.read_text()
+    time.sleep(2.0)
+    left = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(tmp_path) in cmdline.read_bytes().decode(errors="replace"):
+                left.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass  # a process that ended meanwhile
+    assert not left, left
+
+
 def test_a_nodes_own_gate_persists_across_a_supernodes_rounds(tmp_path_factory, tiny_model_dir, toy_data_dir):
     """gate-aggregation=local on real SuperNodes: the gate a node trained in round 1 is the one it holds in round 2
     (kept in the SuperNode's node state between its ClientApp processes), and never the server's."""
