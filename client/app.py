@@ -163,9 +163,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     _save_personal_adapter(context, settings, session)
     examples = session.formatter.examples(part.heldout)
     result = session.evaluate(examples) if examples else None
-    adapted, steps = None, settings.federated.personalize_steps
-    if result is not None and steps:  # a copy adapted on the node's training share, then the same held-out tokens
-        seed = round_seed(settings.train.seed, protocol.server_round_of(msg), part.partition_id) + 1
+    adapted, steps, number = None, settings.federated.personalize_steps, protocol.server_round_of(msg)
+    if result is not None and steps and settings.federated.costly_scores_due(number):
+        # a copy adapted on the node's training share, then the same held-out tokens
+        seed = round_seed(settings.train.seed, number, part.partition_id) + 1
         with session.adapted(node.tokenised(part, session.formatter), steps, seed=seed):
             adapted = session.evaluate(examples)
     nll, task_tokens, task_nll = _summed(result, session.tasks)

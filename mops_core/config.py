@@ -261,7 +261,8 @@ class FederatedConfig:
         0.1, "share of each client's data held out, never trained on, for federated evaluation (0 = none: train on all)"
     )
     metrics_every: int = field(
-        0, "rounds between ROUGE-L / exact-match scoring of the global adapter on the server (0 = the last round only)"
+        0, "rounds between the costly scores: ROUGE-L / exact match of the global adapter on the server, and the "
+        "evaluating clients' adaptation (personalize-steps) (0 = the last round only)"
     )
     min_available_nodes: int = field(100, "round 1 waits until this many nodes are connected")
     local_steps: int = field(10, "optimizer steps each sampled client runs per round (paper: 250)")
@@ -279,7 +280,8 @@ class FederatedConfig:
     personalize_steps: int = field(
         0,
         "steps an evaluating client first trains a copy of what personalizes the model (the gate; an ungated model's "
-        "prompts) on its own training share, scoring its held-out share before and after (0 = no adaptation)",
+        "prompts) on its own training share, scoring its held-out share before and after, in the rounds that "
+        "metrics-every names and the last (0 = no adaptation)",
     )
     alpha: float = field(0.5, "Dirichlet concentration of the non-i.i.d. task split over clients (lower = more skewed)")
     partitioner: Literal["dirichlet", "inner-dirichlet"] = field(
@@ -324,6 +326,12 @@ class FederatedConfig:
     def deadline(self) -> tuple[float, bool] | None:
         """(seconds, or a multiple of the round's median reply time), or None: no deadline."""
         return number_or_multiple(self.round_deadline)
+
+    def costly_scores_due(self, number: int) -> bool:
+        """Whether round `number` takes the costly scores, the server's greedy answers (ROUGE-L / exact match)
+        and the evaluating clients' adaptation (personalize-steps): every `metrics-every` rounds (from the
+        start), and the last."""
+        return number == self.num_server_rounds or (self.metrics_every > 0 and number % self.metrics_every == 0)
 
     def __post_init__(self) -> None:
         for key in ("update_norm_bound", "round_deadline"):

@@ -161,11 +161,6 @@ def discover(grid: Grid, admission: Admission, minimum: int, timeout: float) -> 
     log(INFO, "%d nodes hold %d training samples in all", len(admission.reports), admission.examples())
 
 
-def scores_text(number: int, fed: FederatedConfig) -> bool:
-    """Whether round `number` scores greedy answers: every `metrics-every` rounds (from the start), and the last."""
-    return number == fed.num_server_rounds or (fed.metrics_every > 0 and number % fed.metrics_every == 0)
-
-
 @dataclass
 class RoundEnd:
     """What the server does with each round's average (Flower's evaluate_fn): install it, evaluate it on the
@@ -187,7 +182,7 @@ class RoundEnd:
         started = time.perf_counter()
         result = session.evaluate(desc=f"eval round {number}")
         generated = time.perf_counter()
-        generation = session.generation() if scores_text(number, session.settings.federated) else None
+        generation = session.generation() if session.settings.federated.costly_scores_due(number) else None
         history.note_nodes(self.admission)  # nodes admitted since
         row = history.add_round(number, result, self.strategy.rounds.get(number), time.perf_counter() - started, generation)
         row["generation_seconds"] = time.perf_counter() - generated if generation else 0.0

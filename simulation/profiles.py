@@ -183,12 +183,12 @@ REGIME = Profile(
 
 # Personalized gates (gate-aggregation=local) against one global gate and FedPrompt, at the grid's
 # scale, at the most and the least skewed split. Every evaluating client is scored on its own
-# held-out data before and after adapting a copy (personalize-steps, the same for every method), so
-# the adaptation costs no run of its own.
+# held-out data, and in the last round also after adapting a copy (personalize-steps, the same for
+# every method), so the adaptation costs no run of its own.
 PERSONAL = Profile(
     name="personal",
     description="federated: FedPrompt, MoPs with one global gate, MoPs with a gate per client (gate-aggregation=local), "
-                "each evaluating client scored before and after 20 adaptation steps; Dirichlet alpha 10 and 0.1, "
+                "each evaluating client of the last round scored before and after 20 adaptation steps; Dirichlet alpha 10 and 0.1, "
                 "5 rounds x 10 of 100 clients x 20 local steps (SNI at SparseGPT 75%, Dolly at 50%)",
     model="smollm2",
     datasets=("sni", "dolly"),

@@ -148,7 +148,7 @@ def test_an_evaluating_client_reports_the_global_and_the_adapted_perplexity(serv
 
     server, run_config = served
     global_state = ArrayRecord({k: v.cpu() for k, v in server.model.federated_state_dict().items()})
-    config = {**run_config, "gate-aggregation": "global", "personalize-steps": 5}
+    config = {**run_config, "gate-aggregation": "global", "personalize-steps": 5, "num-server-rounds": 1}
     replies = []
     for part in (0, 3):
         context = Context(run_id=1, node_id=9, node_config={"partition-id": part, "num-partitions": 4}, state=RecordDict(),
@@ -162,3 +162,8 @@ def test_an_evaluating_client_reports_the_global_and_the_adapted_perplexity(serv
     tokens = sum(r["metrics"]["eval-tokens"] for r in replies)
     adapted = np.exp(sum(r["metrics"]["adapted-nll"] for r in replies) / tokens)
     assert summary["adapted"]["perplexity"] == pytest.approx(adapted) and summary["perplexity"] != summary["adapted"]["perplexity"]
+    # Adapting is costly: only in the rounds that metrics-every names, and the last (round 1 of 3 is neither).
+    context = Context(run_id=1, node_id=9, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(),
+                      run_config={**config, "num-server-rounds": 3})
+    scored = client_app.evaluate(message(server, global_state, MessageType.EVALUATE, 1), context).content["metrics"]
+    assert "adapted-nll" not in scored and scored["eval-nll"] == replies[0]["metrics"]["eval-nll"]

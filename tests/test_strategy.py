@@ -398,9 +398,8 @@ def test_evaluation_samples_its_own_share_of_the_nodes_and_flower_no_longer_skip
 
 def test_metrics_every_chooses_the_rounds_that_score_greedy_answers():
     from mops_core.config import FederatedConfig
-    from server.app import scores_text
 
-    rounds = lambda **kw: [n for n in range(0, 7) if scores_text(n, FederatedConfig(num_server_rounds=6, **kw))]  # noqa: E731
+    rounds = lambda **kw: [n for n in range(0, 7) if FederatedConfig(num_server_rounds=6, **kw).costly_scores_due(n)]  # noqa: E731
     assert rounds() == [6]  # the default: the last round only
     assert rounds(metrics_every=2) == [0, 2, 4, 6]  # the start too, as the baseline of the curve
     assert rounds(metrics_every=4) == [0, 4, 6]
