@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from helpers import tiny_run_settings
 
 from simulation.launch import launch
 
@@ -19,13 +20,10 @@ def test_the_simulation_runs_on_an_existing_two_node_ray_cluster_and_leaves_noth
     cluster = Cluster(initialize_head=True, head_node_args={**small, "include_dashboard": False})
     try:
         cluster.add_node(**small)  # one CPU each: the two one-CPU ClientApp actors must land on different nodes
-        settings = {
-            "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(tmp_path / "cache"),
-            "experts": 7, "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 140, "max-length": 64,
-            "input-prompt-steps": 2, "gate-pretrain-steps": 10, "eval-samples": 8, "num-server-rounds": 1, "local-steps": 2,
-            "fraction-train": 1.0, "fraction-evaluate": 0.0, "min-available-nodes": 4, "min-partition-size": 5,
+        settings = tiny_run_settings(tiny_model_dir, toy_data_dir, tmp_path / "cache", {
+            "experts": 7, "num-server-rounds": 1, "local-steps": 2, "fraction-evaluate": 0.0, "min-available-nodes": 4,
             "out-dir": str(tmp_path / "run"),
-        }
+        })
         code = launch(settings, supernodes=4, client_cpus=1, flwr_home=tmp_path / "flwr-home", timeout=600,
                       ray_address=cluster.address)
         assert code == 0
