@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from server import protocol
-from simulation.launch import PROJECT, free_port, run_config
+from simulation.launch import PROJECT, command_lines, free_port, run_config, stop_tree
 
 from .certs import make_certificates, make_supernode_keys
 
@@ -224,6 +224,11 @@ class Deployment:
     def stop_all(self) -> None:
         for who in [w for w in self.processes if w != "superlink"] + ["superlink"]:
             self.stop(who)
+        # What the SuperLink started in a session of its own (the ServerApp) outlives its process group:
+        # every process left that names this deployment's folder.
+        for pid, cmdline in command_lines():
+            if str(self.root) in cmdline and pid != os.getpid():
+                stop_tree(pid, grace=5.0)
 
     def log(self, who: str) -> str:
         path = self.logs / f"{who}.log"
