@@ -43,6 +43,7 @@ from .profiles import PEFT_METHODS, PROFILES, Cell, Profile, cells, same_setting
 console = Console()
 log = logging.getLogger(__name__)
 CELL_FILE = "cell.json"  # written last, atomically: its presence means the cell is finished
+COMMITS_FILE = "commits.json"  # the code each span of a federated cell's rounds ran, noted as each run of it starts
 
 
 class CellFailed(RuntimeError):
@@ -92,6 +93,45 @@ def source_commit(root: Path = PROJECT) -> str | None:
     return head + ("+changes" if changed else "")
 
 
+def note_commit(folder: Path, commit: str | None) -> list[dict]:
+    """Note in a federated cell's folder the commit the run about to start goes on with, from the round
+    after its checkpoint's: a cell runs for hours, is resumed in later sessions, after pulls, elsewhere,
+    and its record (under way or finished) must name the code of every round. Returns the spans."""
+    path = folder / COMMITS_FILE
+    try:
+        spans = json.loads(path.read_text())
+    except FileNotFoundError:
+        spans = []
+    except (OSError, ValueError) as exc:
+        console.print(f"[yellow]{path} unreadable ({exc}): the commits of the rounds before this run are not recorded[/yellow]")
+        spans = []
+    try:
+        first = int(json.loads((folder / "checkpoint" / checkpoint.CONFIG_FILE).read_text()).get("round", 0)) + 1
+    except (OSError, ValueError, TypeError, AttributeError):
+        first = 1  # no checkpoint the run can resume from: it starts over
+    spans = [s for s in spans if s["from_round"] < first]  # the rounds from `first` on are run again
+    if not spans or spans[-1]["commit"] != commit:
+        spans.append({"from_round": first, "commit": commit})
+    atomic.write_json(path, spans)
+    return spans
+
+
+def commit_label(spans: Sequence[dict] | None) -> str | None:
+    """The commit a federated cell's rounds ran, as its record names it; None where nothing was noted."""
+    if not spans:
+        return None
+    if len(spans) == 1:
+        return spans[0]["commit"]
+    return tables.spans_label(spans, lambda s: s["commit"] or "not recorded")
+
+
+def read_commits(folder: Path) -> list[dict] | None:
+    try:
+        return json.loads((folder / COMMITS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def record(cell: Cell, results: dict, folder: Path, wall_seconds: float, commit: str | None = None) -> dict:
     """One row of results.json: the cell, its settings, and the numbers the tables and figures use."""
     saved = checkpoint_config(folder)
@@ -134,6 +174,7 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float, commit:
             "agreement": mean_agreement(rounds),
             # A cell resumed on another machine: each machine from the round it took over, and any base compressed again.
             "machines": results.get("info", {}).get("machines"), "base_changes": results.get("info", {}).get("base_changes"),
+            "commit": commit_label(read_commits(folder)) or commit,  # each span's, for a cell resumed after a pull
             "curve": {"x": [r["round"] for r in rounds], "y": [r["perplexity"] for r in rounds], "label": "test perplexity"},
         }
     generation = results.get("generation") if cell.kind == "centralized" else results["rounds"][-1].get("generation")
@@ -244,7 +285,8 @@ def export_records(grid: Sequence[Cell], out_dir: Path, dest: Path) -> list[tupl
             target = dest / "cells" / source.name
             atomic.write_bytes(target / CELL_FILE, (source / CELL_FILE).read_bytes())
             shutil.rmtree(target / "checkpoint", ignore_errors=True)  # what resuming it needed is no longer needed
-            (target / "results.json").unlink(missing_ok=True)
+            for name in ("results.json", COMMITS_FILE):  # the finished record names the commits
+                (target / name).unlink(missing_ok=True)
             exported.append((source.name, "finished"))
             continue
         source, target = out_dir / "cells" / cell.id, dest / "cells" / cell.id
@@ -253,6 +295,8 @@ def export_records(grid: Sequence[Cell], out_dir: Path, dest: Path) -> list[tupl
         # The checkpoint first: results.json may then be a round ahead of it, which resuming rewinds; never behind.
         saved = _copy_checkpoint(source / "checkpoint", target / "checkpoint")
         atomic.write_bytes(target / "results.json", (source / "results.json").read_bytes())
+        if (source / COMMITS_FILE).exists():
+            atomic.write_bytes(target / COMMITS_FILE, (source / COMMITS_FILE).read_bytes())
         exported.append((cell.id, f"under way: checkpoint of round {saved.get('round', 0)}"))
     return exported
 
@@ -306,6 +350,9 @@ def run_grid(
         try:
             if runner is None:
                 raise CellFailed("no federated runner given")
+            if cell.kind != "centralized":
+                folder.mkdir(parents=True, exist_ok=True)
+                note_commit(folder, commit)
             earlier = time_on_disk(folder)  # the rounds a stopped federated cell ran before
             results = runner(cell, folder, progress=progress)
         except (CellFailed, SettingsError, RuntimeError, ValueError, OSError) as exc:

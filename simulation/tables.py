@@ -708,9 +708,14 @@ def machine_label(record: dict) -> str:
     cell resumed on other machines, each with the round it took over at."""
     spans = record.get("machines") or []
     if len(spans) > 1:
-        return " then ".join(f"from round {m['from_round']}: {_machine_text(m)}" for m in spans)
+        return spans_label(spans, _machine_text)
     m = record.get("machine")
     return _machine_text(m) if m else "machine not recorded"
+
+
+def spans_label(spans: Sequence[dict], text: Callable[[dict], str]) -> str:
+    """What held over a resumed run's spans of rounds: `from round 1: a then from round 8: b`."""
+    return " then ".join(f"from round {s['from_round']}: {text(s)}" for s in spans)
 
 
 def _machine_text(m: dict) -> str:

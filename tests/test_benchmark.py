@@ -19,7 +19,7 @@ from mops_core.loading import machine
 from mops_core.peft_baselines import PeftBaseline
 from simulation import tables
 from simulation.benchmark import (
-    CELL_FILE, federated_runner, finished_cells, main, parse_sets, run_grid, source_commit, time_on_disk, write_outputs,
+    CELL_FILE, COMMITS_FILE, commit_label, federated_runner, finished_cells, main, parse_sets, run_grid, source_commit, time_on_disk, write_outputs,
 )
 from simulation.profiles import PROFILES, QUICK, Cell, Profile, cells, same_settings
 
@@ -258,6 +258,11 @@ def test_tables_name_the_machines_and_warn_when_cells_ran_on_several():
                                              "from round 8: Xeon, 2 cores, AMX; bfloat16; torch 2.13.0")
     assert tables.machine_label({"machine": xeon, "machines": [{"from_round": 1, **xeon}]}) == tables.machine_label({"machine": xeon})
     assert len(tables.mixed_machines([{"machine": xeon}, resumed])) == 1
+    # and the code each span ran, where the run noted it
+    assert commit_label([{"from_round": 1, "commit": "1439aa3"}]) == "1439aa3"
+    assert commit_label([{"from_round": 1, "commit": "1439aa3"}, {"from_round": 2, "commit": None}]) == (
+        "from round 1: 1439aa3 then from round 2: not recorded")
+    assert commit_label(None) is None and commit_label([]) is None
     rebased = {"id": "fede-x", "base_changes": [{"from_round": 8, "before": "a" * 32, "after": "b" * 32}]}
     assert tables.grid_warnings([rebased]) == [
         "cell fede-x went on from round 8 on a base compressed again elsewhere (fingerprint aaaaaaaa -> bbbbbbbb): "
@@ -313,6 +318,7 @@ def test_export_copies_finished_records_and_what_a_cell_under_way_needs_to_resum
     (running / "checkpoint" / CONFIG_FILE).write_text(json.dumps({"round": 7}))
     (running / "checkpoint" / WEIGHTS_FILE).write_bytes(b"tensors")
     (running / "results.json").write_text(json.dumps({"rounds": [{"round": r, "wall_seconds": 60.0 * r} for r in range(9)]}))  # a round ahead
+    (running / COMMITS_FILE).write_text(json.dumps([{"from_round": 1, "commit": "1439aa3"}]))  # the code it ran
     (running / "gate_heatmap.png").write_bytes(b"png")  # figures are redrawn: not copied
     # the record of an earlier export, now finished: what resuming needed goes
     (dest / "cells" / done.name / "checkpoint").mkdir(parents=True)
@@ -322,12 +328,34 @@ def test_export_copies_finished_records_and_what_a_cell_under_way_needs_to_resum
     assert exported == [(done.name, "finished"), (running.name, "under way: checkpoint of round 7")]
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == sorted([
         f"cells/{done.name}/{CELL_FILE}", f"cells/{running.name}/checkpoint/{CONFIG_FILE}",
-        f"cells/{running.name}/checkpoint/{WEIGHTS_FILE}", f"cells/{running.name}/results.json"])
+        f"cells/{running.name}/checkpoint/{WEIGHTS_FILE}", f"cells/{running.name}/results.json",
+        f"cells/{running.name}/{COMMITS_FILE}"])
     assert (dest / "cells" / running.name / "checkpoint" / WEIGHTS_FILE).read_bytes() == b"tensors"
     # copied back into place, the cell under way is found to resume and the finished one finished
     assert finished_cells(dest)[0]["method"] == "fedprompt" and time_on_disk(dest / "cells" / running.name) == 480.0
     assert main(["--profile", "regime", "--out", str(out), "--export", str(dest)]) == 0
     assert "0 of 8 cells copied" in capsys.readouterr().out  # the regime's cells are not these
+
+
+def test_a_cell_notes_the_commit_of_each_span_of_its_rounds_as_it_resumes(tmp_path, capsys):
+    from mops_core.checkpoint import CONFIG_FILE
+    from simulation.benchmark import note_commit, read_commits
+
+    folder = tmp_path / "cell"
+    folder.mkdir()
+    assert note_commit(folder, "1439aa3") == [{"from_round": 1, "commit": "1439aa3"}]  # starts: no checkpoint yet
+    (folder / "checkpoint").mkdir()
+    (folder / "checkpoint" / CONFIG_FILE).write_text(json.dumps({"round": 3}))
+    assert note_commit(folder, "1439aa3") == [{"from_round": 1, "commit": "1439aa3"}]  # resumed with the same code
+    assert note_commit(folder, "890da60+changes") == [{"from_round": 1, "commit": "1439aa3"},
+                                                      {"from_round": 4, "commit": "890da60+changes"}]
+    (folder / "checkpoint" / CONFIG_FILE).write_text(json.dumps({"round": 1}))  # resumed from an older checkpoint
+    assert note_commit(folder, None) == [{"from_round": 1, "commit": "1439aa3"}, {"from_round": 2, "commit": None}]
+    assert read_commits(folder) == [{"from_round": 1, "commit": "1439aa3"}, {"from_round": 2, "commit": None}]
+    assert commit_label(read_commits(folder)) == "from round 1: 1439aa3 then from round 2: not recorded"
+    (folder / COMMITS_FILE).write_text("{not json")  # a damaged note: said, and the run goes on noting its own
+    assert note_commit(folder, "890da60") == [{"from_round": 2, "commit": "890da60"}]
+    assert "unreadable" in capsys.readouterr().out
 
 
 def test_cells_are_held_to_one_base_only_where_their_settings_call_for_one():
@@ -480,6 +508,7 @@ def test_a_federated_cell_runs_through_the_flower_app_and_a_stopped_one_resumes_
     assert row["rounds"][1]["client_spread"]["clients"] == 3 and row["rounds"][2]["rouge_l"] is not None
     assert [m["from_round"] for m in row["machines"]] == [1] and row["base_changes"] is None
     assert row["commit"] == source_commit() and {"cpu", "bf16_units", "dtype", "torch"} <= set(row["machine"])  # its provenance
+    assert json.loads((Path(row["dir"]) / COMMITS_FILE).read_text()) == [{"from_round": 1, "commit": source_commit()}]
     assert "Table 3" in (tmp_path / "bench" / "tables.md").read_text()
 
     # The same cell stopped after round 1 (a session ends): its folder holds one round, as the run leaves it...
