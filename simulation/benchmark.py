@@ -93,17 +93,27 @@ def source_commit(root: Path = PROJECT) -> str | None:
     return head + ("+changes" if changed else "")
 
 
+def read_commits(folder: Path) -> list[dict]:
+    """The spans a federated cell's folder notes, `[{"from_round": 1, "commit": "1439aa3"}, ...]`; [] where
+    none; ValueError where the file is damaged."""
+    try:
+        spans = json.loads((folder / COMMITS_FILE).read_text())
+    except FileNotFoundError:
+        return []
+    if not isinstance(spans, list) or not all(isinstance(s, dict) and {"from_round", "commit"} <= s.keys() for s in spans):
+        raise ValueError("not a list of {from_round, commit}")
+    return spans
+
+
 def note_commit(folder: Path, commit: str | None) -> list[dict]:
     """Note in a federated cell's folder the commit the run about to start goes on with, from the round
     after its checkpoint's: a cell runs for hours, is resumed in later sessions, after pulls, elsewhere,
     and its record (under way or finished) must name the code of every round. Returns the spans."""
-    path = folder / COMMITS_FILE
     try:
-        spans = json.loads(path.read_text())
-    except FileNotFoundError:
-        spans = []
+        spans = read_commits(folder)
     except (OSError, ValueError) as exc:
-        console.print(f"[yellow]{path} unreadable ({exc}): the commits of the rounds before this run are not recorded[/yellow]")
+        console.print(f"[yellow]{folder / COMMITS_FILE} unreadable ({exc}): the commits of the rounds before "
+                      "this run are not recorded[/yellow]")
         spans = []
     try:
         first = int(json.loads((folder / "checkpoint" / checkpoint.CONFIG_FILE).read_text()).get("round", 0)) + 1
@@ -112,24 +122,19 @@ def note_commit(folder: Path, commit: str | None) -> list[dict]:
     spans = [s for s in spans if s["from_round"] < first]  # the rounds from `first` on are run again
     if not spans or spans[-1]["commit"] != commit:
         spans.append({"from_round": first, "commit": commit})
-    atomic.write_json(path, spans)
+    atomic.write_json(folder / COMMITS_FILE, spans)
     return spans
 
 
-def commit_label(spans: Sequence[dict] | None) -> str | None:
+def commit_label(folder: Path) -> str | None:
     """The commit a federated cell's rounds ran, as its record names it; None where nothing was noted."""
-    if not spans:
-        return None
-    if len(spans) == 1:
-        return spans[0]["commit"]
-    return tables.spans_label(spans, lambda s: s["commit"] or "not recorded")
-
-
-def read_commits(folder: Path) -> list[dict] | None:
     try:
-        return json.loads((folder / COMMITS_FILE).read_text())
+        spans = read_commits(folder)
     except (OSError, ValueError):
         return None
+    if len(spans) <= 1:
+        return spans[0]["commit"] if spans else None
+    return tables.spans_label(spans, lambda s: s["commit"] or "not recorded")
 
 
 def record(cell: Cell, results: dict, folder: Path, wall_seconds: float, commit: str | None = None) -> dict:
@@ -174,7 +179,7 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float, commit:
             "agreement": mean_agreement(rounds),
             # A cell resumed on another machine: each machine from the round it took over, and any base compressed again.
             "machines": results.get("info", {}).get("machines"), "base_changes": results.get("info", {}).get("base_changes"),
-            "commit": commit_label(read_commits(folder)) or commit,  # each span's, for a cell resumed after a pull
+            "commit": commit_label(folder) or commit,  # each span's, for a cell resumed after a pull
             "curve": {"x": [r["round"] for r in rounds], "y": [r["perplexity"] for r in rounds], "label": "test perplexity"},
         }
     generation = results.get("generation") if cell.kind == "centralized" else results["rounds"][-1].get("generation")

@@ -258,11 +258,6 @@ def test_tables_name_the_machines_and_warn_when_cells_ran_on_several():
                                              "from round 8: Xeon, 2 cores, AMX; bfloat16; torch 2.13.0")
     assert tables.machine_label({"machine": xeon, "machines": [{"from_round": 1, **xeon}]}) == tables.machine_label({"machine": xeon})
     assert len(tables.mixed_machines([{"machine": xeon}, resumed])) == 1
-    # and the code each span ran, where the run noted it
-    assert commit_label([{"from_round": 1, "commit": "1439aa3"}]) == "1439aa3"
-    assert commit_label([{"from_round": 1, "commit": "1439aa3"}, {"from_round": 2, "commit": None}]) == (
-        "from round 1: 1439aa3 then from round 2: not recorded")
-    assert commit_label(None) is None and commit_label([]) is None
     rebased = {"id": "fede-x", "base_changes": [{"from_round": 8, "before": "a" * 32, "after": "b" * 32}]}
     assert tables.grid_warnings([rebased]) == [
         "cell fede-x went on from round 8 on a base compressed again elsewhere (fingerprint aaaaaaaa -> bbbbbbbb): "
@@ -352,10 +347,15 @@ def test_a_cell_notes_the_commit_of_each_span_of_its_rounds_as_it_resumes(tmp_pa
     (folder / "checkpoint" / CONFIG_FILE).write_text(json.dumps({"round": 1}))  # resumed from an older checkpoint
     assert note_commit(folder, None) == [{"from_round": 1, "commit": "1439aa3"}, {"from_round": 2, "commit": None}]
     assert read_commits(folder) == [{"from_round": 1, "commit": "1439aa3"}, {"from_round": 2, "commit": None}]
-    assert commit_label(read_commits(folder)) == "from round 1: 1439aa3 then from round 2: not recorded"
-    (folder / COMMITS_FILE).write_text("{not json")  # a damaged note: said, and the run goes on noting its own
-    assert note_commit(folder, "890da60") == [{"from_round": 2, "commit": "890da60"}]
-    assert "unreadable" in capsys.readouterr().out
+    assert commit_label(folder) == "from round 1: 1439aa3 then from round 2: not recorded"
+    (folder / COMMITS_FILE).write_text(json.dumps([{"from_round": 1, "commit": "1439aa3"}]))
+    assert commit_label(folder) == "1439aa3"
+    for damaged in ("{not json", json.dumps({"from_round": 1}), json.dumps([{"commit": "1439aa3"}])):
+        (folder / COMMITS_FILE).write_text(damaged)  # said, and the run goes on noting its own
+        assert commit_label(folder) is None
+        assert note_commit(folder, "890da60") == [{"from_round": 2, "commit": "890da60"}]
+        assert "unreadable" in capsys.readouterr().out
+    assert commit_label(tmp_path) is None  # nothing noted
 
 
 def test_cells_are_held_to_one_base_only_where_their_settings_call_for_one():
