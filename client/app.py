@@ -37,6 +37,7 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import node
+from client.replies import ReplyCache
 from mops_core import log_through
 from mops_core.checkpoint import load_adapter_tensors, save
 from mops_core.config import Settings
@@ -134,9 +135,26 @@ def _save_personal_adapter(context: Context, settings: Settings, session: Sessio
         save(Path(str(context.node_config[protocol.ADAPTER_DIR])), session.model, settings, list(session.tasks))
 
 
+def _reply_cache(msg: Message, context: Context) -> tuple[ReplyCache, str] | None:
+    """This node's kept replies and the key of this message's, where reply-cache-dir is set. Not under
+    local gates: a kept reply would skip the update of the gate this node keeps for itself."""
+    settings = _settings(context)
+    if not settings.federated.reply_cache_dir or settings.federated.gate_aggregation == "local":
+        return None
+    cache = ReplyCache(Path(settings.federated.reply_cache_dir), int(context.node_config.get(protocol.PARTITION_ID, -1)))
+    global_state = {k: v.numpy() for k, v in msg.content[protocol.ARRAYS].items()}
+    return cache, cache.key(protocol.server_round_of(msg), global_state, {**context.run_config, **context.node_config})
+
+
 @app.train(mods=[clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
+    cached = _reply_cache(msg, context)
+    kept = cached[0].get(protocol.server_round_of(msg), cached[1]) if cached else None
+    if kept is not None:  # this round was run before and this node had finished it: the same reply, at once
+        FLOWER_LOGGER.info("round %d: replying with the update this node computed for it before (reply-cache-dir)",
+                           protocol.server_round_of(msg))
+        return protocol.train_reply(msg, ArrayRecord(kept.arrays), **kept.metrics)
     settings, session, part = _with_global_state(msg, context)
     local = _local_gate(settings, session, context)
     _save_personal_adapter(context, settings, session)
@@ -149,11 +167,12 @@ def train(msg: Message, context: Context) -> Message:
     state = session.model.federated_state_dict()
     if local:  # the gate stays here, for this node's next round; only the experts travel
         context.state[protocol.OWN_GATE] = ArrayRecord({k: state.pop(k).cpu() for k in _gate_keys(session)})
-    update = ArrayRecord({k: v.cpu() for k, v in state.items()})
-    return protocol.train_reply(
-        msg, update, examples=len(examples), loss=stats.mean_loss, train_seconds=time.perf_counter() - train_started,
-        client_seconds=time.perf_counter() - started, gate=stats.mean_gate,
-    )
+    arrays = {k: v.cpu() for k, v in state.items()}
+    metrics = {"examples": len(examples), "loss": stats.mean_loss, "train_seconds": time.perf_counter() - train_started,
+               "client_seconds": time.perf_counter() - started, "gate": stats.mean_gate}
+    if cached:
+        cached[0].put(protocol.server_round_of(msg), cached[1], arrays, metrics)
+    return protocol.train_reply(msg, ArrayRecord(arrays), **metrics)
 
 
 @app.evaluate()

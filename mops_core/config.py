@@ -27,6 +27,7 @@ DEMO = {
 RESUMABLE = frozenset({
     "num-server-rounds", "resume", "round-timeout", "round-deadline", "min-replies", "eval-samples", "eval-batch-size",
     "min-available-nodes", "out-dir", "fraction-evaluate", "personalize-steps", "metrics-every", "generation-samples", "max-new-tokens", "tracking", "tracking-dir",
+    "reply-cache-dir",
 })
 
 
@@ -294,6 +295,13 @@ class FederatedConfig:
     min_partition_size: int = field(5, "smallest client training set the 'dirichlet' split may produce")
     out_dir: str = field("runs/federated", "where checkpoints, results.json and figures go")
     resume: bool = field(False, "continue from the checkpoint in out-dir, at the round after it")
+    reply_cache_dir: str = field(
+        "",
+        "where each node keeps its last finished training reply (on its own disk), so that a round run again after "
+        "the server stopped mid-round (a crash, a session's end) takes the replies already computed instead of "
+        "training again; a reply is reused only for the same round, data partition, settings and global state. "
+        "'' = none kept",
+    )
     round_timeout: float = field(3600.0, "seconds the server waits for a round's replies, and for min-available-nodes to connect")
     round_deadline: str = field(
         "",
@@ -441,11 +449,12 @@ CONCERNS: dict[str, type] = {
     "tracker": TrackingConfig,
 }
 # Settings that change where a run's metrics are shown, never the run's numbers.
-NOT_RESULTS = frozenset({"tracking", "tracking-dir"})
+NOT_RESULTS = frozenset({"tracking", "tracking-dir", "reply-cache-dir"})  # and where nodes keep replies
 # Settings added after runs were recorded, with the value every run before them had in effect: a
 # record that lacks one ran at this value, so it still matches as the same experiment (a run under
 # way resumes with them because they are RESUMABLE too).
-ADDED_LATER = {"round-deadline": "", "min-replies": 1, "gate-aggregation": "global", "personalize-steps": 0}
+ADDED_LATER = {"round-deadline": "", "min-replies": 1, "gate-aggregation": "global", "personalize-steps": 0,
+               "reply-cache-dir": ""}
 
 
 def recorded(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any
 
 from rich.console import Console
 
+from client.replies import kept_round
 from mops_core import atomic, centralized, checkpoint, peft_baselines
 from mops_core.config import Settings
 from mops_core.evaluate import gate_collapse
@@ -43,6 +44,7 @@ from .profiles import PEFT_METHODS, PROFILES, Cell, Profile, cells, same_setting
 console = Console()
 log = logging.getLogger(__name__)
 CELL_FILE = "cell.json"  # written last, atomically: its presence means the cell is finished
+REPLIES = "replies"  # a federated cell's clients' last replies (reply-cache-dir), what resuming mid-round reuses
 COMMITS_FILE = "commits.json"  # the code each span of a federated cell's rounds ran, noted as each run of it starts
 
 
@@ -62,8 +64,10 @@ def run_centralized(cell: Cell, folder: Path, *, progress: bool) -> dict:
 
 def federated_runner(supernodes: int, client_cpus: int | None, client_gpus: float | None, flwr_home: Path | None = None):
     def run_federated(cell: Cell, folder: Path, *, progress: bool) -> dict:
-        overrides = {k: v for k, v in cell.settings.items() if k not in ("out-dir", "resume")}
-        overrides.update({"out-dir": str(folder.resolve()), "resume": True})
+        overrides = {k: v for k, v in cell.settings.items() if k not in ("out-dir", "resume", "reply-cache-dir")}
+        # A cell stopped mid-round (a session's end) goes on from its last round without training again
+        # the clients that had finished the next one: they kept their replies in the cell's folder.
+        overrides.update({"out-dir": str(folder.resolve()), "resume": True, "reply-cache-dir": str((folder / REPLIES).resolve())})
         code = launch(overrides, supernodes=supernodes, client_cpus=client_cpus, client_gpus=client_gpus, flwr_home=flwr_home)
         path = folder / "results.json"
         if code != 0 or not path.exists():
@@ -292,6 +296,7 @@ def export_records(grid: Sequence[Cell], out_dir: Path, dest: Path) -> list[tupl
             shutil.rmtree(target / "checkpoint", ignore_errors=True)  # what resuming it needed is no longer needed
             for name in ("results.json", COMMITS_FILE):  # the finished record names the commits
                 (target / name).unlink(missing_ok=True)
+            shutil.rmtree(target / REPLIES, ignore_errors=True)
             exported.append((source.name, "finished"))
             continue
         source, target = out_dir / "cells" / cell.id, dest / "cells" / cell.id
@@ -302,6 +307,11 @@ def export_records(grid: Sequence[Cell], out_dir: Path, dest: Path) -> list[tupl
         atomic.write_bytes(target / "results.json", (source / "results.json").read_bytes())
         if (source / COMMITS_FILE).exists():
             atomic.write_bytes(target / COMMITS_FILE, (source / COMMITS_FILE).read_bytes())
+        # The clients' replies kept for the round under way: a session that resumes the cell elsewhere reuses them.
+        shutil.rmtree(target / REPLIES, ignore_errors=True)
+        for kept in sorted((source / REPLIES).glob("*.safetensors")):
+            if kept_round(kept.name) == saved.get("round", 0) + 1:  # older rounds' replies are of no use again
+                atomic.write_bytes(target / REPLIES / kept.name, kept.read_bytes())
         exported.append((cell.id, f"under way: checkpoint of round {saved.get('round', 0)}"))
     return exported
 

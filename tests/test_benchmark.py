@@ -314,6 +314,10 @@ def test_export_copies_finished_records_and_what_a_cell_under_way_needs_to_resum
     (running / "checkpoint" / WEIGHTS_FILE).write_bytes(b"tensors")
     (running / "results.json").write_text(json.dumps({"rounds": [{"round": r, "wall_seconds": 60.0 * r} for r in range(9)]}))  # a round ahead
     (running / COMMITS_FILE).write_text(json.dumps([{"from_round": 1, "commit": "1439aa3"}]))  # the code it ran
+    # the clients' kept replies: those of round 8, the round under way, go along; an older round's do not
+    (running / "replies").mkdir()
+    for name in ("partition-3-round-8-ab12.safetensors", "partition-5-round-7-cd34.safetensors"):
+        (running / "replies" / name).write_bytes(b"reply")
     (running / "gate_heatmap.png").write_bytes(b"png")  # figures are redrawn: not copied
     # the record of an earlier export, now finished: what resuming needed goes
     (dest / "cells" / done.name / "checkpoint").mkdir(parents=True)
@@ -324,7 +328,7 @@ def test_export_copies_finished_records_and_what_a_cell_under_way_needs_to_resum
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == sorted([
         f"cells/{done.name}/{CELL_FILE}", f"cells/{running.name}/checkpoint/{CONFIG_FILE}",
         f"cells/{running.name}/checkpoint/{WEIGHTS_FILE}", f"cells/{running.name}/results.json",
-        f"cells/{running.name}/{COMMITS_FILE}"])
+        f"cells/{running.name}/{COMMITS_FILE}", f"cells/{running.name}/replies/partition-3-round-8-ab12.safetensors"])
     assert (dest / "cells" / running.name / "checkpoint" / WEIGHTS_FILE).read_bytes() == b"tensors"
     # copied back into place, the cell under way is found to resume and the finished one finished
     assert finished_cells(dest)[0]["method"] == "fedprompt" and time_on_disk(dest / "cells" / running.name) == 480.0
@@ -490,6 +494,7 @@ def test_a_federated_cell_runs_through_the_flower_app_and_a_stopped_one_resumes_
         tiny_profile, tmp_path):
     from safetensors.torch import load_file
 
+    from client.replies import kept_round
     from simulation.benchmark import export_records
     from simulation.launch import launch
 
@@ -517,12 +522,24 @@ def test_a_federated_cell_runs_through_the_flower_app_and_a_stopped_one_resumes_
     code = launch({**cell.settings, "num-server-rounds": 1, "out-dir": str(stopped / "cells" / cell.id), "resume": True},
                   supernodes=3, client_cpus=1, flwr_home=tmp_path / "home")
     assert code == 0
+    # ...and two of its three clients had finished round 2 when it stopped: they kept their replies (reply-cache-dir),
+    # the same as the uninterrupted run's, which kept each client's last one
+    kept = sorted((tmp_path / "bench" / "cells" / cell.id / "replies").iterdir())
+    assert [kept_round(p.name) for p in kept] == [2, 2, 2]
+    (stopped / "cells" / cell.id / "replies").mkdir()
+    for reply in kept[:2]:
+        shutil.copy2(reply, stopped / "cells" / cell.id / "replies" / reply.name)
     # ...its small record committed, then copied into place on another machine, where the grid goes on from round 1
     assert export_records(grid, stopped, tmp_path / "records") == [(cell.id, "under way: checkpoint of round 1")]
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(tmp_path / "records", elsewhere)
+    replies = elsewhere / "cells" / cell.id / "replies"
+    before = {p.name: p.stat().st_mtime_ns for p in replies.iterdir()}
+    assert sorted(before) == [p.name for p in kept[:2]]
     records, failures = run_grid(grid, elsewhere, federated_runner=runner, progress=False)
     assert not failures
+    after = {p.name: p.stat().st_mtime_ns for p in replies.iterdir()}
+    assert sorted(after) == [p.name for p in kept] and all(after[n] == t for n, t in before.items())  # only the third trained
     (resumed,) = records
     assert [r["perplexity"] for r in resumed["rounds"]] == [r["perplexity"] for r in row["rounds"]]
     assert [r["client_perplexity"] for r in resumed["rounds"]] == [r["client_perplexity"] for r in row["rounds"]]

@@ -158,6 +158,8 @@ EFFECTS = {
     "partitioner": ["test_partition.py::test_the_inner_dirichlet_split_gives_every_client_the_same_size", "test_partition.py::test_a_lower_alpha_gives_each_client_fewer_tasks"],
     "min-partition-size": ["test_partition.py::test_a_split_no_draw_can_satisfy_names_the_settings_to_change"],
     "out-dir": ["test_launch.py::test_the_out_dir_is_given_once_or_twice_alike"],
+    "reply-cache-dir": ["test_replies.py::test_a_node_asked_again_for_a_round_it_finished_replies_the_same_without_training",
+                        "test_benchmark.py::test_a_federated_cell_runs_through_the_flower_app_and_a_stopped_one_resumes_elsewhere_to_the_same_numbers"],
     "resume": ["test_simulation.py::test_resume_after_a_round_reaches_the_uninterrupted_state"],
     "round-timeout": ["test_strategy.py::test_waiting_for_nodes_explains_a_federation_too_small_and_gives_up_at_the_timeout",
                       "test_rounds.py::test_the_deadline_waits_for_min_replies_and_an_absolute_deadline_counts_from_the_push"],
