@@ -14,6 +14,8 @@ train  installs the global experts and gate, runs `local-steps` optimizer steps 
        model travels) and what happened: examples, loss, mean gate score per expert, time.
        With gate-aggregation=local the node trains its own gate (kept in its node state,
        `Context.state`, from its first round's global one) and replies with the experts alone.
+       With reply-cache-dir the node keeps its reply (client/replies.py): asked again for the same
+       round and global state (a run resumed after its server stopped mid-round), it sends it at once.
 evaluate  scores the global experts and gate (or the node's own gate) on the node's held-out
        share (`client-test-fraction` of its data, never trained on) and replies the summed loss
        and tokens, overall and per task, so that the server can weigh every client by its
