@@ -752,7 +752,8 @@ def mixed_machines(records: Sequence[dict]) -> list[str]:
 def rebased(records: Sequence[dict]) -> list[str]:
     """Cells resumed on a base compressed again (another machine or library version) partway through."""
     return [f"cell {r['id']} went on from round {c['from_round']} on a base compressed again elsewhere (fingerprint "
-            f"{str(c['before'])[:8]} -> {str(c['after'])[:8]}): its later rounds trained on slightly other weights"
+            f"{str(c['before'])[:8]} -> {str(c['after'])[:8]}): its later rounds trained another base, on which its earlier "
+            "adapter may score far worse: not a continuation of its earlier rounds"
             for r in records for c in r.get("base_changes") or []]
 
 

@@ -261,7 +261,7 @@ def test_tables_name_the_machines_and_warn_when_cells_ran_on_several():
     rebased = {"id": "fede-x", "base_changes": [{"from_round": 8, "before": "a" * 32, "after": "b" * 32}]}
     assert tables.grid_warnings([rebased]) == [
         "cell fede-x went on from round 8 on a base compressed again elsewhere (fingerprint aaaaaaaa -> bbbbbbbb): "
-        "its later rounds trained on slightly other weights"]
+        "its later rounds trained another base, on which its earlier adapter may score far worse: not a continuation of its earlier rounds"]
 
 
 def test_a_stopped_federated_cell_resumes_from_its_last_round(tmp_path):
