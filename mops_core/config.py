@@ -401,7 +401,8 @@ class CompressionConfig:
         "float64",
         "arithmetic of calibrated pruning (the block's calibration forward, X X^T, SparseGPT's solve): SparseGPT "
         "amplifies rounding, so in float32 the pruned base depends on the thread count and the hardware; float64 "
-        "keeps bases made on different machines close, at several times the cost (float32 for GPUs with slow float64)",
+        "brings bases made on different machines closer, not equal (an adapter tuned on one can score far worse on "
+        "another), at several times the cost (float32 for GPUs with slow float64)",
     )
 
     def __post_init__(self) -> None:

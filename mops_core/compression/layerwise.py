@@ -9,7 +9,7 @@ All of that runs in `dtype` (float64 by default), the block cast up while it is 
 after. SparseGPT's solve amplifies rounding by orders of magnitude (H^-1 of correlated
 activations), and each block is fitted to the last one's pruned outputs, so in float32 the order
 in which the threads sum (their number, the CPU) decides a few percent of the mask and the
-perplexity with it; float64 keeps bases pruned on different machines close (docs/compression.md).
+perplexity with it; float64 brings bases pruned on different machines closer, not equal (docs/compression.md).
 """
 
 from __future__ import annotations
