@@ -304,9 +304,14 @@ def export_records(grid: Sequence[Cell], out_dir: Path, dest: Path) -> list[tupl
             continue  # not started, or no round saved yet: nothing to resume from
         # The checkpoint first: results.json may then be a round ahead of it, which resuming rewinds; never behind.
         saved = _copy_checkpoint(source / "checkpoint", target / "checkpoint")
-        atomic.write_bytes(target / "results.json", (source / "results.json").read_bytes())
+        results = json.loads((source / "results.json").read_text())
         if (source / COMMITS_FILE).exists():
             atomic.write_bytes(target / COMMITS_FILE, (source / COMMITS_FILE).read_bytes())
+            # The record itself names its code, beside the machines and dtype its run noted.
+            results.setdefault("info", {})["commits"] = read_commits(source)
+            saved["commits"] = results["info"]["commits"]
+            atomic.write_json(target / "checkpoint" / checkpoint.CONFIG_FILE, saved)
+        atomic.write_json(target / "results.json", results)
         # The clients' replies kept for the round under way: a session that resumes the cell elsewhere reuses them.
         shutil.rmtree(target / REPLIES, ignore_errors=True)
         for kept in sorted((source / REPLIES).glob("*.safetensors")):

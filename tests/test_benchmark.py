@@ -330,6 +330,9 @@ def test_export_copies_finished_records_and_what_a_cell_under_way_needs_to_resum
         f"cells/{running.name}/checkpoint/{WEIGHTS_FILE}", f"cells/{running.name}/results.json",
         f"cells/{running.name}/{COMMITS_FILE}", f"cells/{running.name}/replies/partition-3-round-8-ab12.safetensors"])
     assert (dest / "cells" / running.name / "checkpoint" / WEIGHTS_FILE).read_bytes() == b"tensors"
+    spans = [{"from_round": 1, "commit": "1439aa3"}]  # the record itself names its code
+    assert json.loads((dest / "cells" / running.name / "results.json").read_text())["info"]["commits"] == spans
+    assert json.loads((dest / "cells" / running.name / "checkpoint" / CONFIG_FILE).read_text()) == {"round": 7, "commits": spans}
     # copied back into place, the cell under way is found to resume and the finished one finished
     assert finished_cells(dest)[0]["method"] == "fedprompt" and time_on_disk(dest / "cells" / running.name) == 480.0
     assert main(["--profile", "regime", "--out", str(out), "--export", str(dest)]) == 0
