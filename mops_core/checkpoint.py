@@ -128,11 +128,11 @@ def read(path: str | Path) -> Checkpoint:
     return Checkpoint(path, config, tensors)
 
 
-def check_compatible(ckpt: Checkpoint, model: MoPsModel, *, fingerprint: bool = True) -> None:
+def check_compatible(ckpt: Checkpoint, model: MoPsModel) -> None:
     """Refuse a checkpoint tuned on another base or built with another MoPs shape.
 
-    `fingerprint=False` accepts a base of the same shape whose weights differ: the same recipe
-    compressed again elsewhere, where the caller has checked the settings and says so.
+    The base must be the one tuned, to the bit: pruning the same model with the same settings on
+    another CPU kind gives other weights, and an adapter scores far worse on them.
     """
     config = ckpt.config
     base = model.base.config
@@ -142,12 +142,14 @@ def check_compatible(ckpt: Checkpoint, model: MoPsModel, *, fingerprint: bool = 
             f"checkpoint {ckpt.path} was tuned on a base with {config.get('base_dims')}, "
             f"but the loaded base has {dims}"
         )
-    loaded = base_fingerprint(model.base) if fingerprint else config.get("base_fingerprint")
+    loaded = base_fingerprint(model.base)
     if config.get("base_fingerprint") != loaded:
         raise CheckpointError(
             f"checkpoint {ckpt.path} was tuned on another base ({config.get('base_model_name_or_path')!r}, "
             f"fingerprint {config.get('base_fingerprint')}); the loaded base has fingerprint {loaded}. "
-            "Load the same model with the same compression."
+            "Load the base it was tuned on: the same model and compression, pruned where it was tuned (pruning "
+            "on another CPU kind or library version gives other weights): the cache that holds it (model-cache-dir), or a base "
+            "exported there with `mops compress --export DIR`, then model = DIR."
         )
     if config.get("inject_layer") != model.inject_layer:
         raise CheckpointError(
@@ -155,10 +157,9 @@ def check_compatible(ckpt: Checkpoint, model: MoPsModel, *, fingerprint: bool = 
         )
 
 
-def load_into(ckpt: Checkpoint, model: MoPsModel, *, check_base: bool = True, fingerprint: bool = True) -> None:
+def load_into(ckpt: Checkpoint, model: MoPsModel) -> None:
     """Copy a checkpoint's tensors into `model` after checking that they fit (see `check_compatible`)."""
-    if check_base:
-        check_compatible(ckpt, model, fingerprint=fingerprint)
+    check_compatible(ckpt, model)
     load_adapter_tensors(model, ckpt.tensors, source=str(ckpt.path))
 
 

@@ -23,6 +23,7 @@ from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 
 from mops_core import checkpoint, log_through, report
+from mops_core.checkpoint import CheckpointError
 from mops_core.cache import stale_note
 from mops_core.config import FederatedConfig, Settings
 from mops_core.loading import base_fingerprint, cache_root, machine
@@ -32,7 +33,7 @@ from mops_core.start_state import prepare_or_load, store_input_prompts, tensor_s
 from mops_core.tracking import Tracker, open_tracker
 
 from .admission import Admission
-from .history import History, ResumePoint, progress_line, round_scalars
+from .history import History, ResumeError, ResumePoint, progress_line, round_scalars
 from .privacy import with_privacy
 from .rounds import ReplyRule, RoundGrid
 from .strategy import MoPsFedAvg, wait_for_nodes
@@ -106,15 +107,14 @@ def open_session(settings: Settings, history: History, start: ResumePoint) -> Se
         # The checkpoint holds the whole adapter, P1 included: the run goes on from it, not from the
         # start-state cache, whose entry other code (an upgrade) would compute anew and differently.
         saved = checkpoint.read(history.out_dir / "checkpoint")
-        if saved.config.get("base_fingerprint") != fingerprint:
-            # The settings are the run's own (History.open checked them): the same recipe compressed
-            # again, on another machine or by other library versions. Refusing would strand a run
-            # that took hours; going on is honest only if the record says so.
-            log(WARNING, "resuming %s on a base with fingerprint %s; rounds 1-%d ran on %s. The same settings compressed "
-                "it again (another machine or library version): results.json records the change", history.out_dir,
-                fingerprint, start.round, saved.config.get("base_fingerprint"))
-            history.note_base_change(start.round + 1, saved.config.get("base_fingerprint"), fingerprint)
-        checkpoint.load_into(saved, session.model, fingerprint=False)
+        try:
+            checkpoint.load_into(saved, session.model)
+        except CheckpointError as exc:
+            # Most often the same recipe pruned again on another CPU kind or library version: other
+            # weights, on which the adapter scores far worse. Going on would tune another base, not
+            # continue this run, so the run stops here and nothing on disk changes.
+            raise ResumeError(f"cannot resume {history.out_dir} after round {start.round}: {exc} "
+                              "Or start it afresh (resume = false, or another out-dir).") from None
         log(INFO, "resuming %s after round %d", history.out_dir, start.round)
     else:
         key, start_report = prepare_or_load(session)

@@ -131,11 +131,6 @@ class History:
         if not machines or {k: v for k, v in machines[-1].items() if k != "from_round"} != about:
             machines.append({"from_round": first_round, **about})
 
-    def note_base_change(self, first_round: int, before: str | None, after: str) -> None:
-        """The base's fingerprint changed at `first_round` (a resume on a base compressed again elsewhere)."""
-        changes = [c for c in self.info.get("base_changes", []) if c["from_round"] < first_round]
-        self.info["base_changes"] = [*changes, {"from_round": first_round, "before": before, "after": after}]
-
     def add_round(self, number: int, result: EvalResult, wire: RoundLog | None, eval_seconds: float,
                   generation: GenerationResult | None = None) -> dict:
         row: dict[str, Any] = {

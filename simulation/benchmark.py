@@ -181,8 +181,8 @@ def record(cell: Cell, results: dict, folder: Path, wall_seconds: float, commit:
             # after each evaluating client adapted a copy on its own data (personalize-steps); None without
             "client_adapted_perplexity": ((last.get("client_eval") or {}).get("adapted") or {}).get("perplexity"),
             "agreement": mean_agreement(rounds),
-            # A cell resumed on another machine: each machine from the round it took over, and any base compressed again.
-            "machines": results.get("info", {}).get("machines"), "base_changes": results.get("info", {}).get("base_changes"),
+            # A cell resumed on another machine: each machine from the round it took over.
+            "machines": results.get("info", {}).get("machines"),
             "commit": commit_label(folder) or commit,  # each span's, for a cell resumed after a pull
             "curve": {"x": [r["round"] for r in rounds], "y": [r["perplexity"] for r in rounds], "label": "test perplexity"},
         }

@@ -749,17 +749,9 @@ def mixed_machines(records: Sequence[dict]) -> list[str]:
             "across them measures the machines as well as the methods (each cell's machine is in `results.json`)"]
 
 
-def rebased(records: Sequence[dict]) -> list[str]:
-    """Cells resumed on a base compressed again (another machine or library version) partway through."""
-    return [f"cell {r['id']} went on from round {c['from_round']} on a base compressed again elsewhere (fingerprint "
-            f"{str(c['before'])[:8]} -> {str(c['after'])[:8]}): its later rounds trained another base, on which its earlier "
-            "adapter may score far worse: not a continuation of its earlier rounds"
-            for r in records for c in r.get("base_changes") or []]
-
-
 def grid_warnings(records: Sequence[dict]) -> list[str]:
     """What makes a grid's paired numbers doubtful: cells on different compressed bases, or on different machines."""
-    return mixed_bases(records) + rebased(records) + mixed_machines(records)
+    return mixed_bases(records) + mixed_machines(records)
 
 
 def write_csv(records: Sequence[dict], path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The federated run's record: what it says about machines and bases when a run resumes elsewhere."""
+"""The federated run's record: what it says about machines when a run resumes elsewhere, and the base it must resume on."""
 
 from mops_core.config import Settings
 from server.history import History
@@ -21,12 +21,38 @@ def test_the_machines_a_run_computed_on_are_listed_from_the_round_each_took_over
     assert history.info["machines"] == [{"from_round": 1, **EPYC}]
 
 
-def test_a_base_compressed_again_is_recorded_once_per_resume_point(tmp_path):
-    history = History(tmp_path, Settings())
-    history.note_base_change(6, "a", "b")
-    history.note_base_change(6, "a", "b")  # the same resume tried twice
-    history.note_base_change(9, "b", "c")
-    assert history.info["base_changes"] == [{"from_round": 6, "before": "a", "after": "b"},
-                                            {"from_round": 9, "before": "b", "after": "c"}]
-    history.note_base_change(7, "b", "d")  # rounds from 7 are run again: the change at 9 did not happen
-    assert [c["from_round"] for c in history.info["base_changes"]] == [6, 7]
+
+
+def test_a_run_is_not_resumed_on_a_base_pruned_again_with_other_weights(tiny_model_dir, toy_data_dir, tmp_path):
+    """Going on would tune another base: the run stops, says which bases and what to do, and changes nothing saved."""
+    import json
+
+    import pytest
+
+    from mops_core import checkpoint
+    from mops_core.session import Session
+    from server.app import open_session
+    from server.history import ResumeError, ResumePoint
+
+    out = tmp_path / "run"
+    settings = Settings.from_flat({
+        "model": str(tiny_model_dir), "data-dir": str(toy_data_dir), "model-cache-dir": str(tmp_path / "cache"),
+        "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16, "samples": 70, "max-length": 64,
+        "out-dir": str(out), "resume": True,
+    })
+    session = Session.open(settings, progress=False)
+    saved = checkpoint.save(out / "checkpoint", session.model, settings, session.tasks, {"round": 3})
+    config = json.loads((saved / checkpoint.CONFIG_FILE).read_text())
+    here = config["base_fingerprint"]
+    # as if rounds 1-3 ran where the same recipe pruned the base to other weights
+    (saved / checkpoint.CONFIG_FILE).write_text(json.dumps({**config, "base_fingerprint": "f6c1caa2" + "0" * 24}))
+    files = {p: p.read_bytes() for p in saved.iterdir()}
+    with pytest.raises(ResumeError, match=f"cannot resume {out} after round 3: .*fingerprint f6c1caa20{{24}}\\); the loaded "
+                       f"base has fingerprint {here}. Load the base it was tuned on.* Or start it afresh"):
+        open_session(settings, History(out, settings), ResumePoint(3, evaluated=True))
+    assert {p: p.read_bytes() for p in saved.iterdir()} == files
+    # on its own base it goes on
+    (saved / checkpoint.CONFIG_FILE).write_text(json.dumps(config))
+    resumed = open_session(settings, History(out, settings), ResumePoint(3, evaluated=True))
+    for name, tensor in session.model.adapter_state_dict().items():
+        assert (resumed.model.adapter_state_dict()[name] == tensor).all()
