@@ -31,9 +31,10 @@ from rich.console import Console
 
 from client.replies import kept_round
 from mops_core import atomic, centralized, checkpoint, peft_baselines
+from mops_core.compression.pipeline import compress_base
 from mops_core.config import Settings
 from mops_core.evaluate import gate_collapse
-from mops_core.loading import machine
+from mops_core.loading import base_fingerprint, load_base, machine
 from mops_core.parsing import SettingsError
 from mops_core.tracking import open_tracker
 
@@ -68,6 +69,7 @@ def federated_runner(supernodes: int, client_cpus: int | None, client_gpus: floa
         # A cell stopped mid-round (a session's end) goes on from its last round without training again
         # the clients that had finished the next one: they kept their replies in the cell's folder.
         overrides.update({"out-dir": str(folder.resolve()), "resume": True, "reply-cache-dir": str((folder / REPLIES).resolve())})
+        check_base(cell, folder)
         code = launch(overrides, supernodes=supernodes, client_cpus=client_cpus, client_gpus=client_gpus, flwr_home=flwr_home)
         path = folder / "results.json"
         if code != 0 or not path.exists():
@@ -79,6 +81,31 @@ def federated_runner(supernodes: int, client_cpus: int | None, client_gpus: floa
         return results
 
     return run_federated
+
+
+def machine_base(settings: Settings) -> str:
+    """The fingerprint of the base these settings give here (pruned once, then from the compression cache)."""
+    base, tokenizer = load_base(settings.model)
+    compress_base(base, tokenizer, settings, progress=False)
+    return base_fingerprint(base)
+
+
+def check_base(cell: Cell, folder: Path) -> None:
+    """A cell under way goes on only on the base its rounds tuned; said before Ray and the SuperLink start.
+
+    Pruning gives other weights on another CPU kind, so a grid whose records travel between machines
+    meets cells it cannot continue here: it goes on to its other cells, and this one waits for a
+    machine with its base (or a cache that holds it)."""
+    saved = checkpoint_config(folder)
+    if not saved.get("base_fingerprint"):
+        return
+    here = machine_base(Settings.from_flat(cell.settings))
+    if here != saved["base_fingerprint"]:
+        raise CellFailed(
+            f"its rounds 1-{saved.get('round')} tuned the base with fingerprint {saved['base_fingerprint']}, and its settings "
+            f"prune to {here} here (pruning differs between CPU kinds and library versions): left for a machine that gives its base, or the "
+            f"compression cache that holds it (`model-cache-dir`); delete {folder} to start it again here"
+        )
 
 
 # The project's code: what a commit of the project says about a cell's numbers.

@@ -294,6 +294,34 @@ def test_a_stopped_federated_cell_resumes_from_its_last_round(tmp_path):
     assert records[0]["wall_seconds"] >= 200.0, "the two rounds run before it stopped count"
 
 
+def test_a_cell_under_way_on_another_base_is_left_before_anything_starts(tiny_model_dir, toy_data_dir, tmp_path, monkeypatch):
+    import simulation.benchmark as benchmark
+    from mops_core import checkpoint
+    from mops_core.session import Session
+
+    settings = {**Settings().to_flat(), "model": str(tiny_model_dir), "data-dir": str(toy_data_dir),
+                "model-cache-dir": str(tmp_path / "cache"), "prompts-per-expert": 2, "inject-layer": 2, "gate-hidden": 16,
+                "samples": 70, "max-length": 64, "num-server-rounds": 3}
+    cell = Cell("federated", "mops", settings)
+    folder = tmp_path / "bench" / "cells" / cell.id
+    session = Session.open(Settings.from_flat(settings), progress=False)
+    saved = checkpoint.save(folder / "checkpoint", session.model, session.settings, session.tasks, {"round": 2})
+    config = json.loads((saved / checkpoint.CONFIG_FILE).read_text())
+    here = config["base_fingerprint"]
+    (saved / checkpoint.CONFIG_FILE).write_text(json.dumps({**config, "base_fingerprint": "f6c1caa2" + "0" * 24}))
+    launched = []
+    monkeypatch.setattr(benchmark, "launch", lambda *a, **k: launched.append(a) or 0)
+    records, failed = run_grid([cell], tmp_path / "bench", federated_runner=federated_runner(3, 1, 0.0), progress=False)
+    assert not records and not launched, "neither Ray nor a SuperLink started"
+    (failure,) = [why for _, why in failed]
+    assert failure.startswith(f"its rounds 1-2 tuned the base with fingerprint f6c1caa2{'0' * 24}, and its settings prune to {here} here")
+    assert f"delete {folder} to start it again here" in failure
+    # on its own base it is launched
+    (saved / checkpoint.CONFIG_FILE).write_text(json.dumps(config))
+    _, failed = run_grid([cell], tmp_path / "bench", federated_runner=federated_runner(3, 1, 0.0), progress=False)
+    assert len(launched) == 1 and failed[0][1] == "flwr run exited with code 0"  # the spy ran nothing
+
+
 def test_export_copies_finished_records_and_what_a_cell_under_way_needs_to_resume_elsewhere(tmp_path, capsys):
     from mops_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE
     from simulation.benchmark import export_records
