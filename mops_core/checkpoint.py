@@ -147,9 +147,9 @@ def check_compatible(ckpt: Checkpoint, model: MoPsModel) -> None:
         raise CheckpointError(
             f"checkpoint {ckpt.path} was tuned on another base ({config.get('base_model_name_or_path')!r}, "
             f"fingerprint {config.get('base_fingerprint')}); the loaded base has fingerprint {loaded}. "
-            "Load the base it was tuned on: the same model and compression, pruned where it was tuned (pruning "
-            "on another CPU kind or library version gives other weights): the cache that holds it (model-cache-dir), or a base "
-            "exported there with `mops compress --export DIR`, then model = DIR."
+            "Load the base it was tuned on: the same model and compression, pruned where it was tuned (pruning on "
+            "another CPU kind or library version gives other weights): the cache that holds it (model-cache-dir), "
+            "or a base exported there with `mops compress --export DIR`, then model = DIR."
         )
     if config.get("inject_layer") != model.inject_layer:
         raise CheckpointError(

@@ -23,8 +23,8 @@ from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 
 from mops_core import checkpoint, log_through, report
-from mops_core.checkpoint import CheckpointError
 from mops_core.cache import stale_note
+from mops_core.checkpoint import CheckpointError
 from mops_core.config import FederatedConfig, Settings
 from mops_core.loading import base_fingerprint, cache_root, machine
 from mops_core.model import GATE_PREFIX, MoPsModel

@@ -102,9 +102,10 @@ def check_base(cell: Cell, folder: Path) -> None:
     here = machine_base(Settings.from_flat(cell.settings))
     if here != saved["base_fingerprint"]:
         raise CellFailed(
-            f"its rounds 1-{saved.get('round')} tuned the base with fingerprint {saved['base_fingerprint']}, and its settings "
-            f"prune to {here} here (pruning differs between CPU kinds and library versions): left for a machine that gives its base, or the "
-            f"compression cache that holds it (`model-cache-dir`); delete {folder} to start it again here"
+            f"its rounds 1-{saved.get('round')} tuned the base with fingerprint {saved['base_fingerprint']}, and its "
+            f"settings prune to {here} here (pruning differs between CPU kinds and library versions): left for a machine "
+            f"that gives its base, or the compression cache that holds it (`model-cache-dir`); delete {folder} to start "
+            "it again here"
         )
 
 
