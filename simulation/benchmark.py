@@ -31,10 +31,10 @@ from rich.console import Console
 
 from client.replies import kept_round
 from mops_core import atomic, centralized, checkpoint, peft_baselines
-from mops_core.compression.pipeline import compress_base
+from mops_core.compression.pipeline import prepare_base
 from mops_core.config import Settings
 from mops_core.evaluate import gate_collapse
-from mops_core.loading import base_fingerprint, load_base, machine
+from mops_core.loading import base_fingerprint, machine
 from mops_core.parsing import SettingsError
 from mops_core.tracking import open_tracker
 
@@ -83,13 +83,6 @@ def federated_runner(supernodes: int, client_cpus: int | None, client_gpus: floa
     return run_federated
 
 
-def machine_base(settings: Settings) -> str:
-    """The fingerprint of the base these settings give here (pruned once, then from the compression cache)."""
-    base, tokenizer = load_base(settings.model)
-    compress_base(base, tokenizer, settings, progress=False)
-    return base_fingerprint(base)
-
-
 def check_base(cell: Cell, folder: Path) -> None:
     """A cell under way goes on only on the base its rounds tuned; said before Ray and the SuperLink start.
 
@@ -99,7 +92,7 @@ def check_base(cell: Cell, folder: Path) -> None:
     saved = checkpoint_config(folder)
     if not saved.get("base_fingerprint"):
         return
-    here = machine_base(Settings.from_flat(cell.settings))
+    here = base_fingerprint(prepare_base(Settings.from_flat(cell.settings), progress=False)[0])  # as runs load it
     if here != saved["base_fingerprint"]:
         raise CellFailed(
             f"its rounds 1-{saved.get('round')} tuned the base with fingerprint {saved['base_fingerprint']}, and its "
