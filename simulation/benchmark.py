@@ -64,11 +64,15 @@ def run_centralized(cell: Cell, folder: Path, *, progress: bool) -> dict:
 
 
 def federated_runner(supernodes: int, client_cpus: int | None, client_gpus: float | None, flwr_home: Path | None = None):
-    def run_federated(cell: Cell, folder: Path, *, progress: bool) -> dict:
+    def run_federated(cell: Cell, folder: Path, *, progress: bool, until: int | None = None) -> dict:
+        """The cell's run to its last round, or to round `until` (a stage: it resumes from there later,
+        `num-server-rounds` being a setting a run may resume with, to the same numbers as a run straight through)."""
+        rounds = until or cell.settings["num-server-rounds"]
         overrides = {k: v for k, v in cell.settings.items() if k not in ("out-dir", "resume", "reply-cache-dir")}
         # A cell stopped mid-round (a session's end) goes on from its last round without training again
         # the clients that had finished the next one: they kept their replies in the cell's folder.
-        overrides.update({"out-dir": str(folder.resolve()), "resume": True, "reply-cache-dir": str((folder / REPLIES).resolve())})
+        overrides.update({"out-dir": str(folder.resolve()), "resume": True, "reply-cache-dir": str((folder / REPLIES).resolve()),
+                          "num-server-rounds": rounds})
         check_base(cell, folder)
         code = launch(overrides, supernodes=supernodes, client_cpus=client_cpus, client_gpus=client_gpus, flwr_home=flwr_home)
         path = folder / "results.json"
@@ -76,8 +80,8 @@ def federated_runner(supernodes: int, client_cpus: int | None, client_gpus: floa
             raise CellFailed(f"flwr run exited with code {code}")
         results = json.loads(path.read_text())
         finished = results["rounds"][-1]["round"] if results.get("rounds") else -1
-        if finished != cell.settings["num-server-rounds"]:
-            raise CellFailed(f"the run stopped after round {finished} of {cell.settings['num-server-rounds']}")
+        if finished != rounds:
+            raise CellFailed(f"the run stopped after round {finished} of {rounds}")
         return results
 
     return run_federated
@@ -140,15 +144,20 @@ def note_commit(folder: Path, commit: str | None) -> list[dict]:
         console.print(f"[yellow]{folder / COMMITS_FILE} unreadable ({exc}): the commits of the rounds before "
                       "this run are not recorded[/yellow]")
         spans = []
-    try:
-        first = int(json.loads((folder / "checkpoint" / checkpoint.CONFIG_FILE).read_text()).get("round", 0)) + 1
-    except (OSError, ValueError, TypeError, AttributeError):
-        first = 1  # no checkpoint the run can resume from: it starts over
+    first = rounds_done(folder) + 1
     spans = [s for s in spans if s["from_round"] < first]  # the rounds from `first` on are run again
     if not spans or spans[-1]["commit"] != commit:
         spans.append({"from_round": first, "commit": commit})
     atomic.write_json(folder / COMMITS_FILE, spans)
     return spans
+
+
+def rounds_done(folder: Path) -> int:
+    """The last round a federated cell's checkpoint holds, where a run of it resumes; 0 where none."""
+    try:
+        return int(json.loads((folder / "checkpoint" / checkpoint.CONFIG_FILE).read_text()).get("round", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0  # no checkpoint the run can resume from: it starts over
 
 
 def commit_label(folder: Path) -> str | None:
@@ -356,6 +365,26 @@ def _copy_checkpoint(source: Path, target: Path, tries: int = 5) -> dict:
     raise OSError(f"{source} kept changing while it was copied; try again")
 
 
+def stages(grid: Sequence[Cell], stage_rounds: int = 0) -> list[tuple[int, Cell, int | None]]:
+    """(the cell's number in the grid, the cell, the round this run of it stops at, None = its last) in the
+    order they run. With `stage_rounds`, the federated cells the tables pair (one dataset, base, seed and
+    study) take turns: each to round `stage_rounds`, then each to twice that, and so on to their last."""
+    if stage_rounds <= 0:
+        return [(number, cell, None) for number, cell in enumerate(grid, 1)]
+    groups: dict[tuple, list[tuple[int, Cell]]] = {}
+    for number, cell in enumerate(grid, 1):
+        paired = cell.kind == "federated"
+        key = (cell.dataset, cell.compression, cell.settings["seed"], cell.study) if paired else ("alone", number)
+        groups.setdefault(key, []).append((number, cell))
+    plan = []
+    for members in groups.values():
+        ends = {cell.id: cell.settings["num-server-rounds"] if cell.kind == "federated" else 0 for _, cell in members}
+        marks = {cell.id: {*range(stage_rounds, ends[cell.id], stage_rounds), ends[cell.id]} for _, cell in members}
+        for mark in sorted(set().union(*marks.values())):
+            plan += [(number, cell, None if mark == ends[cell.id] else mark) for number, cell in members if mark in marks[cell.id]]
+    return plan
+
+
 def run_grid(
     grid: Sequence[Cell],
     out_dir: Path,
@@ -364,8 +393,10 @@ def run_grid(
     federated_runner: Runner | None = None,
     progress: bool = True,
     meta: dict | None = None,
+    stage_rounds: int = 0,
 ) -> tuple[list[dict], list[tuple[Cell, str]]]:
-    """Run every unfinished cell, rewriting the outputs after each; returns (records, failures)."""
+    """Run every unfinished cell (federated ones in stages of `stage_rounds`, see `stages`), rewriting the
+    outputs after each run; returns (records, failures)."""
     out_dir = Path(out_dir)
     records: list[dict] = []
     failures: list[tuple[Cell, str]] = []
@@ -373,17 +404,27 @@ def run_grid(
     finished = finished_cells(out_dir)
     varying = sorted(k for k in (grid[0].settings if grid else {}) if len({json.dumps(c.settings.get(k)) for c in grid}) > 1
                      and k not in ("out-dir", "resume"))
-    for number, cell in enumerate(grid, 1):
+    seen: set[str] = set()
+    for number, cell, until in stages(grid, stage_rounds):
         folder = out_dir / "cells" / cell.id
+        first_visit = cell.id not in seen
+        seen.add(cell.id)
+        if any(failed.id == cell.id for failed, _ in failures):
+            continue  # its partner goes on alone
         done = finished_record(cell, finished)
         if done is not None:
-            console.print(f"[dim]cell {number}/{len(grid)} {done['id']}: finished before, skipped[/dim]")
-            records.append(done)
+            if first_visit:
+                console.print(f"[dim]cell {number}/{len(grid)} {done['id']}: finished before, skipped[/dim]")
+                records.append(done)
             continue
+        if until is not None and rounds_done(folder) >= until:
+            continue  # past this stage already
         named = ", ".join(v for v in cell.variants if v != "default")
+        total = cell.settings.get("num-server-rounds")
         console.rule(
             f"cell {number}/{len(grid)}: {cell.kind} {cell.method}, {cell.dataset}, {cell.compression}, seed {cell.settings['seed']}"
             + (f" ({cell.study})" if cell.study != "main" else "") + (f" [{named}]" if named else "")
+            + (f", to round {until} of {total}" if until is not None else "")
         )
         runner = centralized_runner if cell.kind == "centralized" else federated_runner
         # A centralized cell runs the code this process imported; a federated one, the tree as it starts.
@@ -395,17 +436,44 @@ def run_grid(
                 folder.mkdir(parents=True, exist_ok=True)
                 note_commit(folder, commit)
             earlier = time_on_disk(folder)  # the rounds a stopped federated cell ran before
-            results = runner(cell, folder, progress=progress)
+            results = runner(cell, folder, progress=progress, **({"until": until} if until is not None else {}))
         except (CellFailed, SettingsError, RuntimeError, ValueError, OSError) as exc:
             console.print(f"[red]cell {cell.id} failed: {exc}[/red]")
             failures.append((cell, str(exc)))
             continue
-        row = record(cell, results, folder, time.perf_counter() - cell_started + earlier, commit)
-        atomic.write_json(folder / CELL_FILE, row)
-        track_cell(cell, row, folder, varying)
-        records.append(row)
-        write_outputs(records, out_dir, meta={**(meta or {}), "wall_seconds_this_run": time.perf_counter() - started})
+        if until is None:
+            row = record(cell, results, folder, time.perf_counter() - cell_started + earlier, commit)
+            atomic.write_json(folder / CELL_FILE, row)
+            track_cell(cell, row, folder, varying)
+            records.append(row)
+        else:
+            console.print(f"cell {cell.id} at round {until} of {total}: it goes on when its pair has come this far")
+        write_outputs(records, out_dir, meta={**(meta or {}), "wall_seconds_this_run": time.perf_counter() - started},
+                      under_way=under_way_records(grid, out_dir, records))
     return records, failures
+
+
+def under_way_records(grid: Sequence[Cell], out_dir: Path, finished: Sequence[dict]) -> list[dict]:
+    """A record of each federated cell started and not finished, from the rounds on disk: the round-by-round
+    tables and figures show them (marked), so a grid of long cells shows its answer as it comes."""
+    done = {r["id"] for r in finished}
+    rows = []
+    for cell in grid:
+        folder = Path(out_dir) / "cells" / cell.id
+        if cell.kind != "federated" or cell.id in done or finished_record(cell, finished) is not None:
+            continue
+        try:
+            results = json.loads((folder / "results.json").read_text())
+            if len(results.get("rounds") or []) < 2:
+                continue  # nothing trained yet
+            row = record(cell, results, folder, time_on_disk(folder), commit_label(folder))
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            continue  # a damaged or foreign results.json: the run itself will refuse or rewrite it
+        spans = row.get("machines") or []
+        if spans:  # where its rounds ran, not where the tables are drawn
+            row["machine"] = {k: v for k, v in spans[-1].items() if k != "from_round"}
+        rows.append({**row, "under_way": True})
+    return rows
 
 
 # A cell's numbers in TensorBoard's hparams table, one row per cell, beside its curves.
@@ -426,15 +494,20 @@ def track_cell(cell: Cell, row: dict, folder: Path, varying: Sequence[str]) -> N
         tracker.close()
 
 
-def write_outputs(records: Sequence[dict], out_dir: Path, *, meta: dict | None = None, show: bool = False) -> list[tables.ResultTable]:
-    grids = tables.all_tables(records)
+def write_outputs(records: Sequence[dict], out_dir: Path, *, meta: dict | None = None, show: bool = False,
+                  under_way: Sequence[dict] = ()) -> list[tables.ResultTable]:
+    """results.json, results.csv, tables.md and the figures from the finished cells' records; the cells
+    `under_way` join only the round-by-round table and figures (results.json lists them apart)."""
+    grids = tables.all_tables(records, under_way)
     warnings = tables.grid_warnings(records)
-    atomic.write_json(out_dir / "results.json", {**(meta or {}), "warnings": warnings, "cells": list(records)})
+    atomic.write_json(out_dir / "results.json", {**(meta or {}), "warnings": warnings, "cells": list(records),
+                                                 "under_way": [{"id": r["id"], "seed": r["settings"]["seed"],
+                                                                "round": r["rounds"][-1]["round"]} for r in under_way]})
     tables.write_csv(records, out_dir / "results.csv")
     atomic.write_bytes(out_dir / "tables.md", "\n".join([*(f"**Warning:** {w}\n" for w in warnings), tables.machines_note(records) + "\n",
                                                         tables.commits_note(records) + "\n",
                                                         *(g.markdown() for g in grids)]).encode())
-    tables.write_figures(records, out_dir / "figures")
+    tables.write_figures(records, out_dir / "figures", under_way)
     if show:
         for grid in grids:
             console.print(grid.rich())
@@ -490,8 +563,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-cpus", type=cpus_arg, help="CPUs per ClientApp actor (default: as simulation.launch chooses)")
     parser.add_argument("--client-gpus", type=gpus_arg, help="GPUs per ClientApp actor, e.g. 0.25 (default: this "
                         "machine's GPUs shared among a round's clients, as `simulation.launch`)")
+    parser.add_argument("--stage-rounds", type=int, metavar="N", help="federated cells the tables pair advance N rounds at a "
+                        "time, taking turns, so paired numbers come at round N, 2N, ... before any cell ends (0 = each cell to "
+                        "its end; default: the profile's)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and what is finished, run nothing")
-    parser.add_argument("--tables", action="store_true", help="redraw tables and figures from finished cells only")
+    parser.add_argument("--tables", action="store_true", help="redraw tables and figures from the cells on disk (cells under "
+                        "way only in the round-by-round ones)")
     parser.add_argument("--export", type=Path, metavar="DIR", help="copy every cell's small record to DIR/cells/ (cell.json; "
                         "for a cell under way its checkpoint and results.json, to resume it elsewhere), run nothing")
     parser.add_argument("--no-progress", action="store_true")
@@ -556,22 +633,30 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{name:48s} {what}", soft_wrap=True)
         console.print(f"{len(exported)} of {len(grid)} cells copied to {args.export / 'cells'}")
         return 0
+    stage_rounds = profile.stage_rounds if args.stage_rounds is None else args.stage_rounds
+    if stage_rounds < 0:
+        console.print(f"[red]error:[/red] --stage-rounds: must be 0 or more, got {stage_rounds}", soft_wrap=True)
+        return 2
     if args.dry_run or args.tables:
         saved = finished_cells(out)
         matches = {cell.id: finished_record(cell, saved) for cell in grid}
         finished = [r for r in matches.values() if r is not None]
+        under_way = under_way_records(grid, out, finished)
         if args.dry_run:
-            console.print(grid_summary(grid), soft_wrap=True)
+            console.print(grid_summary(grid) + (f"; federated cells in stages of {stage_rounds} rounds" if stage_rounds else ""),
+                          soft_wrap=True)
             for cell in grid:
-                started = time_on_disk(out / "cells" / cell.id) > 0
-                state = "finished" if matches[cell.id] is not None else "to resume" if started else "to run"
-                console.print(f"{cell.id:48s} {cell.study:18s} {state:20s} seed {cell.settings['seed']:<3} {', '.join(cell.variants)}",
+                folder = out / "cells" / cell.id
+                state = ("finished" if matches[cell.id] is not None
+                         else f"to resume (round {rounds_done(folder)} of {cell.settings['num-server-rounds']})" if time_on_disk(folder) > 0
+                         else "to run")
+                console.print(f"{cell.id:48s} {cell.study:18s} {state:26s} seed {cell.settings['seed']:<3} {', '.join(cell.variants)}",
                               soft_wrap=True)
             show_warnings(tables.grid_warnings(finished))
-        if args.tables and not finished:
-            console.print(f"no finished cell of this grid in {out}; nothing written")
+        if args.tables and not finished and not under_way:
+            console.print(f"no finished or started cell of this grid in {out}; nothing written")
         elif args.tables:
-            write_outputs(finished, out, meta={"profile": profile.name}, show=True)
+            write_outputs(finished, out, meta={"profile": profile.name}, show=True, under_way=under_way)
         return 0
     overrides = " ".join(f"{key}={value}" for key, value in sets.items())
     console.print(f"benchmark '{profile.name}': {profile.description}" + (f"; with {overrides}" if overrides else "")
@@ -583,9 +668,11 @@ def main(argv: list[str] | None = None) -> int:
         federated_runner=federated_runner(profile.supernodes, args.client_cpus, args.client_gpus, flwr_home=out / "flwr-home"),
         progress=not args.no_progress,
         meta={"profile": profile.name, "overrides": sets},
+        stage_rounds=stage_rounds,
     )
     wall = time.perf_counter() - started
-    write_outputs(records, out, meta={"profile": profile.name, "overrides": sets, "wall_seconds_this_run": wall}, show=True)
+    write_outputs(records, out, meta={"profile": profile.name, "overrides": sets, "wall_seconds_this_run": wall}, show=True,
+                  under_way=under_way_records(grid, out, records))
     console.print(f"{len(records)} of {len(grid)} cells finished in {wall / 60:.1f} min; results in {out}")
     for cell, problem in failures:
         console.print(f"[red]failed: {cell.id}: {problem}[/red] (rerun the same command to retry it)")

@@ -42,6 +42,10 @@ class Profile:
     dataset_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)  # a dataset's own seeds, where they differ
     dataset_compressions: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a dataset's own bases, where they differ
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}})  # named setting changes
+    # Federated cells that the tables pair (one dataset, base and seed) advance together this many rounds at
+    # a time, so that a long grid answers at round N after 2 x N rounds of compute, not after a whole cell
+    # and N more; 0 = each cell runs to its last round before the next starts.
+    stage_rounds: int = 0
 
 
 QUICK = Profile(
@@ -179,6 +183,7 @@ REGIME = Profile(
     },
     supernodes=100,
     seeds=(0, 1),
+    stage_rounds=5,  # FedPrompt and MoPs of a seed to round 5, then both to 10, ...: the rounds metrics-every scores
 )
 
 # Personalized gates (gate-aggregation=local) against one global gate and FedPrompt, at the grid's

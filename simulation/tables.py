@@ -589,7 +589,8 @@ def round_gains(methods: dict[str, dict[int, dict[int, dict]]], field: str) -> d
 def round_table(records: Sequence[dict], at: Sequence[int] = (5, 10, 20)) -> ResultTable | None:
     """Each seed's FedPrompt and MoPs test perplexity after rounds `at` (those the runs reached, else their last),
     MoPs' gain there on the test split, and at the last on the clients' own data and in ROUGE-L; then each
-    panel's mean ± sd over the paired seeds. Cells still running show the rounds they have."""
+    panel's mean ± sd over the paired seeds. Cells still running (`under_way` in their record) show the rounds
+    they have, their seed marked."""
     panels = round_series(records)
     if not panels:
         return None
@@ -612,6 +613,7 @@ def round_table(records: Sequence[dict], at: Sequence[int] = (5, 10, 20)) -> Res
         return "-" if value is None else f"{value:.1f}"
 
     hours = {(r["dataset"], r["compression"], r["method"], r["settings"]["seed"]): r.get("wall_seconds") for r in records}
+    running = {(f"{r['dataset']}, {r['compression']}", r["settings"]["seed"]) for r in records if r.get("under_way")}
     for panel, methods in panels.items():
         fed_runs, mops_runs = methods.get("fedprompt") or {}, methods.get("mops") or {}
         paired: dict[str, list[float]] = {}
@@ -623,7 +625,7 @@ def round_table(records: Sequence[dict], at: Sequence[int] = (5, 10, 20)) -> Res
                     paired.setdefault(str(name), []).append(value)
             dataset, compression = panel.split(", ", 1)
             wall = [hours.get((dataset, compression, m, seed)) for m in ("fedprompt", "mops")]
-            rows.append([panel, str(seed), *[_num(ppl(runs, n)) for runs in (fed, mops) for n in marks],
+            rows.append([panel, f"{seed} (under way)" if (panel, seed) in running else str(seed), *[_num(ppl(runs, n)) for runs in (fed, mops) for n in marks],
                          *[_pct(g, None) for g in gains], f"{rouge(fed)} / {rouge(mops)}",
                          " / ".join("-" if w is None else f"{w / 3600:.1f}" for w in wall)])
         if any(len(v) > 1 for v in paired.values()):
@@ -632,20 +634,24 @@ def round_table(records: Sequence[dict], at: Sequence[int] = (5, 10, 20)) -> Res
                          _pct(*_mean_sd(paired["clients"])) if "clients" in paired else "-", "", ""])
     return ResultTable("Federated round by round: FedPrompt vs MoPs", headers, rows,
                 "test perplexity after each round named (whole test split); gain = 100 x (FedPrompt - MoPs) / FedPrompt, "
-                "paired by seed, positive = MoPs lower; clients' gain on every client's own held-out data")
+                "paired by seed, positive = MoPs lower; clients' gain on every client's own held-out data"
+                + ("; a seed under way shows the rounds its cells have reached, and their hours so far" if running else ""))
 
 
 def round_figures(records: Sequence[dict], folder: Path) -> list[Path]:
     """Test perplexity per round of FedPrompt and MoPs, one panel per dataset and base (seeds thin, their mean
-    bold); then MoPs' gain per round, on the test split and on the clients' own held-out data."""
+    bold); then MoPs' gain per round, on the test split and on the clients' own held-out data. Cells under
+    way draw the rounds they have."""
     panels = round_series(records)
     if not panels:
         return []
+    running = sum(1 for r in records if r.get("under_way"))
+    note = f" ({running} cell{'s' if running > 1 else ''} under way)" if running else ""
     curves = {panel: {METHOD_NAMES[m]: {seed: (sorted(rows), [rows[n]["perplexity"] for n in sorted(rows)])
                                         for seed, rows in seeds.items()} for m, seeds in methods.items()}
               for panel, methods in panels.items()}
     written = [report.plot_seed_panels(curves, folder / "rounds-perplexity.png", xlabel="round", ylabel="test perplexity",
-                                       title="Federated: test perplexity after each round")]
+                                       title="Federated: test perplexity after each round" + note)]
     gains = {panel: {label: seeds for label, field in (("test split", "perplexity"), ("clients' own data", "client_perplexity"))
                      if (seeds := round_gains(methods, field))} for panel, methods in panels.items()}
     gains = {panel: lines for panel, lines in gains.items() if lines}
@@ -653,7 +659,7 @@ def round_figures(records: Sequence[dict], folder: Path) -> list[Path]:
         written.append(report.plot_seed_panels(
             gains, folder / "rounds-gain.png", xlabel="round", reference=0.0,
             ylabel="MoPs' gain over FedPrompt\n(% of FedPrompt's perplexity; above 0 = MoPs better)",
-            title="Federated: MoPs' gain after each round, paired by seed"))
+            title="Federated: MoPs' gain after each round, paired by seed" + note))
     return written
 
 
@@ -661,12 +667,13 @@ def _study_value(record: dict):
     return record["settings"].get(record["study"]) if record["study"] in record["settings"] else None
 
 
-def all_tables(records: Sequence[dict]) -> list[ResultTable]:
+def all_tables(records: Sequence[dict], under_way: Sequence[dict] = ()) -> list[ResultTable]:
+    """Every table the records fill; `under_way` (cells started and not finished) joins the round-by-round one only."""
     grids = [
         comparison(records, "centralized", "prompt", "Table 2: centralized, prompt-tuning baseline vs MoPs"),
         comparison(records, "federated", "fedprompt", "Table 3: federated, FedPrompt vs MoPs"),
         peft_comparison(records, "Table 4: centralized, prompt tuning, MoPs, LoRA and IA3 at equal steps"),
-        round_table(records),
+        round_table([*records, *under_way]),
         gate_diagnostics(records),
         per_task_comparison(records, "centralized", "prompt", "Per task, centralized: prompt tuning vs MoPs"),
         per_task_comparison(records, "federated", "fedprompt", "Per task, federated: FedPrompt vs MoPs"),
@@ -765,8 +772,9 @@ def write_csv(records: Sequence[dict], path: Path) -> Path:
     return path
 
 
-def write_figures(records: Sequence[dict], folder: Path) -> list[Path]:
-    """Curves per cell group, Fig. 4 per MoPs cell, Figs. 2 and 3 from the sweeps."""
+def write_figures(records: Sequence[dict], folder: Path, under_way: Sequence[dict] = ()) -> list[Path]:
+    """Curves per cell group, Fig. 4 per MoPs cell, Figs. 2 and 3 from the sweeps; the round-by-round figures
+    with the cells `under_way` too."""
     written = []
     for stale in folder.glob("gate-*.png"):  # heatmaps of cells no longer in the grid would mislead
         stale.unlink()
@@ -810,7 +818,7 @@ def write_figures(records: Sequence[dict], folder: Path) -> list[Path]:
         if path:
             written.append(path)
     written += heterogeneity_figures(records, folder)
-    written += round_figures(records, folder)
+    written += round_figures([*records, *under_way], folder)
     written += personal_figures(records, folder)
     return written
 

@@ -19,7 +19,8 @@ from mops_core.loading import machine
 from mops_core.peft_baselines import PeftBaseline
 from simulation import tables
 from simulation.benchmark import (
-    CELL_FILE, COMMITS_FILE, commit_label, federated_runner, finished_cells, main, parse_sets, run_grid, source_commit, time_on_disk, write_outputs,
+    CELL_FILE, COMMITS_FILE, commit_label, federated_runner, finished_cells, main, parse_sets, rounds_done, run_grid, source_commit, stages,
+    time_on_disk, write_outputs,
 )
 from simulation.profiles import PROFILES, QUICK, Cell, Profile, cells, same_settings
 
@@ -294,6 +295,66 @@ def test_a_stopped_federated_cell_resumes_from_its_last_round(tmp_path):
     assert records[0]["wall_seconds"] >= 200.0, "the two rounds run before it stopped count"
 
 
+def test_paired_cells_take_turns_in_stages_and_a_finished_cell_is_one_run_to_its_last_round(tmp_path, capsys):
+    def cell(method, seed, rounds=12, **changes):
+        return Cell("federated", method, {**Settings().to_flat(), "method": method if method == "fedprompt" else "mops",
+                                          "seed": seed, "num-server-rounds": rounds, **changes})
+
+    calls = []  # (method, seed, the round the run was asked to stop at)
+    broken = set()
+
+    from safetensors.torch import save_file
+
+    from mops_core import checkpoint
+
+    def flower_run(cell, folder, *, progress, until=None):  # the server's resume: from the checkpoint's round
+        stop = until or cell.settings["num-server-rounds"]
+        calls.append((cell.method, cell.settings["seed"], stop))
+        if cell.id in broken and stop > 5:
+            raise RuntimeError("the node died")
+        path = folder / "results.json"
+        results = json.loads(path.read_text()) if path.exists() else {"settings": cell.settings, "rounds": [], "info": {}}
+        done = rounds_done(folder)
+        results["rounds"] = [r for r in results["rounds"] if r["round"] <= done] + [
+            {"round": r, "perplexity": 30.0 - r - (cell.method == "mops"), "wall_seconds": 10.0 * r}
+            for r in range(done + 1 if results["rounds"] else 0, stop + 1)]
+        saved = folder / "checkpoint"
+        saved.mkdir(parents=True, exist_ok=True)
+        save_file({"prompts": torch.zeros(1)}, str(saved / checkpoint.WEIGHTS_FILE))
+        (saved / checkpoint.CONFIG_FILE).write_text(json.dumps({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "round": stop}))
+        path.write_text(json.dumps(results))
+        return results
+
+    grid = [cell("fedprompt", 0), cell("mops", 0), cell("fedprompt", 1), cell("mops", 1),
+            Cell("centralized", "prompt", {**Settings().to_flat(), "seed": 0})]
+    assert [(n, c.method, until) for n, c, until in stages(grid, 0)] == [(n, c.method, None) for n, c in enumerate(grid, 1)]
+    assert [(n, until) for n, _, until in stages(grid, 5)] == [(1, 5), (2, 5), (1, 10), (2, 10), (1, None), (2, None),
+                                                                (3, 5), (4, 5), (3, 10), (4, 10), (3, None), (4, None), (5, None)]
+    out = tmp_path / "bench"
+    # seed 1's MoPs cell had gone to round 7 in an earlier session: it joins at the next stage, 10
+    ahead = out / "cells" / grid[3].id
+    flower_run(grid[3], ahead, progress=False, until=7)
+    calls.clear()
+    broken.add(grid[2].id)  # seed 1's FedPrompt fails after its first stage: its partner goes on alone
+    records, failed = run_grid(grid[:4], out, federated_runner=flower_run, progress=False, stage_rounds=5)
+    assert calls == [("fedprompt", 0, 5), ("mops", 0, 5), ("fedprompt", 0, 10), ("mops", 0, 10), ("fedprompt", 0, 12), ("mops", 0, 12),
+                     ("fedprompt", 1, 5), ("fedprompt", 1, 10), ("mops", 1, 10), ("mops", 1, 12)]
+    assert [f.id for f, _ in failed] == [grid[2].id]
+    assert [(r["method"], r["settings"]["seed"]) for r in records] == [("fedprompt", 0), ("mops", 0), ("mops", 1)]
+    assert [r["round"] for r in records[0]["rounds"]] == list(range(13)) and records[0]["wall_seconds"] >= 100.0
+    assert not (out / "cells" / grid[2].id / CELL_FILE).exists()  # at round 5 of 12: under way, not finished
+    # the round-by-round table shows the cell under way, at the rounds it has
+    table = (out / "tables.md").read_text()
+    assert "1 (under way)" in table and "0 (under way)" not in table
+    assert [(u["id"], u["round"]) for u in json.loads((out / "results.json").read_text())["under_way"]] == [(grid[2].id, 5)]
+    # the same command goes on from there: the failed cell from round 5, nothing finished runs again
+    broken.clear()
+    calls.clear()
+    records, failed = run_grid(grid[:4], out, federated_runner=flower_run, progress=False, stage_rounds=5)
+    assert not failed and calls == [("fedprompt", 1, 10), ("fedprompt", 1, 12)] and len(records) == 4
+    assert "under way" not in (out / "tables.md").read_text()
+
+
 def test_a_cell_under_way_on_another_base_is_left_before_anything_starts(tiny_model_dir, toy_data_dir, tmp_path, monkeypatch):
     import simulation.benchmark as benchmark
     from mops_core import checkpoint
@@ -359,6 +420,7 @@ def test_export_copies_finished_records_and_what_a_cell_under_way_needs_to_resum
     assert json.loads((dest / "cells" / running.name / "checkpoint" / CONFIG_FILE).read_text()) == {"round": 7, "commits": spans}
     # copied back into place, the cell under way is found to resume and the finished one finished
     assert finished_cells(dest)[0]["method"] == "fedprompt" and time_on_disk(dest / "cells" / running.name) == 480.0
+    assert rounds_done(dest / "cells" / running.name) == 7  # where it resumes (results.json is a round ahead)
     assert main(["--profile", "regime", "--out", str(out), "--export", str(dest)]) == 0
     assert "0 of 8 cells copied" in capsys.readouterr().out  # the regime's cells are not these
 
@@ -625,8 +687,14 @@ def test_the_regime_cells_run_the_papers_federated_scale_each_dataset_on_its_own
     assert main(["--profile", "regime", "--compressions", "sparsegpt:2:4", "--out", str(tmp_path), "--dry-run"]) == 0
     assert "compression sparsegpt:2:4;" in capsys.readouterr().out
     assert main(["--profile", "regime", "--out", str(tmp_path), "--dry-run"]) == 0
-    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fede-")]
+    shown = capsys.readouterr().out
+    listed = [line for line in shown.splitlines() if line.startswith("fede-")]
     assert len(listed) == len(grid) == 8 and all("to run" in line for line in listed)
+    assert "federated cells in stages of 5 rounds" in shown  # FedPrompt and MoPs of a seed take turns, 5 rounds at a time
+    assert main(["--profile", "regime", "--out", str(tmp_path), "--dry-run", "--stage-rounds", "0"]) == 0
+    assert "stages" not in capsys.readouterr().out
+    assert main(["--profile", "regime", "--out", str(tmp_path), "--dry-run", "--stage-rounds", "-1"]) == 2
+    assert "--stage-rounds: must be 0 or more" in capsys.readouterr().out
 
 
 def test_the_personal_cells_are_fedprompt_and_mops_with_a_global_or_local_gate_each_scored_after_adapting(capsys, tmp_path):
