@@ -413,7 +413,7 @@ def run_grid(
             continue  # its partner goes on alone
         done = finished_record(cell, finished)
         if done is not None:
-            if first_visit:
+            if first_visit:  # counted at once, so that the outputs written after each run hold it
                 console.print(f"[dim]cell {number}/{len(grid)} {done['id']}: finished before, skipped[/dim]")
                 records.append(done)
             continue
@@ -456,11 +456,10 @@ def run_grid(
 def under_way_records(grid: Sequence[Cell], out_dir: Path, finished: Sequence[dict]) -> list[dict]:
     """A record of each federated cell started and not finished, from the rounds on disk: the round-by-round
     tables and figures show them (marked), so a grid of long cells shows its answer as it comes."""
-    done = {r["id"] for r in finished}
     rows = []
     for cell in grid:
         folder = Path(out_dir) / "cells" / cell.id
-        if cell.kind != "federated" or cell.id in done or finished_record(cell, finished) is not None:
+        if cell.kind != "federated" or finished_record(cell, finished) is not None:
             continue
         try:
             results = json.loads((folder / "results.json").read_text())
