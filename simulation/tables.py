@@ -532,8 +532,28 @@ def personal_table(records: Sequence[dict]) -> ResultTable | None:
                 "bytes over all rounds, mean over seeds")
 
 
+def _file_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+
+
+def personal_gains(records: Sequence[dict]) -> dict[str, dict[str, list[tuple[float, float, float | None]]]]:
+    """Panel ("dataset-compression") -> "arm, as trained|adapted" -> (alpha, mean, sd) of each MoPs arm's gain over
+    FedPrompt on the clients' own data (in % of FedPrompt's perplexity, the same measure, paired seed by seed)."""
+    panels: dict[str, dict[str, list]] = {}
+    for (dataset, compression, alpha), seeds in personal_arms(records).items():
+        series = panels.setdefault(f"{dataset}-{compression}", {})
+        for arm in ("mops", "mops-local"):
+            for field, how in (("client_perplexity", "as trained"), ("client_adapted_perplexity", "adapted")):
+                gains = [_relative(methods["fedprompt"][field], methods[arm][field])
+                         for methods in seeds.values() if arm in methods and "fedprompt" in methods]
+                if gains:
+                    series.setdefault(f"{ARM_NAMES[arm]}, {how}", []).append((alpha, *_mean_sd(gains)))
+    return {panel: series for panel, series in panels.items() if series}
+
+
 def personal_figures(records: Sequence[dict], folder: Path) -> list[Path]:
-    """Per dataset: the clients' held-out perplexity against alpha, each arm as trained and after adapting."""
+    """Per dataset: the clients' held-out perplexity against alpha, each arm as trained and after adapting; and each
+    MoPs arm's gain over FedPrompt, paired by seed, which the first figure's spread over seeds would hide."""
     by_dataset: dict[str, dict[str, list]] = {}
     for (dataset, compression, alpha), seeds in personal_arms(records).items():
         series = by_dataset.setdefault(f"{dataset}-{compression}", {})
@@ -543,11 +563,18 @@ def personal_figures(records: Sequence[dict], folder: Path) -> list[Path]:
                 mean, sd = _ppl(runs, field)
                 if mean is not None:
                     series.setdefault(f"{ARM_NAMES[arm]}, {how}", []).append((alpha, mean, sd))
-    return [report.plot_points(
-        series, folder / f"personal-{re.sub(r'[^A-Za-z0-9_.-]+', '-', panel)}.png", log_x=True,
+    written = [report.plot_points(
+        series, folder / f"personal-{_file_part(panel)}.png", log_x=True,
         xlabel="Dirichlet alpha (lower = more skewed)", ylabel="clients' held-out perplexity\n(token-weighted; lower is better)",
         title=f"{panel}: the clients' own data, as trained and adapted (mean ± sd over seeds)",
     ) for panel, series in by_dataset.items() if series]
+    written += [report.plot_points(
+        series, folder / f"personal-gain-{_file_part(panel)}.png", log_x=True, reference=0.0,
+        xlabel="Dirichlet alpha (lower = more skewed)",
+        ylabel="gain over FedPrompt on the clients' own data\n(% of FedPrompt's perplexity; above 0 = better)",
+        title=f"{panel}: MoPs' gain over FedPrompt (paired by seed, mean ± sd)",
+    ) for panel, series in personal_gains(records).items()]
+    return written
 
 
 # ---------------------------------------------------------------------- federated runs round by round

@@ -766,8 +766,15 @@ def test_the_personal_table_pairs_each_arm_with_fedprompt_seed_by_seed_and_keeps
     pairs = tables.heterogeneity_pairs(records)
     assert pairs[("sni", "sparsegpt:0.75", 20, 0.1)][0]["mops"]["client_perplexity"] == 18.0
     assert "mops" not in pairs[("sni", "sparsegpt:0.75", 20, 10.0)][0]
+    # the gain figure's points, paired by seed: one gate at 0.1 as trained 20 -> 18 (+10%) and 30 -> 30 (0%),
+    # adapted 16 -> 16 (0%) and 24 -> 21 (+12.5%); local gates at 10 have one seed (no spread)
+    gains = tables.personal_gains(records)["sni-sparsegpt:0.75"]
+    assert gains["MoPs, one gate, as trained"] == [(0.1, 5.0, pytest.approx(7.0711, abs=1e-4))]
+    assert gains["MoPs, one gate, adapted"] == [(0.1, 6.25, pytest.approx(8.8388, abs=1e-4))]
+    assert gains["MoPs, a gate per client, adapted"] == [(10.0, 0.0, None), (0.1, 25.0, 0.0)]
     written = tables.personal_figures(records, tmp_path)
-    assert [p.name for p in written] == ["personal-sni-sparsegpt-0.75.png"] and written[0].stat().st_size > 0
+    assert [p.name for p in written] == ["personal-sni-sparsegpt-0.75.png", "personal-gain-sni-sparsegpt-0.75.png"]
+    assert all(p.stat().st_size > 0 for p in written)
     assert tables.personal_table([{**r, "client_adapted_perplexity": None} for r in records]) is None  # nobody adapted
 
 
