@@ -503,8 +503,9 @@ def write_outputs(records: Sequence[dict], out_dir: Path, *, meta: dict | None =
                                                  "under_way": [{"id": r["id"], "seed": r["settings"]["seed"],
                                                                 "round": r["rounds"][-1]["round"]} for r in under_way]})
     tables.write_csv(records, out_dir / "results.csv")
-    atomic.write_bytes(out_dir / "tables.md", "\n".join([*(f"**Warning:** {w}\n" for w in warnings), tables.machines_note(records) + "\n",
-                                                        tables.commits_note(records) + "\n",
+    every = [*records, *under_way]  # a grid with only cells under way still says where and at what they ran
+    atomic.write_bytes(out_dir / "tables.md", "\n".join([*(f"**Warning:** {w}\n" for w in warnings), tables.machines_note(every) + "\n",
+                                                        tables.commits_note(every) + "\n",
                                                         *(g.markdown() for g in grids)]).encode())
     tables.write_figures(records, out_dir / "figures", under_way)
     if show:
