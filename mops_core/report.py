@@ -181,7 +181,8 @@ def plot_seed_panels(
 
     The mean is taken where all of a line's seeds have a point, so a seed still running does not bend it.
     """
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, sharex=True)
+    # one panel alone still gets the width of its figure's title, which would otherwise run over the y label
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7.5, 5.5 * len(panels)), 4), squeeze=False, sharex=True)
     for ax, (panel, lines) in zip(axes[0], panels.items()):
         for colour, (line, seeds) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], lines.items()):
             for xs, ys in seeds.values():
