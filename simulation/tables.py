@@ -641,6 +641,16 @@ def round_table(records: Sequence[dict], at: Sequence[int] = (5, 10, 20)) -> Res
 
     hours = {(r["dataset"], r["compression"], r["method"], r["settings"]["seed"]): r.get("wall_seconds") for r in records}
     running = {(f"{r['dataset']}, {r['compression']}", r["settings"]["seed"]) for r in records if r.get("under_way")}
+    if running:  # while a pair is under way, its latest shared round is the answer so far
+        headers.append("so far: last round both reached")
+
+    def so_far(fed: dict | None, mops: dict | None) -> str:
+        shared = set(fed or {}) & set(mops or {})
+        if not shared:
+            return "-"
+        n = max(shared)
+        clients = gain(fed, mops, n, "client_perplexity")
+        return f"r{n}: {_pct(gain(fed, mops, n), None)}" + ("" if clients is None else f" (clients' {_pct(clients, None)})")
     for panel, methods in panels.items():
         fed_runs, mops_runs = methods.get("fedprompt") or {}, methods.get("mops") or {}
         paired: dict[str, list[float]] = {}
@@ -654,15 +664,18 @@ def round_table(records: Sequence[dict], at: Sequence[int] = (5, 10, 20)) -> Res
             wall = [hours.get((dataset, compression, m, seed)) for m in ("fedprompt", "mops")]
             rows.append([panel, f"{seed} (under way)" if (panel, seed) in running else str(seed), *[_num(ppl(runs, n)) for runs in (fed, mops) for n in marks],
                          *[_pct(g, None) for g in gains], f"{rouge(fed)} / {rouge(mops)}",
-                         " / ".join("-" if w is None else f"{w / 3600:.1f}" for w in wall)])
+                         " / ".join("-" if w is None else f"{w / 3600:.1f}" for w in wall),
+                         *([so_far(fed, mops) if (panel, seed) in running else ""] if running else [])])
         if any(len(v) > 1 for v in paired.values()):
             rows.append([panel, "mean ± sd", *["" for _ in marks for _m in ("fedprompt", "mops")],
                          *[_pct(*_mean_sd(paired[str(n)])) if str(n) in paired else "-" for n in marks],
-                         _pct(*_mean_sd(paired["clients"])) if "clients" in paired else "-", "", ""])
+                         _pct(*_mean_sd(paired["clients"])) if "clients" in paired else "-", "", "",
+                         *([""] if running else [])])
     return ResultTable("Federated round by round: FedPrompt vs MoPs", headers, rows,
                 "test perplexity after each round named (whole test split); gain = 100 x (FedPrompt - MoPs) / FedPrompt, "
                 "paired by seed, positive = MoPs lower; clients' gain on every client's own held-out data"
-                + ("; a seed under way shows the rounds its cells have reached, and their hours so far" if running else ""))
+                + ("; a seed under way shows the rounds its cells have reached, their hours so far, and MoPs' gain at "
+                   "the last round both have reached" if running else ""))
 
 
 def round_figures(records: Sequence[dict], folder: Path) -> list[Path]:

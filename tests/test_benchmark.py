@@ -346,6 +346,9 @@ def test_paired_cells_take_turns_in_stages_and_a_finished_cell_is_one_run_to_its
     # the round-by-round table shows the cell under way, at the rounds it has
     table = (out / "tables.md").read_text()
     assert "1 (under way)" in table and "0 (under way)" not in table
+    # seed 1's pair so far: FedPrompt stopped at round 5 (30 - 5), MoPs one lower at every round: +4.0%
+    row = next(line for line in table.splitlines() if "1 (under way)" in line)
+    assert row.rstrip(" |").endswith("r5: +4.0%") and "last round both reached" in table
     assert f"Commits: {source_commit() or 'not recorded'} (4 cells)" in table  # the cell under way counted with the three finished
     assert [(u["id"], u["round"]) for u in json.loads((out / "results.json").read_text())["under_way"]] == [(grid[2].id, 5)]
     # the same command goes on from there: the failed cell from round 5, nothing finished runs again
