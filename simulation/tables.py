@@ -308,16 +308,16 @@ def heterogeneity_pairs(records: Sequence[dict]) -> dict[HeteroKey, dict[int, di
     return dict(sorted(pairs.items()))
 
 
-def _paired(seeds: dict[int, dict[str, dict]], field: str, relative: bool) -> tuple[float | None, float | None]:
+def _paired(seeds: dict[int, dict[str, dict]], field: str, relative: bool, arm: str = "mops") -> tuple[float | None, float | None]:
     """MoPs' gain over FedPrompt in `field`, seed by seed, as mean and sd: (FedPrompt - MoPs) / FedPrompt in %
-    for a perplexity (`relative`), MoPs - FedPrompt in points for ROUGE-L."""
-    gains = [g for g in (_gain(methods, field, relative) for methods in seeds.values()) if g is not None]
+    for a perplexity (`relative`), MoPs - FedPrompt in points for ROUGE-L. `arm` names the MoPs run to pair."""
+    gains = [g for g in (_gain(methods, field, relative, arm) for methods in seeds.values()) if g is not None]
     return _mean_sd(gains) if gains else (None, None)
 
 
-def _gain(methods: dict[str, dict], field: str, relative: bool) -> float | None:
+def _gain(methods: dict[str, dict], field: str, relative: bool, arm: str = "mops") -> float | None:
     """One seed's gain (see `_paired`); None where either method lacks the field."""
-    fed, mops = (methods.get(m, {}).get(field) for m in ("fedprompt", "mops"))
+    fed, mops = (methods.get(m, {}).get(field) for m in ("fedprompt", arm))
     if fed is None or mops is None:
         return None
     return 100 * (fed - mops) / fed if relative else mops - fed
@@ -544,10 +544,9 @@ def personal_gains(records: Sequence[dict]) -> dict[str, dict[str, list[tuple[fl
         series = panels.setdefault(f"{dataset}-{compression}", {})
         for arm in ("mops", "mops-local"):
             for field, how in (("client_perplexity", "as trained"), ("client_adapted_perplexity", "adapted")):
-                gains = [_relative(methods["fedprompt"][field], methods[arm][field])
-                         for methods in seeds.values() if arm in methods and "fedprompt" in methods]
-                if gains:
-                    series.setdefault(f"{ARM_NAMES[arm]}, {how}", []).append((alpha, *_mean_sd(gains)))
+                mean, sd = _paired(seeds, field, True, arm)
+                if mean is not None:
+                    series.setdefault(f"{ARM_NAMES[arm]}, {how}", []).append((alpha, mean, sd))
     return {panel: series for panel, series in panels.items() if series}
 
 
